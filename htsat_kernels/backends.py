@@ -1,0 +1,96 @@
+"""Backend choice and per-call dispatch between the reference ops and the fused kernels.
+
+Precedence of the choice: an explicit ``backend=`` argument (the model passes its own when it is
+not "auto") > the innermost ``use_backend(...)`` context > the env var ``HTSAT_KERNELS_BACKEND``
+> "auto". "auto" runs the fused kernel when its capability check accepts the call and the
+reference otherwise (the reason is logged at debug level). "fused" runs the fused kernel or
+raises ``BackendUnavailable`` with the reason: it never falls back silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+from . import reference
+
+logger = logging.getLogger("htsat_kernels")
+
+BACKENDS = ("auto", "reference", "fused")
+ENV_VAR = "HTSAT_KERNELS_BACKEND"
+
+_context_stack: list[str] = []
+
+
+class BackendUnavailable(RuntimeError):
+    """The fused backend was asked for explicitly but cannot run this call."""
+
+
+def _validate(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r} from {where}; expected one of {BACKENDS}")
+    return name
+
+
+def current_backend() -> str:
+    """The backend in force when no per-call choice is given."""
+    if _context_stack:
+        return _context_stack[-1]
+    return _validate(os.environ.get(ENV_VAR, "auto") or "auto", f"${ENV_VAR}")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside the block on ``name``: "reference", "fused" or "auto"."""
+    _context_stack.append(_validate(name, "use_backend()"))
+    try:
+        yield
+    finally:
+        _context_stack.pop()
+
+
+@dataclass
+class FusedImpl:
+    """A fused implementation: ``run(*args)`` and ``unsupported(*args) -> reason or None``.
+
+    ``auto_on_cpu=False`` keeps "auto" on the reference for CPU tensors even where the kernel could
+    run there (the Triton interpreter is a test tool, far slower than eager PyTorch).
+    """
+
+    run: Callable
+    unsupported: Callable[..., Optional[str]]
+    auto_on_cpu: bool = True
+
+
+# op name -> FusedImpl, or the reason the implementation could not be loaded at all.
+_fused: dict[str, FusedImpl | str] = {}
+
+
+def register_fused(op: str, impl: FusedImpl | str) -> None:
+    _fused[op] = impl
+
+
+def fused_status() -> dict[str, str]:
+    """For each op: "available" or the reason its fused implementation cannot load."""
+    return {op: ("available" if isinstance(impl, FusedImpl) else impl) for op, impl in sorted(_fused.items())}
+
+
+def dispatch(op: str, args: tuple, backend: Optional[str]) -> Callable:
+    """Pick the function that runs ``op(*args)`` under ``backend`` (None: the ambient choice)."""
+    choice = current_backend() if backend is None else _validate(backend, "the backend argument")
+    ref = getattr(reference, op)
+    if choice == "reference":
+        return ref
+    impl = _fused.get(op, f"no fused implementation of {op} is registered")
+    reason = impl if isinstance(impl, str) else impl.unsupported(*args)
+    if reason is None and choice == "auto" and not impl.auto_on_cpu and args[0].device.type == "cpu":
+        reason = "auto does not pick this kernel for CPU tensors (use backend='fused' to force it)"
+    if reason is None:
+        return impl.run
+    if choice == "fused":
+        raise BackendUnavailable(f"backend 'fused' was requested for {op} but cannot run: {reason}")
+    logger.debug("%s: fused declined (%s); running the reference", op, reason)
+    return ref

@@ -1,0 +1,1 @@
+"""Fused implementations: Triton window attention, compiled (C++/CUDA) window movement and patch merge."""

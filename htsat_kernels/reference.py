@@ -1,0 +1,116 @@
+"""Pure-PyTorch reference of every op: the fallback, the test oracle and the benchmark baseline.
+
+Each function follows the original HTS-AT / Swin code step by step (spec sections 4.1-4.5), so the
+model on this path reproduces the original's outputs. Shapes use N = window_size**2 tokens per
+window, C channels, h heads, d = C / h.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def window_size_of(num_tokens: int) -> int:
+    """Window side from the number of tokens per window (N = ws * ws)."""
+    ws = math.isqrt(num_tokens)
+    if ws * ws != num_tokens:
+        raise ValueError(f"tokens per window must be a square number, got {num_tokens}")
+    return ws
+
+
+@functools.lru_cache(maxsize=None)
+def _relative_position_index_cpu(window_size: int) -> Tensor:
+    coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij"))
+    coords = coords.flatten(1)  # (2, N): row, col of each token
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
+    rel = rel + (window_size - 1)
+    return rel[..., 0] * (2 * window_size - 1) + rel[..., 1]
+
+
+def relative_position_index(window_size: int, device=None) -> Tensor:
+    """(N, N) int64: index into the ((2ws-1)^2, h) table for query i and key j.
+
+    index = (hi - hj + ws - 1) * (2ws - 1) + (wi - wj + ws - 1), as in the original (spec 4.2).
+    """
+    return _relative_position_index_cpu(window_size).to(device)
+
+
+def shifted_window_mask(H: int, W: int, window_size: int, shift: int) -> Tensor:
+    """(nW, N, N) float32 additive mask of a shifted block: 0 inside a region, -100 across regions."""
+    img_mask = torch.zeros(1, H, W, 1)
+    slices = (slice(0, -window_size), slice(-window_size, -shift), slice(-shift, None))
+    label = 0
+    for hs in slices:
+        for ws in slices:
+            img_mask[:, hs, ws, :] = label
+            label += 1
+    windows = window_partition(img_mask, window_size).squeeze(-1)  # (nW, N)
+    mask = windows[:, None, :] - windows[:, :, None]
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
+def window_partition(x: Tensor, window_size: int, shift: int = 0) -> Tensor:
+    """(B, H, W, C) -> (B*nW, N, C), after a cyclic shift of the content by -shift on H and W.
+
+    Windows are ordered batch-major, then window row, then window column; tokens row-major.
+    """
+    B, H, W, C = x.shape
+    if shift:
+        x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+    x = x.view(B, H // window_size, window_size, W // window_size, window_size, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, C)
+
+
+def window_merge(windows: Tensor, H: int, W: int, shift: int = 0) -> Tensor:
+    """(B*nW, N, C) -> (B, H, W, C): the inverse of window_partition, including the +shift roll."""
+    window_size = window_size_of(windows.shape[1])
+    C = windows.shape[-1]
+    B = windows.shape[0] // ((H // window_size) * (W // window_size))
+    x = windows.view(B, H // window_size, W // window_size, window_size, window_size, C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+    if shift:
+        x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+    return x
+
+
+def patch_merge(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """(B, H, W, C) -> (B, H/2 * W/2, 4C): 2x2 gather [x0, x1, x2, x3] then LayerNorm(4C) (spec 4.5)."""
+    B, H, W, C = x.shape
+    if H % 2 or W % 2:
+        raise ValueError(f"patch_merge needs even H and W, got H={H}, W={W}")
+    x0 = x[:, 0::2, 0::2, :]  # even rows, even cols
+    x1 = x[:, 1::2, 0::2, :]  # odd rows, even cols
+    x2 = x[:, 0::2, 1::2, :]  # even rows, odd cols
+    x3 = x[:, 1::2, 1::2, :]  # odd rows, odd cols
+    x = torch.cat([x0, x1, x2, x3], dim=-1).view(B, -1, 4 * C)
+    return F.layer_norm(x, (4 * C,), weight, bias, eps)
+
+
+def window_attention(qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, scale: float) -> Tensor:
+    """Window multi-head self-attention with relative-position bias and optional shift mask.
+
+    qkv (B_, N, 3C) straight from the qkv Linear ([q | k | v], heads contiguous in each third);
+    table ((2ws-1)^2, h); mask (nW, N, N) additive or None, window index = batch index mod nW.
+    Returns (B_, N, C), heads concatenated. q is scaled before q @ k^T, as in the original.
+    """
+    B_, N, C3 = qkv.shape
+    C = C3 // 3
+    head_dim = C // num_heads
+    qkv = qkv.reshape(B_, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    q = q * scale
+    attn = q @ k.transpose(-2, -1)  # (B_, h, N, N)
+    index = relative_position_index(window_size_of(N), table.device)
+    bias = table[index.view(-1)].view(N, N, num_heads).permute(2, 0, 1)
+    attn = attn + bias.unsqueeze(0)
+    if mask is not None:
+        nW = mask.shape[0]
+        attn = attn.view(B_ // nW, nW, num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, num_heads, N, N)
+    attn = attn.softmax(dim=-1)
+    return (attn @ v).transpose(1, 2).reshape(B_, N, C)
