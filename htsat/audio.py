@@ -1,0 +1,203 @@
+"""Audio input: read, mix down, resample, check, and fit to a clip length.
+
+Everything here works on float32 numpy arrays of shape (samples,). Files are read with
+soundfile (wav, flac, ogg, ... whatever libsndfile supports), mixed down to mono by averaging
+the channels and resampled with soxr. Both packages are optional dependencies of the package
+(``pip install htsat-kernels[audio]``); they are imported on first use so that the model itself
+never needs them.
+
+Errors are :class:`AudioError` (a ``ValueError``) whose message names the file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Union
+
+import numpy as np
+
+__all__ = [
+    "AudioError",
+    "load_audio",
+    "peak_dbfs",
+    "is_silent",
+    "check_audio",
+    "fit_length",
+    "write_audio",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: peak level (dBFS) at or below which a signal counts as "silent only"
+DEFAULT_SILENCE_DB = -80.0
+
+
+class AudioError(ValueError):
+    """A file that cannot be used as audio input; ``path`` names it, ``reason`` says why."""
+
+    def __init__(self, path: PathLike, reason: str):
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def _soundfile():
+    try:
+        import soundfile
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "reading audio files needs the 'soundfile' package (pip install soundfile, "
+            "or pip install htsat-kernels[audio])"
+        ) from e
+    return soundfile
+
+
+def _soxr():
+    try:
+        import soxr
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "resampling needs the 'soxr' package (pip install soxr, or pip install "
+            "htsat-kernels[audio])"
+        ) from e
+    return soxr
+
+
+def resample(wave: np.ndarray, orig_rate: int, target_rate: int, *, quality: str = "HQ") -> np.ndarray:
+    """Resample a mono float32 signal with soxr (no-op when the rates match)."""
+    if int(orig_rate) == int(target_rate):
+        return np.ascontiguousarray(wave, dtype=np.float32)
+    out = _soxr().resample(np.ascontiguousarray(wave, dtype=np.float32), int(orig_rate), int(target_rate), quality=quality)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def load_audio(
+    path: PathLike,
+    sample_rate: Optional[int] = None,
+    *,
+    quality: str = "HQ",
+    return_rate: bool = False,
+):
+    """Read an audio file as float32 mono at ``sample_rate`` Hz.
+
+    - channels are averaged (mix-down);
+    - the signal is resampled with soxr when the file's rate differs (``sample_rate=None`` keeps
+      the file's rate);
+    - integer formats are scaled to [-1, 1) by soundfile.
+
+    Returns the (samples,) array, or ``(array, rate)`` with ``return_rate=True``.
+    Raises :class:`AudioError` naming the file when it is missing, unreadable, corrupt, empty or
+    contains non-finite samples.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise AudioError(path, "file not found")
+    if os.path.isdir(path):
+        raise AudioError(path, "is a directory, not an audio file")
+    if os.path.getsize(path) == 0:
+        raise AudioError(path, "empty file (0 bytes)")
+    sf = _soundfile()
+    try:
+        data, rate = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+        raise AudioError(path, f"cannot read audio ({type(e).__name__}: {e})") from e
+    if data.ndim != 2 or data.shape[0] == 0:
+        raise AudioError(path, "no audio samples (empty file)")
+    wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if not np.all(np.isfinite(wave)):
+        raise AudioError(path, "contains NaN or infinite samples (corrupt file?)")
+    if sample_rate is not None:
+        try:
+            wave = resample(wave, rate, sample_rate, quality=quality)
+        except ImportError:
+            raise
+        except Exception as e:
+            raise AudioError(path, f"cannot resample from {rate} Hz to {sample_rate} Hz ({e})") from e
+        rate = int(sample_rate)
+    wave = np.ascontiguousarray(wave, dtype=np.float32)
+    if wave.shape[0] == 0:
+        raise AudioError(path, "no audio samples after resampling")
+    return (wave, int(rate)) if return_rate else wave
+
+
+def write_audio(path: PathLike, wave, sample_rate: int, *, subtype: Optional[str] = None) -> None:
+    """Write a float signal, (samples,) or (samples, channels), with soundfile (format from the extension)."""
+    _soundfile().write(os.fspath(path), np.asarray(wave, dtype=np.float32), int(sample_rate), subtype=subtype)
+
+
+def peak_dbfs(wave) -> float:
+    """Peak level in dB relative to full scale (1.0); ``-inf`` for all zeros."""
+    w = np.asarray(wave)
+    if w.size == 0:
+        return -math.inf
+    peak = float(np.max(np.abs(w)))
+    return 20.0 * math.log10(peak) if peak > 0 else -math.inf
+
+
+def is_silent(wave, threshold_db: float = DEFAULT_SILENCE_DB) -> bool:
+    """True when the signal's peak is at or below ``threshold_db`` dBFS (digital silence included)."""
+    return peak_dbfs(wave) <= threshold_db
+
+
+def check_audio(wave, path: PathLike = "<array>", *, threshold_db: Optional[float] = DEFAULT_SILENCE_DB) -> None:
+    """Raise :class:`AudioError` for an empty or silent-only signal (``threshold_db=None``: no silence check)."""
+    w = np.asarray(wave)
+    if w.size == 0:
+        raise AudioError(path, "no audio samples (empty)")
+    if threshold_db is not None and is_silent(w, threshold_db):
+        peak = peak_dbfs(w)
+        level = "digital silence" if peak == -math.inf else f"peak {peak:.1f} dBFS"
+        raise AudioError(path, f"silent-only audio ({level}, threshold {threshold_db:g} dBFS)")
+
+
+def fit_length(
+    wave: np.ndarray,
+    length: int,
+    *,
+    pad: str = "tile",
+    crop: str = "random",
+    rng: Optional[np.random.Generator] = None,
+) -> np.ndarray:
+    """Bring a 1-D signal to exactly ``length`` samples.
+
+    Shorter signals: ``pad="tile"`` concatenates the clip with itself (the paper's ESC-50 / SCV2
+    convention, spec section 6) and cuts at ``length``; ``pad="zeros"`` appends zeros (DESED
+    convention); ``pad="repeatpad"`` tiles whole copies then zero-pads the remainder (CLAP's
+    convention).
+    Longer signals: ``crop="random"`` takes a random window (``rng`` gives the offset; every
+    offset 0..len-length is possible), ``"start"`` the first ``length`` samples, ``"center"`` the
+    middle ones.
+    """
+    wave = np.asarray(wave, dtype=np.float32)
+    n = wave.shape[0]
+    if length <= 0:
+        raise ValueError(f"length must be positive, got {length}")
+    if n == length:
+        return wave
+    if n > length:
+        if crop == "random":
+            rng = rng if rng is not None else np.random.default_rng()
+            start = int(rng.integers(0, n - length + 1))
+        elif crop == "start":
+            start = 0
+        elif crop == "center":
+            start = (n - length) // 2
+        else:
+            raise ValueError(f"unknown crop mode {crop!r} (random, start, center)")
+        return np.ascontiguousarray(wave[start : start + length])
+    if n == 0:
+        return np.zeros(length, dtype=np.float32)
+    if pad == "tile":
+        reps = -(-length // n)
+        return np.ascontiguousarray(np.tile(wave, reps)[:length])
+    if pad == "zeros":
+        out = np.zeros(length, dtype=np.float32)
+        out[:n] = wave
+        return out
+    if pad == "repeatpad":
+        out = np.zeros(length, dtype=np.float32)
+        reps = length // n
+        out[: reps * n] = np.tile(wave, reps)
+        return out
+    raise ValueError(f"unknown pad mode {pad!r} (tile, zeros, repeatpad)")

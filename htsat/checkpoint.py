@@ -1,0 +1,193 @@
+"""Checkpoints: the original's Lightning .ckpt files, plain state_dicts, and our own format.
+
+Loading never drops a key silently: every key is loaded, or recognised as a derived constant and
+checked against ours (front-end DFT/mel weights, ``attn_mask``, ``relative_position_index``), or
+skipped because the caller asked (``drop_head=True`` for fine-tuning with another class count).
+Anything else is an error that names the keys.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .config import HTSATConfig, load_config
+from .model import HTSAT
+
+FORMAT = "htsat-kernels"
+FORMAT_VERSION = 1
+HEAD_PREFIXES = ("head.", "tscam_conv.")
+_FRONTEND_KEYS = (
+    "spectrogram_extractor.stft.conv_real.weight",
+    "spectrogram_extractor.stft.conv_imag.weight",
+    "logmel_extractor.melW",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names the keys."""
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    derived_checked: list[str] = field(default_factory=list)
+    skipped_head: list[str] = field(default_factory=list)
+    source_format: str = ""
+
+    def __str__(self) -> str:
+        return (
+            f"{self.source_format}: loaded {len(self.loaded)} tensors, checked {len(self.derived_checked)} derived "
+            f"constants, skipped {len(self.skipped_head)} head tensors"
+        )
+
+
+def is_derived_key(key: str) -> bool:
+    return key in _FRONTEND_KEYS or key.endswith(".attn_mask") or key.endswith(".relative_position_index")
+
+
+def _read(path_or_obj: Union[str, os.PathLike, Mapping]) -> Mapping:
+    if isinstance(path_or_obj, Mapping):
+        return path_or_obj
+    path = os.fspath(path_or_obj)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path} (loaded with weights_only=True): {exc}") from exc
+
+
+def extract_state_dict(obj: Mapping) -> tuple[dict[str, Tensor], str]:
+    """The model tensors of any supported checkpoint, keys without 'sed_model.' / 'module.' prefixes."""
+    if obj.get("format") == FORMAT:
+        sd, kind = obj["state_dict"], "htsat-kernels checkpoint"
+    elif isinstance(obj.get("state_dict"), Mapping):
+        sd, kind = obj["state_dict"], "Lightning checkpoint"
+    elif isinstance(obj.get("model"), Mapping):
+        sd, kind = obj["model"], "checkpoint with a 'model' entry"
+    else:
+        sd, kind = obj, "plain state_dict"
+    non_tensors = [k for k, v in sd.items() if not isinstance(v, Tensor)]
+    if non_tensors:
+        raise CheckpointError(f"{kind}: entries {non_tensors[:5]} are not tensors; is this a model state_dict?")
+    out = {}
+    for key, value in sd.items():
+        for prefix in ("sed_model.", "module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out, kind
+
+
+def _derived_matches(key: str, theirs: Tensor, ours: Tensor) -> bool:
+    if theirs.shape != ours.shape:
+        return False
+    if key.endswith("relative_position_index"):
+        return torch.equal(theirs.long(), ours.cpu().long())
+    return torch.allclose(theirs.float(), ours.detach().cpu().float(), rtol=1e-4, atol=1e-5)
+
+
+def load_checkpoint(
+    model: HTSAT, path_or_state_dict: Union[str, os.PathLike, Mapping], *, drop_head: bool = False
+) -> LoadReport:
+    """Load the original's .ckpt (keys under 'state_dict' with the 'sed_model.' prefix), a plain
+    state_dict or our own format into ``model``. ``drop_head=True`` skips head.* and tscam_conv.*
+    (fine-tuning with a new class count). Raises CheckpointError on any mismatch."""
+    sd, kind = extract_state_dict(_read(path_or_state_dict))
+    ours = model.state_dict()
+    report = LoadReport(source_format=kind)
+    to_load: dict[str, Tensor] = {}
+    unexpected, bad_shape, bad_derived = [], [], []
+    class_mismatch: Optional[str] = None
+    for key, value in sd.items():
+        if drop_head and key.startswith(HEAD_PREFIXES):
+            report.skipped_head.append(key)
+        elif key not in ours:
+            unexpected.append(key)
+        elif is_derived_key(key):
+            if not _derived_matches(key, value, ours[key]):
+                bad_derived.append(f"{key} (checkpoint {tuple(value.shape)}, ours {tuple(ours[key].shape)})")
+            report.derived_checked.append(key)
+        elif value.shape != ours[key].shape:
+            if key.startswith(HEAD_PREFIXES) and class_mismatch is None:
+                class_mismatch = (
+                    f"the checkpoint has {value.shape[0]} classes ({key} {tuple(value.shape)}) but the model has "
+                    f"{model.config.num_classes}; to fine-tune with a new class count pass drop_head=True "
+                    "(skips head.* and tscam_conv.*, which keep their fresh initialisation)"
+                )
+            else:
+                bad_shape.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(ours[key].shape)}")
+        else:
+            to_load[key] = value
+    missing = [k for k in ours if k not in sd and not is_derived_key(k) and not (drop_head and k.startswith(HEAD_PREFIXES))]
+    problems = []
+    if class_mismatch:
+        problems.append(class_mismatch)
+    if bad_derived:
+        problems.append(
+            "derived constants differ from this model's (e.g. another sample rate, n_fft, mel or window "
+            f"setting): {bad_derived}"
+        )
+    if bad_shape:
+        problems.append(f"shape mismatches: {bad_shape}")
+    if unexpected:
+        problems.append(f"keys the model does not have: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    if missing:
+        problems.append(f"keys missing from the checkpoint: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    if problems:
+        raise CheckpointError(f"cannot load {kind} into {model.config.name}: " + "; ".join(problems))
+    with torch.no_grad():
+        for key, value in to_load.items():
+            ours[key].copy_(value)
+    report.loaded = sorted(to_load)
+    return report
+
+
+def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a kill never leaves half a file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(model: HTSAT, path: Union[str, os.PathLike], **extra: Any) -> None:
+    """Our format: {"format", "version", "config", "state_dict", **extra}, written atomically."""
+    model = getattr(model, "module", model)  # DDP
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    obj = {"format": FORMAT, "version": FORMAT_VERSION, "config": model.config.to_dict(), "state_dict": model.state_dict()}
+    obj.update(extra)
+    atomic_save(obj, path)
+
+
+def model_from_checkpoint(
+    path_or_obj: Union[str, os.PathLike, Mapping], *, name: Optional[str] = None, backend: str = "auto"
+) -> HTSAT:
+    """Build and load a model: from the saved config of our format, or from a preset (``name``,
+    default htsat-audioset) for original checkpoints, with the class count read from tscam_conv."""
+    obj = _read(path_or_obj)
+    if obj.get("format") == FORMAT and name is None:
+        config = HTSATConfig.from_dict(obj["config"])
+    else:
+        sd, _ = extract_state_dict(obj)
+        w = sd.get("tscam_conv.weight")
+        config = load_config(name or "htsat-audioset", num_classes=None if w is None else int(w.shape[0]))
+    model = HTSAT(config, backend=backend)
+    load_checkpoint(model, obj)
+    return model.eval()

@@ -1,0 +1,205 @@
+"""Swin Transformer layers of HTS-AT (spec section 4), with every hot op called through htsat_kernels.
+
+Module names and parameter shapes follow the original so its checkpoints load unchanged. Departures
+(spec section 11): blocks return only their output (no attention maps are kept or stacked), gradient
+checkpointing works, and patch_norm=False only removes the patch-embedding norm.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+import htsat_kernels as hk
+from htsat_kernels.reference import relative_position_index, shifted_window_mask
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (active in training only)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = x.new_empty(shape).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class PatchEmbed(nn.Module):
+    """(B, 1, S, S) image -> (B, (S/stride)^2, embed_dim) tokens, row-major, then LayerNorm."""
+
+    def __init__(self, img_size: int, patch_size: int, patch_stride: tuple, in_chans: int, embed_dim: int, norm: bool):
+        super().__init__()
+        self.grid_size = (img_size // patch_stride[0], img_size // patch_stride[1])
+        padding = ((patch_size - patch_stride[0]) // 2, (patch_size - patch_stride[1]) // 2)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_stride, padding=padding)
+        self.norm = nn.LayerNorm(embed_dim) if norm else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.proj(x).flatten(2).transpose(1, 2)
+        return self.norm(x) if self.norm is not None else x
+
+
+class WindowAttention(nn.Module):
+    """Window MHSA with the relative-position bias table; the softmax(QK^T+B+M)V core is one op."""
+
+    def __init__(self, dim: int, window_size: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.dim, self.window_size, self.num_heads = dim, window_size, num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(window_size).clone())
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.attn_drop = attn_drop  # the fused op has no dropout; nonzero falls back to the reference math
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def forward(self, windows: Tensor, mask: Optional[Tensor], backend: Optional[str] = None) -> Tensor:
+        qkv = self.qkv(windows)
+        if self.attn_drop > 0.0 and self.training:
+            out = _attention_with_dropout(qkv, self.relative_position_bias_table, mask, self.num_heads, self.scale, self.attn_drop)
+        else:
+            out = hk.window_attention(qkv, self.relative_position_bias_table, mask, self.num_heads, self.scale, backend=backend)
+        return self.proj_drop(self.proj(out))
+
+
+def _attention_with_dropout(qkv, table, mask, num_heads, scale, p):
+    """Reference attention with dropout on the probabilities (attn_drop_rate > 0; 0 in every preset)."""
+    B_, N, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = qkv.reshape(B_, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
+    attn = (q * scale) @ k.transpose(-2, -1)
+    index = relative_position_index(int(N**0.5), table.device)
+    attn = attn + table[index.view(-1)].view(N, N, num_heads).permute(2, 0, 1).unsqueeze(0)
+    if mask is not None:
+        nW = mask.shape[0]
+        attn = (attn.view(B_ // nW, nW, num_heads, N, N) + mask[None, :, None]).view(B_, num_heads, N, N)
+    attn = nn.functional.dropout(attn.softmax(-1), p, training=True)
+    return (attn @ v).transpose(1, 2).reshape(B_, N, C)
+
+
+class SwinTransformerBlock(nn.Module):
+    """Pre-norm block: (shifted) window attention then MLP, each with a residual and drop path."""
+
+    def __init__(
+        self,
+        dim: int,
+        input_resolution: tuple,
+        num_heads: int,
+        window_size: int,
+        shift_size: int,
+        mlp_ratio: float,
+        drop: float,
+        attn_drop: float,
+        drop_path: float,
+    ):
+        super().__init__()
+        self.dim, self.input_resolution, self.num_heads = dim, input_resolution, num_heads
+        if min(input_resolution) <= window_size:  # the whole map is one window: no shift (spec 2)
+            shift_size, window_size = 0, min(input_resolution)
+        self.window_size, self.shift_size = window_size, shift_size
+        self.backend: Optional[str] = None
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window_size, num_heads, attn_drop, drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        H, W = input_resolution
+        mask = shifted_window_mask(H, W, window_size, shift_size) if shift_size > 0 else None
+        self.register_buffer("attn_mask", mask)
+
+    def forward(self, x: Tensor) -> Tensor:
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        shortcut = x
+        x = self.norm1(x).view(B, H, W, C)
+        windows = hk.window_partition(x, self.window_size, self.shift_size, backend=self.backend)
+        windows = self.attn(windows, self.attn_mask, self.backend)
+        x = hk.window_merge(windows, H, W, self.shift_size, backend=self.backend).reshape(B, L, C)
+        x = shortcut + self.drop_path(x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbourhood gather + LayerNorm(4C) (one op), then Linear(4C, 2C) without bias."""
+
+    def __init__(self, input_resolution: tuple, dim: int):
+        super().__init__()
+        self.input_resolution, self.dim = input_resolution, dim
+        self.backend: Optional[str] = None
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(4 * dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        x = hk.patch_merge(x.view(B, H, W, C), self.norm.weight, self.norm.bias, self.norm.eps, backend=self.backend)
+        return self.reduction(x)
+
+
+class BasicLayer(nn.Module):
+    """One stage: blocks alternating W-MSA and SW-MSA, then an optional patch merge."""
+
+    def __init__(
+        self,
+        dim: int,
+        input_resolution: tuple,
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        mlp_ratio: float,
+        drop: float,
+        attn_drop: float,
+        drop_path: list,
+        downsample: bool,
+        use_checkpoint: bool,
+    ):
+        super().__init__()
+        self.use_checkpoint = use_checkpoint
+        self.blocks = nn.ModuleList(
+            SwinTransformerBlock(
+                dim,
+                input_resolution,
+                num_heads,
+                window_size,
+                0 if i % 2 == 0 else window_size // 2,
+                mlp_ratio,
+                drop,
+                attn_drop,
+                drop_path[i],
+            )
+            for i in range(depth)
+        )
+        self.downsample = PatchMerging(input_resolution, dim) if downsample else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        for blk in self.blocks:
+            if self.use_checkpoint and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return self.downsample(x) if self.downsample is not None else x

@@ -1,0 +1,266 @@
+"""HTS-AT: front end, time-frequency folding, Swin backbone and token-semantic head (spec sections 3-6).
+
+Input of any length: clips up to one image (max_frames STFT frames, 10.24 s for the AudioSet
+preset) follow the original, bicubically stretched to 1024 frames. Longer clips run as sliding
+windows of ``clip_seconds`` every ``long_hop_seconds``; clipwise outputs are averaged over the
+windows and framewise outputs are laid on the real time axis of the whole clip.
+
+Frame rate of ``framewise_output``: a clip that fits one image gives ``max_frames`` (1024) frames
+spread evenly over its real duration (one frame = duration / 1024). A long clip gives frames of
+``clip_seconds / max_frames`` seconds each (10 / 1024 s = 9.77 ms for the AudioSet preset), covering
+the whole clip; ``HTSAT.frame_seconds(num_samples)`` returns the frame duration for an input length.
+The underlying time resolution of the token-semantic map is 32x coarser (0.3125 s per step at 10 s).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import HTSATConfig
+from .frontend import LogMel, Spectrogram
+from .layers import BasicLayer, PatchEmbed, PatchMerging, SwinTransformerBlock
+
+
+class HTSAT(nn.Module):
+    def __init__(self, config: HTSATConfig, backend: str = "auto"):
+        super().__init__()
+        self.config = cfg = config
+        self.check_inputs = True  # reject NaN/inf samples (one device sync per forward; skipped under compile)
+        self.spectrogram_extractor = Spectrogram(cfg.n_fft, cfg.hop_length)
+        self.logmel_extractor = LogMel(cfg.sample_rate, cfg.n_fft, cfg.mel_bins, cfg.fmin, cfg.fmax)
+        self.bn0 = nn.BatchNorm2d(cfg.mel_bins)
+        self.patch_embed = PatchEmbed(cfg.spec_size, cfg.patch_size, cfg.patch_stride, 1, cfg.embed_dim, cfg.patch_norm)
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        grid = self.patch_embed.grid_size
+        drop_path = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        num_stages = len(cfg.depths)
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(cfg.depths):
+            start = sum(cfg.depths[:i])
+            self.layers.append(
+                BasicLayer(
+                    dim=cfg.embed_dim * 2**i,
+                    input_resolution=(grid[0] // 2**i, grid[1] // 2**i),
+                    depth=depth,
+                    num_heads=cfg.num_heads[i],
+                    window_size=cfg.window_size,
+                    mlp_ratio=cfg.mlp_ratio,
+                    drop=cfg.drop_rate,
+                    attn_drop=cfg.attn_drop_rate,
+                    drop_path=drop_path[start : start + depth],
+                    downsample=i < num_stages - 1,
+                    use_checkpoint=cfg.use_checkpoint,
+                )
+            )
+        self.norm = nn.LayerNorm(cfg.num_features)
+        sf = cfg.spec_size // 2 ** (num_stages - 1) // cfg.patch_stride[0] // cfg.freq_ratio
+        self.tscam_conv = nn.Conv2d(cfg.num_features, cfg.num_classes, kernel_size=(sf, 3), padding=(0, 1))
+        self.head = nn.Linear(cfg.num_classes, cfg.num_classes)  # unused in forward; kept for checkpoints
+        self.apply(_init_weights)
+        self.backend = backend
+
+    # backend ----------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        import htsat_kernels
+
+        if name not in htsat_kernels.BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; expected one of {htsat_kernels.BACKENDS}")
+        self._backend = name
+        per_call = None if name == "auto" else name  # "auto" defers to use_backend() / the env var
+        for m in self.modules():
+            if isinstance(m, (SwinTransformerBlock, PatchMerging)):
+                m.backend = per_call
+
+    # front end --------------------------------------------------------------------------------
+    def logmel(self, waveform: Tensor) -> Tensor:
+        """(B, samples) -> (B, 1, frames, mel_bins) log-mel after bn0, always in float32."""
+        with torch.autocast(device_type=waveform.device.type, enabled=False):
+            x = self.spectrogram_extractor(waveform.float())
+            x = self.logmel_extractor(x)
+            x = self.bn0(x.transpose(1, 3)).transpose(1, 3)
+        return x
+
+    def spec_augment(self, x: Tensor) -> Tensor:
+        """2 time stripes of width [0, 64) and 2 mel stripes of width [0, 8) set to 0, per sample."""
+        x = _drop_stripes(x, dim=2, max_width=64, stripes=2)
+        return _drop_stripes(x, dim=3, max_width=8, stripes=2)
+
+    def reshape_wav2img(self, x: Tensor) -> Tensor:
+        """(B, 1, T, F) -> (B, 1, S, S): stretch to max_frames, then stack freq_ratio time chunks vertically."""
+        cfg = self.config
+        B, C, T, Fb = x.shape
+        target_t, target_f = cfg.max_frames, cfg.spec_size // cfg.freq_ratio
+        if T > target_t or Fb > target_f:
+            raise ValueError(f"spectrogram of {T} frames x {Fb} bins exceeds the image's {target_t} x {target_f}")
+        if T < target_t:
+            x = F.interpolate(x, (target_t, x.shape[3]), mode="bicubic", align_corners=True)
+        if Fb < target_f:
+            x = F.interpolate(x, (x.shape[2], target_f), mode="bicubic", align_corners=True)
+        x = x.permute(0, 1, 3, 2).reshape(B, C, target_f, cfg.freq_ratio, target_t // cfg.freq_ratio)
+        return x.permute(0, 1, 3, 2, 4).reshape(B, C, target_f * cfg.freq_ratio, target_t // cfg.freq_ratio)
+
+    # backbone and head ------------------------------------------------------------------------
+    def forward_features(self, img: Tensor) -> dict[str, Tensor]:
+        """(B, 1, S, S) image -> logits map (B, C, steps), clipwise logits (B, C), latent (B, D)."""
+        cfg = self.config
+        x = self.pos_drop(self.patch_embed(img))
+        for layer in self.layers:
+            x = layer(x)
+        x = self.norm(x)
+        B, N, D = x.shape
+        rows = cfg.spec_size // 2 ** (len(cfg.depths) - 1) // cfg.patch_stride[0]
+        cols = cfg.spec_size // 2 ** (len(cfg.depths) - 1) // cfg.patch_stride[1]
+        x = x.permute(0, 2, 1).reshape(B, D, rows, cols)
+        # regroup: token rows are (chunk, freq group); put the chunks back in time order
+        groups = rows // cfg.freq_ratio
+        x = x.reshape(B, D, rows // groups, groups, cols).permute(0, 1, 3, 2, 4).reshape(B, D, groups, -1)
+        latent = x.flatten(2).mean(dim=2)
+        logits_map = self.tscam_conv(x).flatten(2)  # (B, classes, steps)
+        return {"logits_map": logits_map, "clipwise_logits": logits_map.mean(dim=2), "latent_output": latent}
+
+    def _forward_image(self, x: Tensor) -> dict[str, Tensor]:
+        cfg = self.config
+        feats = self.forward_features(self.reshape_wav2img(x))
+        logits_map = feats["logits_map"]
+        steps = logits_map.shape[2]
+        framewise = torch.sigmoid(logits_map).transpose(1, 2)  # (B, steps, classes)
+        framewise = framewise.repeat_interleave(cfg.max_frames // steps, dim=1)
+        clip_logits = feats["clipwise_logits"]
+        clipwise = torch.sigmoid(clip_logits) if cfg.loss_type == "clip_bce" else clip_logits
+        return {
+            "clipwise_output": clipwise,
+            "framewise_output": framewise,
+            "latent_output": feats["latent_output"],
+            "clipwise_logits": clip_logits,
+        }
+
+    def _forward_clip(self, waveform: Tensor, mixup_lambda: Optional[Tensor]) -> dict[str, Tensor]:
+        x = self.logmel(waveform)
+        if self.training:
+            x = self.spec_augment(x)
+            if mixup_lambda is not None:
+                lam = mixup_lambda.to(x).view(-1, 1, 1, 1)
+                x = lam * x + (1 - lam) * x.flip(0)
+        return self._forward_image(x)
+
+    def forward(self, waveform: Tensor, mixup_lambda: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """(B, samples) float waveform -> dict of clipwise_output (B, C), framewise_output (B, F, C),
+        latent_output (B, D), clipwise_logits (B, C). mixup_lambda (B,) mixes with the reversed batch
+        in training (the original's recipe, spec section 3.6)."""
+        self._check_waveform(waveform, mixup_lambda)
+        if self.num_frames(waveform.shape[1]) <= self.config.max_frames:
+            return self._forward_clip(waveform, mixup_lambda)
+        if mixup_lambda is not None:
+            raise ValueError("mixup_lambda applies to clips of one image; crop long audio to clip_seconds for training")
+        return self._forward_long(waveform)
+
+    # any length -------------------------------------------------------------------------------
+    def num_frames(self, num_samples: int) -> int:
+        return 1 + num_samples // self.config.hop_length
+
+    def window_starts(self, num_samples: int) -> list[int]:
+        """Start samples of the sliding windows that cover a long clip (the last one ends at its end)."""
+        cfg = self.config
+        win = int(round(cfg.clip_seconds * cfg.sample_rate))
+        hop = int(round(cfg.long_hop_seconds * cfg.sample_rate))
+        starts = list(range(0, num_samples - win + 1, hop))
+        if starts[-1] + win < num_samples:
+            starts.append(num_samples - win)
+        return starts
+
+    def frame_seconds(self, num_samples: int) -> float:
+        """Duration of one framewise_output frame for an input of num_samples samples."""
+        cfg = self.config
+        if self.num_frames(num_samples) <= cfg.max_frames:
+            return num_samples / cfg.sample_rate / cfg.max_frames
+        return cfg.clip_seconds / cfg.max_frames
+
+    def _forward_long(self, waveform: Tensor, windows_per_batch: int = 64) -> dict[str, Tensor]:
+        cfg = self.config
+        B, S = waveform.shape
+        win = int(round(cfg.clip_seconds * cfg.sample_rate))
+        starts = self.window_starts(S)
+        chunks = torch.stack([waveform[:, s : s + win] for s in starts], dim=1).reshape(B * len(starts), win)
+        outs = [self._forward_clip(c, None) for c in chunks.split(windows_per_batch)]
+        out = {k: torch.cat([o[k] for o in outs]).unflatten(0, (B, len(starts))) for k in outs[0]}
+        frame_sec = self.frame_seconds(S)
+        total = math.ceil(S / cfg.sample_rate / frame_sec - 1e-9)
+        per_win = cfg.max_frames
+        framewise = waveform.new_zeros(B, total, cfg.num_classes, dtype=out["framewise_output"].dtype)
+        count = waveform.new_zeros(1, total, 1, dtype=framewise.dtype)
+        for w, s in enumerate(starts):
+            off = min(int(round(s / cfg.sample_rate / frame_sec)), total - per_win)
+            framewise[:, off : off + per_win] += out["framewise_output"][:, w]
+            count[:, off : off + per_win] += 1
+        clip_logits = out["clipwise_logits"].mean(dim=1)
+        return {
+            "clipwise_output": out["clipwise_output"].mean(dim=1),
+            "framewise_output": framewise / count.clamp(min=1),
+            "latent_output": out["latent_output"].mean(dim=1),
+            "clipwise_logits": clip_logits,
+        }
+
+    def _check_waveform(self, waveform: Tensor, mixup_lambda: Optional[Tensor]) -> None:
+        if not isinstance(waveform, Tensor):
+            raise TypeError(f"waveform must be a torch.Tensor of shape (batch, samples), got {type(waveform).__name__}")
+        if waveform.ndim != 2:
+            hint = " (add a batch axis: waveform.unsqueeze(0))" if waveform.ndim == 1 else ""
+            raise ValueError(f"waveform must have shape (batch, samples), got {tuple(waveform.shape)}{hint}")
+        if not waveform.is_floating_point():
+            raise TypeError(f"waveform must be floating point (samples in [-1, 1]), got {waveform.dtype}")
+        B, S = waveform.shape
+        if B == 0:
+            raise ValueError("empty batch: waveform has 0 clips")
+        if S < self.config.n_fft:
+            raise ValueError(
+                f"clip of {S} samples is shorter than one STFT window ({self.config.n_fft} samples = "
+                f"{self.config.n_fft / self.config.sample_rate * 1000:.1f} ms at {self.config.sample_rate} Hz)"
+            )
+        if mixup_lambda is not None and tuple(mixup_lambda.shape) != (B,):
+            raise ValueError(f"mixup_lambda must have shape ({B},), got {tuple(mixup_lambda.shape)}")
+        if self.check_inputs and not torch.compiler.is_compiling():
+            if not bool(torch.isfinite(waveform).all()):
+                bad = (~torch.isfinite(waveform)).any(dim=1).nonzero().flatten().tolist()
+                raise ValueError(f"waveform holds NaN or inf samples (clips {bad})")
+
+
+def _drop_stripes(x: Tensor, dim: int, max_width: int, stripes: int) -> Tensor:
+    """Zero `stripes` random bands along `dim` of (B, 1, T, F), width in [0, max_width), per sample."""
+    B, total = x.shape[0], x.shape[dim]
+    width = torch.randint(0, max_width, (B, stripes), device=x.device)
+    start = (torch.rand(B, stripes, device=x.device) * (total - width).clamp(min=1)).long()
+    pos = torch.arange(total, device=x.device).view(1, 1, total)
+    drop = ((pos >= start[..., None]) & (pos < (start + width)[..., None])).any(dim=1)  # (B, total)
+    shape = [B, 1, 1, 1]
+    shape[dim] = total
+    return x.masked_fill(drop.view(shape), 0.0)
+
+
+def _init_weights(m: nn.Module) -> None:
+    """The original's init: Linear trunc_normal(0.02) and zero bias; LayerNorm 1/0; convs keep defaults."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def create_model(name: str = "htsat-audioset", *, num_classes: Optional[int] = None, backend: str = "auto", **overrides) -> HTSAT:
+    """Build HTS-AT from a preset name ("htsat-audioset", "htsat-esc50", "htsat-scv2") or a JSON config
+    file; ``overrides`` are HTSATConfig fields. ``backend``: "auto", "reference" or "fused"."""
+    from .config import load_config
+
+    config = load_config(name, num_classes=num_classes, **overrides)
+    return HTSAT(config, backend=backend)
