@@ -51,7 +51,8 @@ def is_derived_key(key: str) -> bool:
     return key in _FRONTEND_KEYS or key.endswith(".attn_mask") or key.endswith(".relative_position_index")
 
 
-def _read(path_or_obj: Union[str, os.PathLike, Mapping]) -> Mapping:
+def read_checkpoint(path_or_obj: Union[str, os.PathLike, Mapping]) -> Mapping:
+    """A checkpoint file read with torch.load(weights_only=True) (a mapping passes through)."""
     if isinstance(path_or_obj, Mapping):
         return path_or_obj
     path = os.fspath(path_or_obj)
@@ -99,7 +100,7 @@ def load_checkpoint(
     """Load the original's .ckpt (keys under 'state_dict' with the 'sed_model.' prefix), a plain
     state_dict or our own format into ``model``. ``drop_head=True`` skips head.* and tscam_conv.*
     (fine-tuning with a new class count). Raises CheckpointError on any mismatch."""
-    sd, kind = extract_state_dict(_read(path_or_state_dict))
+    sd, kind = extract_state_dict(read_checkpoint(path_or_state_dict))
     ours = model.state_dict()
     report = LoadReport(source_format=kind)
     to_load: dict[str, Tensor] = {}
@@ -181,7 +182,7 @@ def model_from_checkpoint(
 ) -> HTSAT:
     """Build and load a model: from the saved config of our format, or from a preset (``name``,
     default htsat-audioset) for original checkpoints, with the class count read from tscam_conv."""
-    obj = _read(path_or_obj)
+    obj = read_checkpoint(path_or_obj)
     if obj.get("format") == FORMAT and name is None:
         config = HTSATConfig.from_dict(obj["config"])
     else:

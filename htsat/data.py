@@ -23,6 +23,7 @@ invalid (``batch["valid"]``) and left out of the metrics. ``on_error="stop"`` ra
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -42,6 +43,8 @@ __all__ = [
     "read_esc50",
     "read_dataset",
     "read_class_list",
+    "read_class_aliases",
+    "apply_aliases",
     "write_class_list",
     "classes_from_items",
     "check_labels",
@@ -167,11 +170,46 @@ def read_dataset(spec, *, root: Optional[str] = None, label_sep: str = LABEL_SEP
     return read_manifest(spec, root=root, label_sep=label_sep), None
 
 
+AUDIOSET = "audioset"
+
+
+def _shipped_audioset_csv() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "audioset_class_labels_indices.csv")
+
+
+def read_class_aliases(path) -> dict:
+    """Alternative names of classes: for an AudioSet-style CSV (columns ``mid`` and
+    ``display_name``) the machine ids, so manifests may label clips with ``/m/09x0r`` or
+    ``Speech`` alike. ``"audioset"`` means the list shipped with the package. Empty otherwise."""
+    path = _shipped_audioset_csv() if os.fspath(path) == AUDIOSET else os.fspath(path)
+    if not path.lower().endswith(".csv") or not os.path.isfile(path):
+        return {}
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        reader.fieldnames = [c.strip() for c in (reader.fieldnames or [])]
+        if "mid" not in reader.fieldnames or "display_name" not in reader.fieldnames:
+            return {}
+        return {(row["mid"] or "").strip(): (row["display_name"] or "").strip() for row in reader}
+
+
+def apply_aliases(items: Sequence[Item], aliases: dict) -> List[Item]:
+    """Items with every label that is an alias (e.g. an AudioSet mid) replaced by its class name."""
+    if not aliases:
+        return list(items)
+    return [
+        dataclasses.replace(it, labels=tuple(aliases.get(lab, lab) for lab in it.labels)) if any(lab in aliases for lab in it.labels) else it
+        for it in items
+    ]
+
+
 def read_class_list(path) -> List[str]:
     """Read a class list: ``.json`` (a list, or {"classes": [...]}), a CSV with a header (column
     ``display_name`` as in AudioSet's class_labels_indices.csv, or ``label``/``name``/``class``,
-    or its only column), or plain text with one class per line."""
+    or its only column), or plain text with one class per line. ``"audioset"``: the 527 AudioSet
+    names shipped with the package, in the model's output order."""
     path = os.fspath(path)
+    if path == AUDIOSET:
+        path = _shipped_audioset_csv()
     if not os.path.isfile(path):
         raise ManifestError(f"{path}: class list not found")
     classes: List[str]

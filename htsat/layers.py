@@ -136,11 +136,18 @@ class SwinTransformerBlock(nn.Module):
         H, W = self.input_resolution
         B, L, C = x.shape
         shortcut = x
-        x = self.norm1(x).view(B, H, W, C)
-        windows = hk.window_partition(x, self.window_size, self.shift_size, backend=self.backend)
+        # norm1 + cyclic shift + partition is one op, so is merge + unshift + residual add (when
+        # drop path is inactive): each a single pass over the activations on the fused backend
+        n1 = self.norm1
+        windows = hk.layer_norm_window_partition(
+            x.view(B, H, W, C), n1.weight, n1.bias, n1.eps, self.window_size, self.shift_size, backend=self.backend
+        )
         windows = self.attn(windows, self.attn_mask, self.backend)
-        x = hk.window_merge(windows, H, W, self.shift_size, backend=self.backend).reshape(B, L, C)
-        x = shortcut + self.drop_path(x)
+        if self.training and isinstance(self.drop_path, DropPath):
+            x = hk.window_merge(windows, H, W, self.shift_size, backend=self.backend).reshape(B, L, C)
+            x = shortcut + self.drop_path(x)
+        else:
+            x = hk.window_merge_add(windows, shortcut, H, W, self.shift_size, backend=self.backend)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

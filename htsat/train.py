@@ -28,6 +28,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -41,11 +42,13 @@ from .audio import DEFAULT_SILENCE_DB
 from .data import (
     AudioDataset,
     ManifestError,
+    apply_aliases,
     ResumableSampler,
     check_labels,
     classes_from_items,
     collate,
     is_multi_label,
+    read_class_aliases,
     read_class_list,
     read_dataset,
     split_by_fold,
@@ -263,19 +266,30 @@ def _seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Macro average precision over the classes that have at least one positive (NaN if none)."""
-    from sklearn.metrics import average_precision_score
-
-    cols = targets.sum(axis=0) > 0
-    if not cols.any():
+def average_precision(target: np.ndarray, score: np.ndarray) -> float:
+    """Average precision of one class, sum over thresholds of (R_n - R_n-1) * P_n: the definition
+    of sklearn.metrics.average_precision_score (ties in the scores form one threshold)."""
+    order = np.argsort(-score, kind="mergesort")
+    y, s = target[order] > 0, score[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # last index of each distinct score
+    tps = np.cumsum(y)[last].astype(np.float64)
+    if tps[-1] == 0:
         return float("nan")
-    return float(average_precision_score(targets[:, cols], scores[:, cols], average="macro"))
+    precision = tps / (last + 1)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Macro average precision over the classes that have at least one positive (NaN if none);
+    the mAP of the original's AudioSet evaluation."""
+    cols = np.nonzero(targets.sum(axis=0) > 0)[0]
+    if len(cols) == 0:
+        return float("nan")
+    return float(np.mean([average_precision(targets[:, c], scores[:, c]) for c in cols]))
 
 
 def _write_metrics(out: str, history: List[dict]) -> None:
-    from .checkpoint import atomic_save  # noqa: F401  (same folder; plain text below)
-
     path_json = os.path.join(out, "metrics.jsonl")
     tmp = path_json + ".tmp"
     with open(tmp, "w") as f:
@@ -298,6 +312,14 @@ def _write_metrics(out: str, history: List[dict]) -> None:
 # ----------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------
+
+
+def _tqdm():
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are optional
+        return None
+    return tqdm
 
 
 def _pick_device(cfg: TrainConfig, d: _Dist) -> torch.device:
@@ -342,8 +364,10 @@ class _Logger:
 
 def _load_data(cfg: TrainConfig):
     items, classes = read_dataset(cfg.manifest, root=cfg.data_root)
+    aliases = {}
     if cfg.classes:
         classes = read_class_list(cfg.classes)
+        aliases = read_class_aliases(cfg.classes)
     val_items = None
     if cfg.val_fold is not None:
         items, val_items = split_by_fold(items, cfg.val_fold)
@@ -353,8 +377,11 @@ def _load_data(cfg: TrainConfig):
         val_items, val_classes = read_dataset(cfg.val_manifest, root=cfg.data_root)
         if classes is None and val_classes is not None:
             classes = val_classes
+    items = apply_aliases(items, aliases)
+    if val_items is not None:
+        val_items = apply_aliases(val_items, aliases)
     if classes is None:
-        classes = classes_from_items(items)
+        classes = classes_from_items(list(items) + list(val_items or []))
     check_labels(items, classes)
     if val_items is not None:
         check_labels(val_items, classes)
@@ -372,13 +399,54 @@ def train(cfg: TrainConfig) -> dict:
 
     d = _setup_distributed(cfg.device)
     try:
-        return _train(cfg, d, htsat, load_checkpoint, save_checkpoint)
+        with _TermFlag() as term:
+            return _train(cfg, d, htsat, load_checkpoint, save_checkpoint, term)
     finally:
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, d: _Dist, htsat, load_checkpoint, save_checkpoint) -> dict:
+def _worker_ignores_sigterm(worker_id: int) -> None:
+    """A SIGTERM sent to the whole process group must not kill the loader workers before the main
+    process has finished its step and saved; they exit with their parent."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _TermFlag:
+    """SIGTERM (a scheduler pre-empting the job, torchrun shutting down) asks the loop to save a
+    checkpoint after the current step and leave; a second SIGTERM terminates at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._prev = None
+
+    def _handler(self, signum, frame):
+        import signal
+
+        if self.requested:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.requested = True
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._prev = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._prev is not None:
+            signal.signal(signal.SIGTERM, self._prev)
+        return False
+
+
+def _train(cfg: TrainConfig, d: _Dist, htsat, load_checkpoint, save_checkpoint, term: _TermFlag) -> dict:
     log = _Logger(cfg, d)
     device = _pick_device(cfg, d)
     for name, value, allowed in (
@@ -422,13 +490,13 @@ def _train(cfg: TrainConfig, d: _Dist, htsat, load_checkpoint, save_checkpoint) 
         for p in head.parameters():
             p.requires_grad_(False)
 
-    if cfg.init_checkpoint and not cfg.resume or (cfg.init_checkpoint and not os.path.exists(last_path)):
+    if cfg.init_checkpoint and not (cfg.resume and os.path.exists(last_path)):
         drop = {"yes": True, "no": False}.get(cfg.init_drop_head)
         if drop is None:
             try:
                 report = load_checkpoint(model, cfg.init_checkpoint, drop_head=False)
             except htsat.CheckpointError as e:
-                if "classes" not in str(e):
+                if "drop_head=True" not in str(e):
                     raise
                 report = load_checkpoint(model, cfg.init_checkpoint, drop_head=True)
         else:
@@ -437,7 +505,10 @@ def _train(cfg: TrainConfig, d: _Dist, htsat, load_checkpoint, save_checkpoint) 
 
     model.to(device)
     if d.enabled and cfg.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log("warning: --sync-bn needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); using per-process BatchNorm")
     core = model
     if d.enabled:
         ddp_kwargs = dict(find_unused_parameters=cfg.find_unused_parameters)
@@ -467,6 +538,7 @@ def _train(cfg: TrainConfig, d: _Dist, htsat, load_checkpoint, save_checkpoint) 
         return DataLoader(
             ds, batch_size=bs, sampler=smp, num_workers=cfg.num_workers, collate_fn=collate, drop_last=cfg.drop_last and ds is train_ds,
             pin_memory=device.type == "cuda", generator=g, persistent_workers=False,
+            worker_init_fn=_worker_ignores_sigterm if cfg.num_workers > 0 else None,
         )
 
     val_ds = val_loader = None
@@ -487,7 +559,9 @@ def _train(cfg: TrainConfig, d: _Dist, htsat, load_checkpoint, save_checkpoint) 
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     # ---------------- state / resume ----------------
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None, "bad_files": [], "nan_steps": 0}
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None, "bad_files": [], "nan_steps": 0,
+             "epoch_loss_sum": 0.0, "epoch_loss_n": 0, "epoch_clips": 0, "epoch_time": 0.0}
+    state_keys = tuple(state)
     run_meta = {"classes": classes, "batch_size": cfg.batch_size, "world_size": d.world, "seed": cfg.seed}
     if os.path.exists(last_path) and not cfg.resume:
         raise TrainingError(f"{last_path} exists: pass --resume to continue that run, or choose another --out")
@@ -510,7 +584,7 @@ def _train(cfg: TrainConfig, d: _Dist, htsat, load_checkpoint, save_checkpoint) 
         scheduler.load_state_dict(ts["scheduler"])
         if scaler is not None and ts.get("scaler"):
             scaler.load_state_dict(ts["scaler"])
-        for k in ("epoch", "step_in_epoch", "global_step", "history", "best", "bad_files", "nan_steps"):
+        for k in state_keys:
             state[k] = ts[k]
         rng = ts["rng"]
         _set_rng_state(rng[d.rank], device)
@@ -533,7 +607,7 @@ def _train(cfg: TrainConfig, d: _Dist, htsat, load_checkpoint, save_checkpoint) 
     )
 
     def save(path: str) -> None:
-        rng_all = _all_gather_objects(d, _get_rng_state(device) if device.type != "cuda" else {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in _get_rng_state(device).items()})
+        rng_all = _all_gather_objects(d, _get_rng_state(device))
         if not d.main:
             return
         ts = {
@@ -543,7 +617,7 @@ def _train(cfg: TrainConfig, d: _Dist, htsat, load_checkpoint, save_checkpoint) 
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng_all,
-            **{k: state[k] for k in ("epoch", "step_in_epoch", "global_step", "history", "best", "bad_files", "nan_steps")},
+            **{k: state[k] for k in state_keys},
         }
         save_checkpoint(core, path, classes=classes, train_state=ts)
 
@@ -554,7 +628,7 @@ def _train(cfg: TrainConfig, d: _Dist, htsat, load_checkpoint, save_checkpoint) 
     progress = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     seen_bad = set(state["bad_files"])
     indices_log: Dict[int, List[int]] = {}
-    stopped = False
+    stopped = interrupted = False
 
     def record_bad(messages: List[str]) -> None:
         for m in messages:
@@ -589,14 +663,10 @@ def _train(cfg: TrainConfig, d: _Dist, htsat, load_checkpoint, save_checkpoint) 
         if cfg.record_indices:
             indices_log.setdefault(epoch, [])
         t0 = time.perf_counter()
-        clips = 0
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        loss_n = 0
+        clips = 0  # this session, for clips/s
         bar = None
-        if progress and d.main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=steps_per_epoch, initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True, leave=True)
+        if progress and d.main and _tqdm() is not None:
+            bar = _tqdm()(total=steps_per_epoch, initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True, leave=True)
         for batch in loader:
             if batch["bad"]:
                 record_bad(batch["bad"])
@@ -611,8 +681,10 @@ def _train(cfg: TrainConfig, d: _Dist, htsat, load_checkpoint, save_checkpoint) 
             with autocast():
                 out = model(wave, mixup_lambda=lam)
             loss = compute_loss(out["clipwise_logits"], target, lam)
-            finite = torch.isfinite(loss.detach()).float()
-            _all_reduce(d, finite, dist.ReduceOp.MIN if d.enabled else None)
+            # one collective per step: every rank agrees on "loss finite" and on "stop requested"
+            flags = torch.stack([torch.isfinite(loss.detach()).float(), torch.tensor(-1.0 if term.requested else 0.0, device=loss.device)])
+            _all_reduce(d, flags, dist.ReduceOp.MIN if d.enabled else None)
+            finite, term_all = flags[0], flags[1]
             step_label = f"epoch {epoch + 1}, step {state['step_in_epoch'] + 1} (global step {state['global_step'] + 1})"
             ok = bool(finite.item())
             if not ok:
@@ -648,10 +720,13 @@ def _train(cfg: TrainConfig, d: _Dist, htsat, load_checkpoint, save_checkpoint) 
                     else:
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                loss_sum += loss.detach().double().cpu()
-                loss_n += 1
+                state["epoch_loss_sum"] += float(loss.detach())
+                state["epoch_loss_n"] += 1
+            with warnings.catch_warnings():  # a skipped first step would warn "scheduler before optimizer"
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()  # the schedule follows steps (epochs), skipped or not, like the original's per-epoch LambdaLR
             clips += B
+            state["epoch_clips"] += B
             state["step_in_epoch"] += 1
             state["global_step"] += 1
             if bar is not None:
@@ -659,17 +734,26 @@ def _train(cfg: TrainConfig, d: _Dist, htsat, load_checkpoint, save_checkpoint) 
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", clips_s=f"{clips * d.world / dt:.1f}")
             if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0:
+                state["epoch_time"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                clips = 0
                 save(last_path)
             if cfg.stop_after_steps is not None and state["global_step"] >= cfg.stop_after_steps:
                 stopped = True
                 break
+            if float(term_all) < 0:  # some rank got SIGTERM: save where we are and leave
+                save(last_path)
+                log(f"terminated (SIGTERM) at global step {state['global_step']}: saved {last_path}; continue with --resume")
+                stopped = interrupted = True
+                break
         if bar is not None:
             bar.close()
         if stopped:
-            log(f"stopping after global step {state['global_step']} (stop_after_steps)")
+            if not interrupted:
+                log(f"stopping after global step {state['global_step']} (stop_after_steps)")
             break
-        train_time = time.perf_counter() - t0
-        stats = torch.tensor([float(loss_sum), loss_n, clips], dtype=torch.float64)
+        train_time = state["epoch_time"] + time.perf_counter() - t0
+        stats = torch.tensor([state["epoch_loss_sum"], state["epoch_loss_n"], state["epoch_clips"]], dtype=torch.float64)
         if d.enabled:
             stats = stats.to(device) if device.type == "cuda" else stats
             _all_reduce(d, stats)
@@ -684,11 +768,16 @@ def _train(cfg: TrainConfig, d: _Dist, htsat, load_checkpoint, save_checkpoint) 
             "bad_files": len(seen_bad),
         }
         if val_loader is not None:
-            row.update(_evaluate(model, val_loader, val_ds, d, device, autocast, loss_kind, multi_label))
-            record_bad([])
+            res = _evaluate(core, val_loader, val_ds, d, device, autocast, loss_kind, multi_label)
+            val_bad = res.pop("_bad")
+            if val_bad:
+                record_bad(val_bad)
+            row.update(res)
+            row["bad_files"] = len(seen_bad)
         state["history"].append(row)
         state["epoch"] = epoch + 1
         state["step_in_epoch"] = 0
+        state.update(epoch_loss_sum=0.0, epoch_loss_n=0, epoch_clips=0, epoch_time=0.0)
         metric_name = ("val_mAP" if multi_label else "val_accuracy") if val_loader is not None else None
         improved = False
         if metric_name and row.get(metric_name) is not None and not math.isnan(row[metric_name]):
@@ -701,7 +790,7 @@ def _train(cfg: TrainConfig, d: _Dist, htsat, load_checkpoint, save_checkpoint) 
         if d.main:
             _write_metrics(cfg.out, state["history"])
         parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()]
-        log("epoch " + ", ".join(parts))
+        log(", ".join(parts))
 
     if cfg.record_indices:
         with open(os.path.join(cfg.out, f"indices_rank{d.rank}.json"), "w") as f:
@@ -720,6 +809,7 @@ def _train(cfg: TrainConfig, d: _Dist, htsat, load_checkpoint, save_checkpoint) 
         "bad_files": list(state["bad_files"]),
         "nan_steps": state["nan_steps"],
         "stopped": stopped,
+        "interrupted": interrupted,
         "rank": d.rank,
         "world_size": d.world,
         "model": core,
@@ -761,7 +851,7 @@ def _evaluate(model, loader, ds, d: _Dist, device, autocast, loss_kind: str, mul
         order.setdefault(i, pos)
     sel = torch.tensor(sorted(order.values()), dtype=torch.long)
     logits, target = logits[sel], target[sel]
-    res: Dict[str, Any] = {"val_clips": int(len(sel)), "val_bad_files": len(all_bad)}
+    res: Dict[str, Any] = {"val_clips": int(len(sel)), "val_bad_files": len(all_bad), "_bad": all_bad}
     if len(sel) == 0:
         return res
     if loss_kind == "bce":

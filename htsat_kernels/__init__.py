@@ -1,7 +1,8 @@
 """htsat_kernels: the hot ops of HTS-AT, each with a pure-PyTorch reference and a fused kernel.
 
 Public ops (contracts in DESIGN.md): ``window_partition``, ``window_merge``, ``patch_merge``,
-``window_attention``. Each takes ``backend=None | "auto" | "reference" | "fused"``; see
+``window_attention``, and the block-level fusions ``layer_norm_window_partition`` (norm1 + shift +
+partition) and ``window_merge_add`` (merge + unshift + residual add). Each takes ``backend=None | "auto" | "reference" | "fused"``; see
 ``htsat_kernels.backends`` for how the choice is made.
 """
 
@@ -28,11 +29,13 @@ __all__ = [
     "BackendUnavailable",
     "current_backend",
     "fused_status",
+    "layer_norm_window_partition",
     "patch_merge",
     "reference",
     "use_backend",
     "window_attention",
     "window_merge",
+    "window_merge_add",
     "window_partition",
 ]
 
@@ -47,6 +50,20 @@ def window_merge(windows: Tensor, H: int, W: int, shift: int = 0, *, backend: Op
     """(B*nW, N, C) -> (B, H, W, C): inverse of window_partition including the +shift roll."""
     args = (windows, H, W, shift)
     return _dispatch("window_merge", args, backend)(*args)
+
+
+def layer_norm_window_partition(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float, window_size: int, shift: int = 0, *, backend: Optional[str] = None
+) -> Tensor:
+    """A block's norm1 fused into window_partition: (B, H, W, C) -> (B*nW, N, C) of LayerNorm(C)(x)."""
+    args = (x, weight, bias, eps, window_size, shift)
+    return _dispatch("layer_norm_window_partition", args, backend)(*args)
+
+
+def window_merge_add(windows: Tensor, shortcut: Tensor, H: int, W: int, shift: int = 0, *, backend: Optional[str] = None) -> Tensor:
+    """A block's residual fused into window_merge: shortcut + window_merge(windows, H, W, shift)."""
+    args = (windows, shortcut, H, W, shift)
+    return _dispatch("window_merge_add", args, backend)(*args)
 
 
 def patch_merge(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, *, backend: Optional[str] = None) -> Tensor:
@@ -82,9 +99,14 @@ def _register_fused_implementations() -> None:
 
         register_fused("window_partition", FusedImpl(_wp.fused_window_partition, _wp.partition_unsupported_reason))
         register_fused("window_merge", FusedImpl(_wp.fused_window_merge, _wp.merge_unsupported_reason))
+        register_fused(
+            "layer_norm_window_partition",
+            FusedImpl(_wp.fused_layer_norm_window_partition, _wp.layer_norm_partition_unsupported_reason),
+        )
+        register_fused("window_merge_add", FusedImpl(_wp.fused_window_merge_add, _wp.merge_add_unsupported_reason))
     except Exception as exc:  # the compiled extension is optional
-        register_fused("window_partition", f"window_process failed to load: {exc}")
-        register_fused("window_merge", f"window_process failed to load: {exc}")
+        for op in ("window_partition", "window_merge", "layer_norm_window_partition", "window_merge_add"):
+            register_fused(op, f"window_process failed to load: {exc}")
     try:
         from .fused import patch_merge as _pm
 

@@ -23,8 +23,7 @@ def window_size_of(num_tokens: int) -> int:
     return ws
 
 
-@functools.lru_cache(maxsize=None)
-def _relative_position_index_cpu(window_size: int) -> Tensor:
+def _relative_position_index(window_size: int) -> Tensor:
     coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij"))
     coords = coords.flatten(1)  # (2, N): row, col of each token
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
@@ -32,12 +31,19 @@ def _relative_position_index_cpu(window_size: int) -> Tensor:
     return rel[..., 0] * (2 * window_size - 1) + rel[..., 1]
 
 
+@functools.lru_cache(maxsize=None)
+def _relative_position_index_cached(window_size: int, device: torch.device) -> Tensor:
+    return _relative_position_index(window_size).to(device)  # one copy per device, not one per call
+
+
 def relative_position_index(window_size: int, device=None) -> Tensor:
     """(N, N) int64: index into the ((2ws-1)^2, h) table for query i and key j.
 
     index = (hi - hj + ws - 1) * (2ws - 1) + (wi - wj + ws - 1), as in the original (spec 4.2).
     """
-    return _relative_position_index_cpu(window_size).to(device)
+    if torch.compiler.is_compiling():  # traced once into the graph; the eager cache is for eager calls
+        return _relative_position_index(window_size).to(device)
+    return _relative_position_index_cached(window_size, torch.device(device or "cpu"))
 
 
 def shifted_window_mask(H: int, W: int, window_size: int, shift: int) -> Tensor:
@@ -76,6 +82,18 @@ def window_merge(windows: Tensor, H: int, W: int, shift: int = 0) -> Tensor:
     if shift:
         x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
     return x
+
+
+def layer_norm_window_partition(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float, window_size: int, shift: int = 0
+) -> Tensor:
+    """A block's norm1 then window_partition: (B, H, W, C) -> (B*nW, N, C) of LayerNorm(C)(x)."""
+    return window_partition(F.layer_norm(x, (x.shape[-1],), weight, bias, eps), window_size, shift)
+
+
+def window_merge_add(windows: Tensor, shortcut: Tensor, H: int, W: int, shift: int = 0) -> Tensor:
+    """A block's residual: shortcut + window_merge(windows); shortcut (B, H*W, C) or (B, H, W, C)."""
+    return shortcut + window_merge(windows, H, W, shift).view(shortcut.shape)
 
 
 def patch_merge(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:

@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:  `make bench` (benchmark + verification report)  and  `make test`.
+# Both create .venv on first use, install the package with its extension, then run.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+BENCH_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: bench test install build clean
+
+bench: $(STAMP)
+	$(VPY) -m bench $(BENCH_ARGS)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+# torch first (its CUDA build can compile the CUDA half of the extension; on a machine without
+# nvcc only the C++ CPU half is built), then the package in place with its test/bench extras.
+# The original HTS-AT code (laion-clap's copy) is a test-only oracle, installed without its deps.
+$(STAMP): pyproject.toml setup.py
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade setuptools wheel
+	$(VPY) -m pip install -q torch ninja numpy
+	$(VPY) -m pip install -q --no-build-isolation -e ".[test]" torchlibrosa
+	$(VPY) -m pip install -q --no-deps laion-clap
+	$(MAKE) build
+	touch $(STAMP)
+
+build:
+	MAX_JOBS=$${MAX_JOBS:-2} $(VPY) setup.py build_ext --inplace
+
+clean:
+	rm -rf $(VENV) build htsat_kernels/*.so

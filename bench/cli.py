@@ -1,0 +1,199 @@
+"""``python -m bench``: find the hardware, run the cases with progress, print the report, write results.
+
+Sections (each labelled in the report with what ran where):
+
+- ``ops``: the four ops at HTS-AT's stage shapes. On CUDA: batch 32 and 128, every provider. On
+  a CPU-only machine: CPU timings of the reference against the C++ CPU twins (provider ``fused``)
+  and the peers that run on CPU, at batch 1 and 2.
+- ``interpreter`` (CPU only): the Triton window attention in the Triton interpreter at reduced
+  shapes: numerics only, no timings.
+- ``model``: HTS-AT training step and inference per provider (tiny config in ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark and verification report of the htsat-kernels ops and the HTS-AT model.",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny shapes and short timings (a CPU run takes under 3 minutes)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default: bench/results/)")
+    p.add_argument(
+        "--ops", type=_csv, default=None,
+        help="comma list of window_attention, window_partition, window_merge, patch_merge, model "
+        "(aliases: attention, partition, merge; default: all)",
+    )
+    p.add_argument("--providers", type=_csv, default=None, help="comma list of reference, fused, compile, sdpa, flex, fused+compile (default: all)")
+    p.add_argument("--dtypes", type=_csv, default=None, help="comma list of fp32, bf16, fp16 (default: all)")
+    p.add_argument("--modes", type=_csv, default=None, help="comma list of forward, backward, full (ops) and train, inference (model)")
+    p.add_argument("--batches", type=lambda s: [int(v) for v in _csv(s)], default=None, help="per-op batch sizes (default: 32,128 on CUDA; 1,2 on CPU; 1 with --quick)")
+    p.add_argument("--stages", type=lambda s: [int(v) for v in _csv(s)], default=None, help="comma list of stages 1-4 (default: all)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--model-config", default=None, help="model preset or JSON config for the model section (default: htsat-audioset; --quick: the tiny config)")
+    p.add_argument("--no-interpreter", action="store_true", help="skip the Triton interpreter numerics section (CPU only)")
+    p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default; 1 with --quick on a CPU-only run, whose timings are otherwise dominated by thread contention on a shared machine)")
+    p.add_argument("--rep-ms", type=float, default=None, help="timing budget per case in ms (default 100 on CUDA, 300 on CPU)")
+    p.add_argument("--update-readme", choices=("auto", "yes", "no"), default="auto", help="refresh bench/results/README.md with the latest GPU run (auto: after a non-quick CUDA run written to bench/results/)")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    return p
+
+
+def _check(values, allowed, what):
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise SystemExit(f"unknown {what}: {', '.join(bad)} (choose from {', '.join(allowed)})")
+    return values
+
+
+def plan(args, device):
+    """The cases of every section, and notes about the plan."""
+    from . import model as model_mod
+    from . import ops as ops_mod
+
+    ops_mod.configure_compiler()
+    cpu = device.type != "cuda"
+    all_ops = list(ops_mod.OPS) + ["model"]
+    ops = [ops_mod.OP_ALIASES.get(o, o) for o in (args.ops or all_ops)]
+    _check(ops, all_ops, "op")
+    providers = args.providers or list(ops_mod.PROVIDERS) + ["fused+compile"]
+    _check(providers, list(ops_mod.PROVIDERS) + ["fused+compile"], "provider")
+    dtypes = args.dtypes or ["fp32", "bf16", "fp16"]
+    _check(dtypes, ["fp32", "bf16", "fp16"], "dtype")
+    modes = args.modes or list(ops_mod.MODES) + list(model_mod.MODEL_MODES)
+    _check(modes, list(ops_mod.MODES) + list(model_mod.MODEL_MODES), "mode")
+    stages = args.stages
+    if stages:
+        _check(stages, [1, 2, 3, 4], "stage")
+    if args.batches:
+        batches = args.batches
+    elif args.quick:
+        batches = [1]
+    else:
+        batches = [1, 2] if cpu else [32, 128]
+    notes = []
+    if cpu and not args.batches:
+        notes.append(
+            f"CPU run: per-op batch capped at {batches} (GPU runs use 32 and 128); model: "
+            f"{'the ' + args.model_config + ' config' if args.model_config else 'the tiny config'} at batch 1-2."
+        )
+    op_modes = [m for m in modes if m in ops_mod.MODES]
+    op_list = [o for o in ops if o != "model"]
+    cases = ops_mod.build_op_cases(
+        device=device, ops=op_list, providers=providers, dtypes=dtypes, modes=op_modes, batches=batches, stages=stages
+    )
+    if cpu and not args.no_interpreter and "window_attention" in op_list:
+        idt = [d for d in dtypes if d in ("fp32", "bf16")] if args.quick else dtypes
+        # "full" checks the output and every gradient: in --quick it stands for "forward" too.
+        imodes = (["full"] if "full" in op_modes else op_modes) if args.quick else op_modes
+        cases += ops_mod.build_interpreter_cases(dtypes=idt or dtypes[:1], modes=imodes or ["forward"], providers=providers, stages=stages)
+    if "model" in ops:
+        m_modes = [m for m in modes if m in model_mod.MODEL_MODES]
+        spec = None
+        if args.model_config:
+            spec = model_mod.ModelSpec(args.model_config, tiny=False, label=Path(args.model_config).stem)
+        cases += model_mod.build_model_cases(device=device, providers=providers, dtypes=dtypes, modes=m_modes, quick=args.quick, spec=spec)
+    if args.quick:
+        notes.append("--quick: batch 1, tiny model config, short timings; compile/flex only at the smallest stage, fp32 forward.")
+    return cases, notes
+
+
+def main(argv=None) -> int:
+    from ._env import prepare_process
+
+    interpret = prepare_process()  # before htsat_kernels is imported
+
+    import torch
+
+    from . import report
+    from .context import RunContext
+    from .harness import TimingConfig, build_meta, reserve_l2_buffer
+    from .runner import run_cases
+
+    args = build_parser().parse_args(argv)
+    if args.device:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is available")
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    cases, notes = plan(args, device)
+    threads = args.threads or (1 if args.quick and device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+        notes.append(f"torch CPU threads set to {threads}.")
+    if args.list:
+        for c in cases:
+            print(f"{c.section:12s} {c.test_id()}")
+        print(f"{len(cases)} cases")
+        return 0
+
+    timing = TimingConfig()
+    if args.quick:
+        timing = TimingConfig(warmup_ms=5, rep_ms=20, min_reps=5, max_reps=200, cpu_rep_ms=25, cpu_min_reps=3, cpu_max_reps=10)
+    if args.rep_ms:
+        timing.rep_ms = timing.cpu_rep_ms = args.rep_ms
+    if interpret and device.type == "cpu":
+        notes.append("TRITON_INTERPRET=1: the Triton kernels run in the interpreter (numerics only).")
+
+    torch.manual_seed(0)
+    meta = build_meta(device, quick=args.quick, argv=sys.argv[1:] if argv is None else argv)
+    meta["notes"] = notes
+    meta["timing"] = {k: getattr(timing, k) for k in timing.__dataclass_fields__}
+    print(f"bench: {len(cases)} cases on {meta['device']}" + (" (--quick)" if args.quick else ""), file=sys.stderr, flush=True)
+    reserve_l2_buffer(device)
+    ctx = RunContext(device=device, quick=args.quick, timing=timing)
+    t0 = time.perf_counter()
+    records = []
+    meta["section_wall_s"] = {}
+    for section in ("ops", "interpreter", "model"):
+        sec_cases = [c for c in cases if c.section == section]
+        if not sec_cases:
+            continue
+        t_sec = time.perf_counter()
+        records += run_cases(sec_cases, ctx, peak_bw_gbps=meta.get("peak_bandwidth_gbps"), progress=not args.no_progress, desc=section)
+        ctx.memo.clear()
+        ctx.release()
+        meta["section_wall_s"][section] = round(time.perf_counter() - t_sec, 1)
+    meta["wall_s"] = round(time.perf_counter() - t0, 1)
+    meta["n_records"] = len(records)
+    meta["n_skipped"] = sum(1 for r in records if r.get("skipped_reason"))
+
+    result = {"meta": meta, "records": sorted(records, key=report.sort_key)}
+    paths = report.write_results(args.out, result, plots=not args.no_plots)
+    print(report.render_text(result))
+    print()
+    print(f"results: {paths['json']}")
+    print(f"         {paths['csv']}")
+    for p in paths["plots"]:
+        print(f"         {p}")
+    print(f"ran {len(records)} records ({meta['n_skipped']} skipped) in {meta['wall_s']} s")
+
+    upd = args.update_readme
+    if upd == "yes" or (
+        upd == "auto" and device.type == "cuda" and not args.quick and os.path.realpath(args.out) == os.path.realpath(DEFAULT_OUT)
+    ):
+        from .readme import update_readme
+
+        readme = update_readme(DEFAULT_OUT)
+        if readme:
+            print(f"updated {readme}")
+    return 0

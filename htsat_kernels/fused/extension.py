@@ -1,0 +1,57 @@
+"""Loads the compiled extension ``htsat_kernels._C`` (C++ CPU kernels, and CUDA kernels where built).
+
+Importing ``_C`` registers the ``torch.ops.htsat_kernels`` ops (window_partition, window_merge,
+patch_merge_forward, patch_merge_backward) with the dispatcher. ``load_error`` is None when it loaded,
+otherwise a message saying how to build it; the fused modules raise ImportError with it, which the
+dispatcher records as the reason the fused path is unavailable.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+load_error: Optional[str] = None
+with_cuda: bool = False
+
+try:
+    _C = importlib.import_module("htsat_kernels._C")  # registers the ops
+
+    with_cuda = bool(getattr(_C, "with_cuda", 0))
+except Exception as exc:  # not built, or built against another torch
+    _C = None
+    load_error = (
+        "htsat_kernels._C is not built: run `pip install --no-build-isolation -e .` or "
+        f"`python setup.py build_ext --inplace` (error: {type(exc).__name__}: {exc})"
+    )
+
+
+def require() -> None:
+    """Raise ImportError with the build hint when the extension did not load."""
+    if load_error is not None:
+        raise ImportError(load_error)
+
+
+def tensor_reason(name: str, t, ndim: int) -> Optional[str]:
+    """Why the compiled kernels cannot take tensor argument ``name`` (type, rank, dtype, device), or None."""
+    if not isinstance(t, Tensor):
+        return f"{name} must be a tensor, got {type(t).__name__}"
+    if t.dim() != ndim:
+        return f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}"
+    if t.dtype not in FLOAT_DTYPES:
+        return f"{name} has dtype {t.dtype}; the compiled kernels support float32, float16, bfloat16 and float64"
+    if t.device.type == "cpu":
+        return None
+    if t.device.type == "cuda":
+        if not with_cuda:
+            return (
+                f"{name} is a CUDA tensor but htsat_kernels._C was built without its CUDA part "
+                "(no nvcc at build time, or HTSAT_KERNELS_SKIP_CUDA=1)"
+            )
+        return None
+    return f"{name} is on device {t.device.type!r}; the compiled kernels run on CPU and CUDA only"

@@ -1,0 +1,568 @@
+"""Fused window attention in Triton: kernels, launchers, torch.library registration and autograd.
+
+Computes, for every window b of ``qkv`` (B_, N, 3C) and head h (d = C / heads channels each)::
+
+    out[b, :, h*d:(h+1)*d] = softmax((q*scale) @ k^T + table[index][:, :, h] + mask[b % nW]) @ v
+
+exactly as ``htsat_kernels.reference.window_attention`` does, without any (B_, h, N, N) tensor:
+
+* forward: one program per (window, head) (and per block of 64 query rows when N > 64, e.g.
+  ws = 12: N = 144 keys padded to 256). q, k, v are read straight from the qkv Linear output
+  with its strides (no permute, no contiguous copy); the head dim (24 for HTS-AT) is padded to
+  the next power of two >= 16 in registers through masked loads; the relative-position index is
+  computed from token coordinates in the kernel and the bias gathered from the ((2ws-1)^2, h)
+  table; the (nW, N, N) additive mask of shifted blocks is read for window ``b % nW``. Softmax
+  runs in fp32 (fp64 for fp64 inputs); only the per-row log-sum-exp (B_, h, N) is saved.
+* backward: one program per (group of consecutive windows, head). It recomputes the scores from
+  q, k and the saved log-sum-exp (D_i = sum_j P_ij dP_ij is formed in-kernel, so the output is not
+  needed), writes dq, dk, dv into a (B_, N, 3C) tensor in the qkv layout,
+  and accumulates dS over its windows into a private (N, N) slot of a (groups, h, N, N) buffer
+  (independent of the batch size). The table gradient is then reduced deterministically in torch:
+  a fixed-shape sum over groups followed by a gather with a fixed ((2ws-1)^2, N) index and a sum,
+  so no atomics touch the table and repeated runs are bit-identical.
+
+Registration: ``htsat_kernels::window_attention_fwd`` and ``htsat_kernels::window_attention_bwd``
+are ``torch.library.triton_op`` s whose kernel launches go through ``torch.library.wrap_triton``
+(so ``torch.compile`` sees the kernels), with the autograd formula attached by
+``torch.library.register_autograd``. Under ``TRITON_INTERPRET=1`` (``triton.jit`` then returns an
+interpreted function, which cannot be traced), the same bodies are registered as opaque
+``torch.library.custom_op`` s with explicit fake implementations instead.
+
+Supported: fp16, bf16, fp32 (fp32 dots use ``input_precision="ieee"``, not TF32) and fp64 (dots
+as broadcast-and-sum, meant for gradcheck); N = ws^2 <= 256 tokens; head dim <= 64. The table
+and mask may have any floating dtype (they are read and used in the compute precision); the
+table gradient comes back in the table's dtype. The mask gets no gradient (it is a buffer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import struct
+from numbers import Real
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["fused_window_attention", "unsupported_reason", "MAX_TOKENS", "MAX_HEAD_DIM"]
+
+MAX_TOKENS = 256  # N = ws^2 tokens per window held in one tile (ws <= 16)
+MAX_HEAD_DIM = 64
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mm(a, b, FP64: tl.constexpr, PREC: tl.constexpr):
+    """a (M, K) @ b (K, N): tl.dot (fp32 accumulation), or an exact fp64 broadcast-and-sum.
+
+    PREC is "ieee" (fp32 inputs must not drop to TF32), or "upcast": operands are converted to
+    fp32 first (exact for bf16), because the Triton interpreter's dot misreads bf16 data.
+    """
+    if FP64:
+        c = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    elif PREC == "upcast":
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=PREC)
+    return c
+
+
+@triton.jit
+def _scores(
+    q, k, bias, mask_ptrs, pair_ok, key_ok, scale_hi, scale_lo,
+    HAS_MASK: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
+):
+    """Scores of a block of query rows: (q*scale) @ k^T + bias (+ mask); padded keys get -inf.
+
+    Returns (scores in the compute precision, q*scale in the input dtype).
+    """
+    if FP64:
+        qs = q * scale_hi + q * scale_lo  # scale = hi + lo: fp64 precision from two fp32 args
+    else:
+        # like the reference: q * scale computed in fp32 and rounded to the input dtype
+        qs = (q.to(tl.float32) * scale_hi).to(q.dtype)
+    s = _mm(qs, tl.trans(k), FP64, PREC)
+    s = s + bias
+    if HAS_MASK:
+        m = tl.load(mask_ptrs, mask=pair_ok, other=0.0)
+        s = s + m.to(s.dtype)
+    s = tl.where(key_ok[None, :], s, float("-inf"))
+    return s, qs
+
+
+@triton.jit
+def _relative_bias(table_ptr, s_tr, s_th, h, offs_m, offs_n, pair_ok, WS: tl.constexpr, FP64: tl.constexpr):
+    """bias[i, j] = table[(ri - rj + ws-1) * (2ws-1) + (ci - cj + ws-1), h], index from coordinates."""
+    ri = offs_m // WS
+    ci = offs_m % WS
+    rj = offs_n // WS
+    cj = offs_n % WS
+    rel = (ri[:, None] - rj[None, :] + (WS - 1)) * (2 * WS - 1) + (ci[:, None] - cj[None, :] + (WS - 1))
+    bias = tl.load(table_ptr + rel * s_tr + h * s_th, mask=pair_ok, other=0.0)
+    if FP64:
+        bias = bias.to(tl.float64)
+    else:
+        bias = bias.to(tl.float32)
+    return bias
+
+
+@triton.jit
+def _window_attention_fwd_kernel(
+    qkv_ptr, table_ptr, mask_ptr, out_ptr, lse_ptr,
+    s_qb, s_qn, s_qc,
+    s_tr, s_th,
+    s_mw, s_mi, s_mj,
+    s_ob, s_on, s_oc,
+    C, nW, scale_hi, scale_lo,
+    WS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program per (window b, head h, block of BLOCK_M query rows); all N keys at once."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    H = tl.num_programs(1)
+    N = WS * WS
+
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N
+    key_ok = offs_n < N
+    d_ok = offs_d < D
+    pair_ok = row_ok[:, None] & key_ok[None, :]
+
+    bias = _relative_bias(table_ptr, s_tr, s_th, h, offs_m, offs_n, pair_ok, WS, FP64)
+    mask_ptrs = mask_ptr + (b % nW) * s_mw + offs_m[:, None] * s_mi + offs_n[None, :] * s_mj
+
+    base = qkv_ptr + b.to(tl.int64) * s_qb + (h * D + offs_d)[None, :] * s_qc
+    q = tl.load(base + offs_m[:, None] * s_qn, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    kv_mask = key_ok[:, None] & d_ok[None, :]
+    k = tl.load(base + offs_n[:, None] * s_qn + C * s_qc, mask=kv_mask, other=0.0)
+    v = tl.load(base + offs_n[:, None] * s_qn + 2 * C * s_qc, mask=kv_mask, other=0.0)
+    s, qs = _scores(q, k, bias, mask_ptrs, pair_ok, key_ok, scale_hi, scale_lo, HAS_MASK, FP64, PREC)
+
+    m = tl.max(s, axis=1)
+    p = tl.exp(s - m[:, None])
+    l = tl.sum(p, axis=1)
+    p = p / l[:, None]
+    o = _mm(p.to(v.dtype), v, FP64, PREC)
+
+    o_ptrs = out_ptr + b.to(tl.int64) * s_ob + offs_m[:, None] * s_on + (h * D + offs_d)[None, :] * s_oc
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    lse_ptrs = lse_ptr + (b.to(tl.int64) * H + h) * N + offs_m
+    tl.store(lse_ptrs, (m + tl.log(l)).to(lse_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _window_attention_bwd_kernel(
+    qkv_ptr, table_ptr, mask_ptr, do_ptr, lse_ptr, dqkv_ptr, dbias_ptr,
+    s_qb, s_qn, s_qc,
+    s_tr, s_th,
+    s_mw, s_mi, s_mj,
+    s_db, s_dn, s_dc,
+    s_gb, s_gn, s_gc,
+    B, C, nW, windows_per_group, scale_hi, scale_lo,
+    WS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program per (group of consecutive windows g, head h).
+
+    For each window: recompute the scores block by block of query rows, store dq, accumulate
+    dk, dv over the row blocks in registers and store them, and add dS into this program's
+    own (N, N) slot of the bias-gradient buffer (registers when one row block covers the window,
+    else a read-modify-write of the slot, which no other program touches: no atomics).
+    """
+    g = tl.program_id(0)
+    h = tl.program_id(1)
+    H = tl.num_programs(1)
+    N = WS * WS
+    NUM_RB = (N + BLOCK_M - 1) // BLOCK_M
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    key_ok = offs_n < N
+    d_ok = offs_d < D
+    kv_mask = key_ok[:, None] & d_ok[None, :]
+    ch = (h * D + offs_d)[None, :]
+    if FP64:
+        dbias = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
+    else:
+        dbias = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    slot_ptr = dbias_ptr + (g.to(tl.int64) * H + h) * N * N
+    out_ty = dqkv_ptr.dtype.element_ty
+
+    start = g * windows_per_group
+    end = tl.minimum(start + windows_per_group, B)
+    for b in range(start, end):
+        b64 = tl.cast(b, tl.int64)
+        base = qkv_ptr + b64 * s_qb + ch * s_qc
+        k = tl.load(base + offs_n[:, None] * s_qn + C * s_qc, mask=kv_mask, other=0.0)
+        v = tl.load(base + offs_n[:, None] * s_qn + 2 * C * s_qc, mask=kv_mask, other=0.0)
+        if FP64:
+            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float64)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float64)
+        else:
+            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for rb in range(NUM_RB):
+            offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < N
+            pair_ok = row_ok[:, None] & key_ok[None, :]
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            bias = _relative_bias(table_ptr, s_tr, s_th, h, offs_m, offs_n, pair_ok, WS, FP64)
+            mask_ptrs = mask_ptr + (b % nW) * s_mw + offs_m[:, None] * s_mi + offs_n[None, :] * s_mj
+            q = tl.load(base + offs_m[:, None] * s_qn, mask=q_mask, other=0.0)
+            s, qs = _scores(q, k, bias, mask_ptrs, pair_ok, key_ok, scale_hi, scale_lo, HAS_MASK, FP64, PREC)
+            do = tl.load(do_ptr + b64 * s_db + offs_m[:, None] * s_dn + ch * s_dc, mask=q_mask, other=0.0)
+            do = do.to(v.dtype)
+            lse = tl.load(lse_ptr + (b64 * H + h) * N + offs_m, mask=row_ok, other=0.0)
+
+            p = tl.exp(s - lse.to(s.dtype)[:, None])
+            p = tl.where(pair_ok, p, 0.0)
+            dv += _mm(tl.trans(p.to(v.dtype)), do, FP64, PREC)
+            dp = _mm(do, tl.trans(v), FP64, PREC)
+            delta = tl.sum(p * dp, axis=1)
+            ds = p * (dp - delta[:, None])
+            dq = _mm(ds.to(k.dtype), k, FP64, PREC)
+            if FP64:
+                dq = dq * scale_hi + dq * scale_lo
+            else:
+                dq = dq * scale_hi
+            dk += _mm(tl.trans(ds.to(qs.dtype)), qs, FP64, PREC)
+            dq_ptrs = dqkv_ptr + b64 * s_gb + offs_m[:, None] * s_gn + ch * s_gc
+            tl.store(dq_ptrs, dq.to(out_ty), mask=q_mask)
+            if NUM_RB == 1:
+                dbias += ds
+            else:
+                slot_ptrs = slot_ptr + offs_m[:, None] * N + offs_n[None, :]
+                tl.debug_barrier()
+                acc = tl.load(slot_ptrs, mask=pair_ok, other=0.0)
+                tl.store(slot_ptrs, acc + ds.to(acc.dtype), mask=pair_ok)
+        dk_ptrs = dqkv_ptr + b64 * s_gb + offs_n[:, None] * s_gn + ch * s_gc + C * s_gc
+        tl.store(dk_ptrs, dk.to(out_ty), mask=kv_mask)
+        tl.store(dk_ptrs + C * s_gc, dv.to(out_ty), mask=kv_mask)
+
+    if NUM_RB == 1:
+        offs_m = tl.arange(0, BLOCK_M)
+        slot_ptrs = slot_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(slot_ptrs, dbias.to(dbias_ptr.dtype.element_ty), mask=(offs_m < N)[:, None] & key_ok[None, :])
+
+
+# Under TRITON_INTERPRET=1 triton.jit returns an interpreted function, which torch cannot trace.
+_INTERPRETED = not isinstance(_window_attention_fwd_kernel, triton.runtime.jit.JITFunction)
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks and capability
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_args(qkv, table, mask, num_heads, scale) -> Tuple[int, int, int, int, int]:
+    """Validate the arguments; returns (B_, N, C, head_dim, window_size). Raises TypeError/ValueError."""
+    if not isinstance(qkv, Tensor):
+        raise TypeError(f"qkv must be a Tensor, got {type(qkv).__name__}")
+    if qkv.dtype not in _DTYPES:
+        raise TypeError(f"qkv: dtype {qkv.dtype} is not supported (float16, bfloat16, float32, float64)")
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be (B*nW, N, 3C), got shape {tuple(qkv.shape)}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not abs(float(scale)) < 3.0e38:
+        raise ValueError(f"scale must be a finite real number within the float32 range, got {scale!r}")
+    B_, N, C3 = qkv.shape
+    if C3 % 3 != 0:
+        raise ValueError(f"qkv: last dim must be 3C ([q | k | v]), got {C3}")
+    C = C3 // 3
+    if C == 0 or C % num_heads != 0:
+        raise ValueError(f"qkv: C = {C} channels are not divisible by num_heads = {num_heads}")
+    d = C // num_heads
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"qkv: head dim {d} > {MAX_HEAD_DIM} is not supported by the fused kernel")
+    ws = math.isqrt(N)
+    if N == 0 or ws * ws != N:
+        raise ValueError(f"qkv: tokens per window N = {N} must be a square number (window_size**2)")
+    if N > MAX_TOKENS:
+        raise ValueError(f"qkv: N = {N} tokens per window > {MAX_TOKENS} (window size > 16) is not supported")
+    if not isinstance(table, Tensor):
+        raise TypeError(f"table must be a Tensor, got {type(table).__name__}")
+    if table.dtype not in _DTYPES:
+        raise TypeError(f"table: dtype {table.dtype} is not supported (a floating dtype is needed)")
+    rows = (2 * ws - 1) ** 2
+    if tuple(table.shape) != (rows, num_heads):
+        raise ValueError(
+            f"table must be ((2*ws-1)**2, num_heads) = ({rows}, {num_heads}) for window size {ws}, "
+            f"got {tuple(table.shape)}"
+        )
+    if table.device != qkv.device:
+        raise ValueError(f"table is on {table.device} but qkv is on {qkv.device}")
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a Tensor or None, got {type(mask).__name__}")
+        if mask.dtype not in _DTYPES:
+            raise TypeError(f"mask: dtype {mask.dtype} is not supported (an additive floating mask is needed)")
+        if mask.dim() != 3 or mask.shape[1] != N or mask.shape[2] != N or mask.shape[0] == 0:
+            raise ValueError(f"mask must be (nW, N, N) = (nW, {N}, {N}), got {tuple(mask.shape)}")
+        if B_ % mask.shape[0] != 0:
+            raise ValueError(f"mask: nW = {mask.shape[0]} windows does not divide qkv's B*nW = {B_}")
+        if mask.device != qkv.device:
+            raise ValueError(f"mask is on {mask.device} but qkv is on {qkv.device}")
+        if mask.requires_grad:
+            raise ValueError("mask requires grad, but the fused kernel gives no mask gradient (it is a buffer)")
+    return B_, N, C, d, ws
+
+
+def _device_reason(device: torch.device) -> Optional[str]:
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return "qkv is a CPU tensor: set TRITON_INTERPRET=1 to run the Triton kernel on CPU"
+        if not _INTERPRETED:
+            return (
+                "qkv is a CPU tensor and the Triton kernels were compiled for a GPU: set TRITON_INTERPRET=1 "
+                "before importing htsat_kernels to run the Triton kernel on CPU"
+            )
+        return None
+    return f"qkv is on {device.type}; the Triton kernel runs on CUDA (or on CPU with TRITON_INTERPRET=1)"
+
+
+def unsupported_reason(qkv, table, mask, num_heads, scale) -> Optional[str]:
+    """None when the fused kernel can run this call, else why not (a human-readable sentence)."""
+    try:
+        _check_args(qkv, table, mask, num_heads, scale)
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    return _device_reason(qkv.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (bodies of the registered ops)
+# ----------------------------------------------------------------------------------------------
+
+
+def _blocks(N: int, d: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
+    """(BLOCK_M query rows per step, BLOCK_N >= N keys, BLOCK_D >= d, num_warps)."""
+    block_n = max(16, triton.next_power_of_2(N))
+    block_d = max(16, triton.next_power_of_2(d))
+    # fp64 multiplies by broadcast-and-sum: (BLOCK_M, K, N) products, so keep BLOCK_M small
+    block_m = min(block_n, 16 if dtype == torch.float64 else (64 if block_n <= 128 else 32))
+    num_warps = 4 if block_n <= 64 else 8
+    return block_m, block_n, block_d, num_warps
+
+
+def _kernel(fn):
+    """The launchable kernel: traceable through wrap_triton when compiled, raw when interpreted."""
+    return fn if _INTERPRETED else torch.library.wrap_triton(fn)
+
+
+def _device_guard(t: Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _split_scale(scale: float) -> Tuple[float, float]:
+    """scale = hi + lo with hi, lo fp32 (kernel float args are fp32; fp64 mode uses hi + lo)."""
+    hi = struct.unpack("f", struct.pack("f", float(scale)))[0]
+    return hi, float(scale) - hi
+
+
+def _mask_args(mask: Optional[Tensor], dummy: Tensor):
+    if mask is None:
+        return dummy, 0, 0, 0, 1, False
+    return mask, mask.stride(0), mask.stride(1), mask.stride(2), mask.shape[0], True
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "upcast" if _INTERPRETED and dtype == torch.bfloat16 else "ieee"
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fwd_impl(
+    qkv: Tensor, table: Tensor, mask: Optional[Tensor], num_heads: int, scale: float
+) -> Tuple[Tensor, Tensor]:
+    B_, N, C3 = qkv.shape
+    C = C3 // 3
+    d = C // num_heads
+    ws = math.isqrt(N)
+    out = torch.empty((B_, N, C), dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty((B_, num_heads, N), dtype=_acc_dtype(qkv.dtype), device=qkv.device)
+    if B_ == 0:
+        return out, lse
+    block_m, block_n, block_d, num_warps = _blocks(N, d, qkv.dtype)
+    mask_t, s_mw, s_mi, s_mj, nW, has_mask = _mask_args(mask, qkv)
+    hi, lo = _split_scale(scale)
+    with _device_guard(qkv):
+        _kernel(_window_attention_fwd_kernel)[(B_, num_heads, triton.cdiv(N, block_m))](
+            qkv, table, mask_t, out, lse,
+            qkv.stride(0), qkv.stride(1), qkv.stride(2),
+            table.stride(0), table.stride(1),
+            s_mw, s_mi, s_mj,
+            out.stride(0), out.stride(1), out.stride(2),
+            C, nW, hi, lo,
+            WS=ws, D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            HAS_MASK=has_mask, FP64=qkv.dtype == torch.float64, PREC=_dot_precision(qkv.dtype),
+            num_warps=num_warps,
+        )
+    return out, lse
+
+
+def _num_groups(B_: int, num_heads: int, device: torch.device) -> int:
+    """Windows are split into this many groups for the backward (one program per group and head)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        target = max(1, -(-4 * sms // num_heads))  # about 4 programs per SM
+    else:
+        target = 4
+    per_group = -(-B_ // min(B_, target))
+    return -(-B_ // per_group)
+
+
+def _table_gather_index(ws: int, device: torch.device) -> Tensor:
+    """((2ws-1)^2, N) int64: for table row (dh, dw) and query token i, the flat (i, j) position
+    of the key j = i - (dh, dw) in an (N*N) bias gradient, or N*N (a zero slot) if j is outside."""
+    n = ws * ws
+    rel = torch.arange(2 * ws - 1, device=device) - (ws - 1)
+    pos = torch.arange(ws, device=device)
+    key = pos[None, :] - rel[:, None]  # (2ws-1, ws): key coordinate for each offset and query coordinate
+    ok = (key >= 0) & (key < ws)
+    query = pos[:, None] * ws + pos[None, :]  # (ws, ws) query token index
+    key_tok = key[:, None, :, None] * ws + key[None, :, None, :]  # (dh, dw, qh, qw)
+    flat = query[None, None] * n + key_tok
+    valid = ok[:, None, :, None] & ok[None, :, None, :]
+    return torch.where(valid, flat, torch.full_like(flat, n * n)).reshape((2 * ws - 1) ** 2, n)
+
+
+def _bias_grad_to_table(dbias: Tensor, ws: int) -> Tensor:
+    """(h, N, N) bias gradient -> ((2ws-1)^2, h) table gradient, in a fixed summation order."""
+    h, n, _ = dbias.shape
+    flat = torch.cat([dbias.reshape(h, n * n), dbias.new_zeros(h, 1)], dim=1)
+    index = _table_gather_index(ws, dbias.device)
+    gathered = torch.index_select(flat, 1, index.reshape(-1)).reshape(h, index.shape[0], n)
+    return gathered.sum(dim=2).t()
+
+
+def _bwd_impl(
+    grad_out: Tensor, qkv: Tensor, table: Tensor, mask: Optional[Tensor], lse: Tensor, num_heads: int, scale: float
+) -> Tuple[Tensor, Tensor]:
+    B_, N, C3 = qkv.shape
+    C = C3 // 3
+    d = C // num_heads
+    ws = math.isqrt(N)
+    dqkv = torch.empty((B_, N, C3), dtype=qkv.dtype, device=qkv.device)
+    if B_ == 0:
+        return dqkv.zero_(), torch.zeros_like(table)
+    groups = _num_groups(B_, num_heads, qkv.device)
+    per_group = -(-B_ // groups)
+    # zeroed: with several row blocks per window the kernel adds into its slot
+    dbias_parts = torch.zeros((groups, num_heads, N, N), dtype=_acc_dtype(qkv.dtype), device=qkv.device)
+    block_m, block_n, block_d, num_warps = _blocks(N, d, qkv.dtype)
+    mask_t, s_mw, s_mi, s_mj, nW, has_mask = _mask_args(mask, qkv)
+    hi, lo = _split_scale(scale)
+    with _device_guard(qkv):
+        _kernel(_window_attention_bwd_kernel)[(groups, num_heads)](
+            qkv, table, mask_t, grad_out, lse, dqkv, dbias_parts,
+            qkv.stride(0), qkv.stride(1), qkv.stride(2),
+            table.stride(0), table.stride(1),
+            s_mw, s_mi, s_mj,
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
+            B_, C, nW, per_group, hi, lo,
+            WS=ws, D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            HAS_MASK=has_mask, FP64=qkv.dtype == torch.float64, PREC=_dot_precision(qkv.dtype),
+            num_warps=num_warps,
+        )
+    dtable = _bias_grad_to_table(dbias_parts.sum(dim=0), ws).to(table.dtype).contiguous()
+    return dqkv, dtable
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration and autograd
+# ----------------------------------------------------------------------------------------------
+
+
+def window_attention_fwd(
+    qkv: Tensor, table: Tensor, mask: Optional[Tensor], num_heads: int, scale: float
+) -> Tuple[Tensor, Tensor]:
+    """(out (B_, N, C), lse (B_, h, N) log-sum-exp of each score row)."""
+    return _fwd_impl(qkv, table, mask, num_heads, scale)
+
+
+def window_attention_bwd(
+    grad_out: Tensor, qkv: Tensor, table: Tensor, mask: Optional[Tensor], lse: Tensor, num_heads: int, scale: float
+) -> Tuple[Tensor, Tensor]:
+    """(dqkv (B_, N, 3C) in the qkv layout, dtable ((2ws-1)^2, h))."""
+    return _bwd_impl(grad_out, qkv, table, mask, lse, num_heads, scale)
+
+
+def _fake_fwd(qkv, table, mask, num_heads, scale):
+    B_, N, C3 = qkv.shape
+    out = qkv.new_empty((B_, N, C3 // 3))
+    lse = qkv.new_empty((B_, num_heads, N), dtype=_acc_dtype(qkv.dtype))
+    return out, lse
+
+
+def _fake_bwd(grad_out, qkv, table, mask, lse, num_heads, scale):
+    return qkv.new_empty(qkv.shape), table.new_empty(table.shape)
+
+
+if _INTERPRETED:
+    # Interpreted kernels are plain Python: register opaque custom ops with explicit fakes.
+    _fwd_op = torch.library.custom_op("htsat_kernels::window_attention_fwd", window_attention_fwd, mutates_args=())
+    _fwd_op.register_fake(_fake_fwd)
+    _bwd_op = torch.library.custom_op("htsat_kernels::window_attention_bwd", window_attention_bwd, mutates_args=())
+    _bwd_op.register_fake(_fake_bwd)
+else:
+    # triton_op derives the fake implementation by running the body on fake tensors.
+    _fwd_op = torch.library.triton_op("htsat_kernels::window_attention_fwd", window_attention_fwd, mutates_args=())
+    _bwd_op = torch.library.triton_op("htsat_kernels::window_attention_bwd", window_attention_bwd, mutates_args=())
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, table, mask, num_heads, scale = inputs
+    _, lse = output
+    ctx.save_for_backward(qkv, table, mask, lse)
+    ctx.num_heads = num_heads
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    # lse is an auxiliary output for the backward; it is marked non-differentiable.
+    qkv, table, mask, lse = ctx.saved_tensors
+    dqkv, dtable = torch.ops.htsat_kernels.window_attention_bwd(
+        grad_out, qkv, table, mask, lse, ctx.num_heads, ctx.scale
+    )
+    return dqkv, dtable, None, None, None
+
+
+torch.library.register_autograd("htsat_kernels::window_attention_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def fused_window_attention(qkv: Tensor, table: Tensor, mask: Optional[Tensor], num_heads: int, scale: float) -> Tensor:
+    """Fused window attention; same contract as ``htsat_kernels.reference.window_attention``.
+
+    qkv (B_, N, 3C) (any strides), table ((2ws-1)^2, h), mask (nW, N, N) or None -> (B_, N, C).
+    Raises TypeError / ValueError naming the bad argument, RuntimeError if the device cannot run it.
+    """
+    _check_args(qkv, table, mask, num_heads, scale)
+    reason = _device_reason(qkv.device)
+    if reason is not None:
+        raise RuntimeError(f"fused window attention cannot run: {reason}")
+    out, _ = torch.ops.htsat_kernels.window_attention_fwd(qkv, table, mask, int(num_heads), float(scale))
+    return out

@@ -1,0 +1,223 @@
+"""The benchmark command end to end: ``python -m bench --quick`` on CPU, its files, the compare tool.
+
+One quick run (a subprocess, ~1-2 minutes on 2 CPU cores) is shared by the tests of this module.
+No timing asserts: only that every case produced a complete record and the files exist.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+RECORD_FIELDS = (
+    "op", "provider", "mode", "dtype", "shape", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb",
+    "gbps", "max_abs_err", "max_rel_err", "skipped_reason",
+)
+META_FIELDS = ("device", "driver", "torch", "triton", "git_commit", "date", "quick")
+
+
+def _run(args, timeout=900):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_quick")
+    proc = _run(["-m", "bench", "--quick", "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    jsons = sorted(out.glob("*.json"))
+    assert len(jsons) == 1, jsons
+    return out, jsons[0], proc.stdout
+
+
+def test_quick_json_has_every_field(quick_run):
+    out, path, _ = quick_run
+    assert path.name.startswith("cpu_") and path.name.endswith("_quick.json")
+    data = json.loads(path.read_text())
+    meta, records = data["meta"], data["records"]
+    for k in META_FIELDS:
+        assert k in meta, k
+    assert meta["quick"] is True
+    assert meta["device"] and meta["torch"] and meta["triton"] and meta["date"]
+    assert records
+    for r in records:
+        missing = [k for k in RECORD_FIELDS if k not in r]
+        assert not missing, (missing, r)
+        if r["skipped_reason"] is not None:
+            assert isinstance(r["skipped_reason"], str) and r["skipped_reason"], r
+            assert r["median_ms"] is None
+        elif r["section"] in ("ops", "model"):
+            assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
+            assert r["max_abs_err"] is not None and r["max_rel_err"] is not None, r
+            assert r["peak_mem_mb"] is None  # CPU: not measured
+        if r["section"] == "ops" and r["skipped_reason"] is None:
+            assert r["gbps"] > 0 and r["bytes_formula"], r
+
+    ops = {"window_attention", "window_partition", "window_merge", "patch_merge"}
+    for op in ops:
+        refs = [r for r in records if r["section"] == "ops" and r["op"] == op and r["provider"] == "reference"]
+        assert refs and all(r["skipped_reason"] is None for r in refs), op
+        assert {r["mode"] for r in refs} == {"forward", "backward", "full"}
+        # the reference in fp32 is the error baseline: exactly zero error
+        assert all(r["max_abs_err"] == 0 for r in refs if r["dtype"] == "fp32")
+    providers = {(r["op"], r["provider"]) for r in records if r["section"] == "ops"}
+    for p in ("reference", "fused", "compile", "sdpa", "flex"):
+        assert ("window_attention", p) in providers, p  # listed, run or skipped with a reason
+    # data movement is exact
+    for r in records:
+        if r["op"] in ("window_partition", "window_merge") and r["provider"] == "fused" and r["skipped_reason"] is None:
+            assert r["max_abs_err"] == 0, r
+
+    sections = {r["section"] for r in records}
+    assert "ops" in sections and "model" in sections
+    model = [r for r in records if r["section"] == "model"]
+    assert {r["provider"] for r in model} >= {"reference", "fused", "compile", "fused+compile"}
+    assert {r["mode"] for r in model} == {"train", "inference"}
+    for r in model:
+        if r["skipped_reason"] is None:
+            assert r["clips_per_s"] > 0
+
+
+def test_quick_csv_and_plots(quick_run):
+    out, path, stdout = quick_run
+    data = json.loads(path.read_text())
+    csv_path = path.with_suffix(".csv")
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(data["records"])
+    assert set(RECORD_FIELDS) <= set(rows[0])
+    pngs = sorted(out.glob("*.png"))
+    assert any(p.name.endswith("_ops_speedup.png") for p in pngs), pngs
+    assert any(p.name.endswith("_model.png") for p in pngs), pngs
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the printed report labels where each section ran
+    assert "Per-op benchmarks on CPU (no CUDA device" in stdout
+    assert "Whole model" in stdout
+
+
+def test_compare_two_runs(quick_run, tmp_path):
+    _, path, _ = quick_run
+    data = json.loads(path.read_text())
+    slower = copy.deepcopy(data)
+    n_slowed = 0
+    for r in slower["records"]:
+        if r["median_ms"] and r["provider"] == "reference":
+            for k in ("median_ms", "p20_ms", "p80_ms"):
+                r[k] *= 1.5
+            n_slowed += 1
+    slower["meta"]["git_commit"] = "0" * 40
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(slower))
+    proc = _run(["-m", "bench.compare", str(path), str(b)], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "REGRESSION" in proc.stdout
+    assert f"{n_slowed} regressions" in proc.stdout
+    assert "A: " in proc.stdout and "B: " in proc.stdout
+    # same file twice: no regressions
+    proc = _run(["-m", "bench.compare", str(path), str(path), "--only-changes"], timeout=120)
+    assert proc.returncode == 0 and " 0 regressions" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# The pieces the report is built from (fast, in-process)
+
+
+def test_quantiles_bandwidth_and_slugs():
+    from bench.harness import peak_bandwidth_gbps, quantile
+    from bench.schema import device_slug
+
+    xs = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert quantile(xs, 0.5) == 3.0
+    assert quantile(xs, 0.2) == pytest.approx(1.8)
+    assert quantile(xs, 0.8) == pytest.approx(4.2)
+    assert peak_bandwidth_gbps("NVIDIA H100 80GB HBM3") == 3350.0
+    assert peak_bandwidth_gbps("NVIDIA H200") == 4800.0
+    assert peak_bandwidth_gbps("NVIDIA H100 PCIe") == 2000.0
+    assert peak_bandwidth_gbps("Some Future GPU") is None
+    assert device_slug({"device_type": "cuda", "device": "NVIDIA H100 80GB HBM3"}) == "nvidia-h100-80gb-hbm3"
+    assert device_slug({"device_type": "cpu", "device": "CPU: x"}) == "cpu"
+
+
+def test_byte_formulas():
+    from bench.ops import STAGES, op_bytes
+
+    s1 = STAGES[0]  # 64x64, C=96, 4 heads, shift 4, nW=64
+    B, s = 32, 2
+    Bw = B * 64
+    n, formula = op_bytes("window_attention", s1, B, s, "forward")
+    assert n == (Bw * 64 * 3 * 96 + Bw * 64 * 96 + 225 * 4 + 64 * 64 * 64) * s
+    assert "qkv" in formula and "mask" in formula
+    n4, f4 = op_bytes("window_attention", STAGES[3], B, s, "forward")
+    assert "mask" not in f4.split(";")[0]
+    n, _ = op_bytes("window_partition", s1, B, s, "full")
+    assert n == 4 * B * 64 * 64 * 96 * s
+    fwd, _ = op_bytes("patch_merge", s1, B, s, "forward")
+    bwd, _ = op_bytes("patch_merge", s1, B, s, "backward")
+    full, _ = op_bytes("patch_merge", s1, B, s, "full")
+    assert full == fwd + bwd
+
+
+def test_sdpa_peer_matches_reference():
+    import torch
+
+    import htsat_kernels as hk
+    from bench.ops import sdpa_window_attention
+
+    for H, shift, C, h in ((16, 4, 48, 2), (8, 0, 48, 2)):
+        nW = (H // 8) ** 2
+        qkv = torch.randn(2 * nW, 64, 3 * C, dtype=torch.float64)
+        table = torch.randn(225, h, dtype=torch.float64)
+        mask = hk.reference.shifted_window_mask(H, H, 8, shift).double() if shift else None
+        ref = hk.reference.window_attention(qkv, table, mask, h, (C // h) ** -0.5)
+        out = sdpa_window_attention(qkv, table, mask, h, (C // h) ** -0.5)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_compare_flags_regressions_and_errors(tmp_path, capsys):
+    from bench.compare import compare
+
+    rec = {
+        "section": "ops", "op": "window_attention", "provider": "fused", "mode": "forward", "dtype": "bf16",
+        "shape": "B=32", "median_ms": 1.0, "max_rel_err": 1e-3, "skipped_reason": None,
+    }
+    a = {"meta": {"device": "X"}, "records": [rec, {**rec, "provider": "sdpa"}]}
+    b = {"meta": {"device": "X"}, "records": [{**rec, "median_ms": 2.0, "max_rel_err": 1e-2}, {**rec, "provider": "flex"}]}
+    text, stats = compare(a, b)
+    assert stats["regressions"] == 1 and stats["error_increases"] == 1
+    assert stats["only_a"] == 1 and stats["only_b"] == 1
+    assert "0.50x" in text and "REGRESSION" in text and "ERR+" in text
+
+
+def test_readme_shows_latest_gpu_run(quick_run, tmp_path):
+    import shutil
+
+    from bench.readme import END, START, update_readme
+
+    _, path, _ = quick_run
+    data = json.loads(path.read_text())
+    shutil.copy(REPO / "bench" / "results" / "README.md", tmp_path / "README.md")
+    assert update_readme(tmp_path) is None  # no GPU run yet: nothing to show
+    for i, date in enumerate(("2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00")):
+        fake = copy.deepcopy(data)
+        fake["meta"].update(device="NVIDIA H100 80GB HBM3", device_type="cuda", quick=False, date=date)
+        (tmp_path / f"nvidia-h100-80gb-hbm3_{date[:10]}.json").write_text(json.dumps(fake))
+    assert update_readme(tmp_path) == tmp_path / "README.md"
+    text = (tmp_path / "README.md").read_text()
+    block = text.split(START, 1)[1].split(END, 1)[0]
+    assert "nvidia-h100-80gb-hbm3_2026-02-01.json" in block  # the latest one is cited
+    assert "| window_attention |" in block
+    assert text.count(START) == 1 and text.count(END) == 1
