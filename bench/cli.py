@@ -34,11 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default: bench/results/)")
     p.add_argument(
         "--ops", type=_csv, default=None,
-        help="comma list of window_attention, window_partition, window_merge, patch_merge, model "
-        "(aliases: attention, partition, merge; default: all)",
+        help="comma list of window_attention, window_partition, window_merge, patch_merge, "
+        "layer_norm_window_partition, window_merge_add, model (aliases: attention, partition, merge, "
+        "ln_partition, merge_add; default: all)",
     )
     p.add_argument("--providers", type=_csv, default=None, help="comma list of reference, fused, compile, sdpa, flex, fused+compile (default: all)")
-    p.add_argument("--dtypes", type=_csv, default=None, help="comma list of fp32, bf16, fp16 (default: all)")
+    p.add_argument("--dtypes", type=_csv, default=None, help="comma list of fp32, bf16, fp16 (default: all; --quick: fp32, bf16)")
     p.add_argument("--modes", type=_csv, default=None, help="comma list of forward, backward, full (ops) and train, inference (model)")
     p.add_argument("--batches", type=lambda s: [int(v) for v in _csv(s)], default=None, help="per-op batch sizes (default: 32,128 on CUDA; 1,2 on CPU; 1 with --quick)")
     p.add_argument("--stages", type=lambda s: [int(v) for v in _csv(s)], default=None, help="comma list of stages 1-4 (default: all)")
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-interpreter", action="store_true", help="skip the Triton interpreter numerics section (CPU only)")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default; 1 with --quick on a CPU-only run, whose timings are otherwise dominated by thread contention on a shared machine)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for a CPU-only run (default 1: on a shared machine OpenMP thread contention otherwise dominates the timings)")
     p.add_argument("--rep-ms", type=float, default=None, help="timing budget per case in ms (default 100 on CUDA, 300 on CPU)")
     p.add_argument("--update-readme", choices=("auto", "yes", "no"), default="auto", help="refresh bench/results/README.md with the latest GPU run (auto: after a non-quick CUDA run written to bench/results/)")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
@@ -73,7 +74,7 @@ def plan(args, device):
     _check(ops, all_ops, "op")
     providers = args.providers or list(ops_mod.PROVIDERS) + ["fused+compile"]
     _check(providers, list(ops_mod.PROVIDERS) + ["fused+compile"], "provider")
-    dtypes = args.dtypes or ["fp32", "bf16", "fp16"]
+    dtypes = args.dtypes or (["fp32", "bf16"] if args.quick else ["fp32", "bf16", "fp16"])
     _check(dtypes, ["fp32", "bf16", "fp16"], "dtype")
     modes = args.modes or list(ops_mod.MODES) + list(model_mod.MODEL_MODES)
     _check(modes, list(ops_mod.MODES) + list(model_mod.MODEL_MODES), "mode")
@@ -109,7 +110,7 @@ def plan(args, device):
             spec = model_mod.ModelSpec(args.model_config, tiny=False, label=Path(args.model_config).stem)
         cases += model_mod.build_model_cases(device=device, providers=providers, dtypes=dtypes, modes=m_modes, quick=args.quick, spec=spec)
     if args.quick:
-        notes.append("--quick: batch 1, tiny model config, short timings; compile/flex only at the smallest stage, fp32 forward.")
+        notes.append("--quick: batch 1, fp32 and bf16, tiny model config, short timings; compile/flex only at the smallest stage, fp32 forward.")
     return cases, notes
 
 
@@ -136,10 +137,12 @@ def main(argv=None) -> int:
         device = torch.device("cuda", torch.cuda.current_device())
 
     cases, notes = plan(args, device)
-    threads = args.threads or (1 if args.quick and device.type == "cpu" else None)
+    # On a CPU-only run, one thread by default: on a shared machine the OpenMP thread pool's
+    # contention (10x swings) would drown the kernels being compared.
+    threads = args.threads or (1 if device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
-        notes.append(f"torch CPU threads set to {threads}.")
+        notes.append(f"torch CPU threads: {threads}" + ("" if args.threads else " (CPU default; --threads N to change)") + ".")
     if args.list:
         for c in cases:
             print(f"{c.section:12s} {c.test_id()}")

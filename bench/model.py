@@ -316,6 +316,9 @@ def build_model_cases(*, device: torch.device, providers, dtypes, modes, quick: 
                 mdtypes = list(dtypes)
                 if quick:
                     mdtypes = [d for d in mdtypes if d in ("fp32", "bf16")] or mdtypes[:1]
+                elif device.type != "cuda":
+                    # CPU: compiling the model takes minutes per graph; one inference dtype.
+                    mdtypes = [d for d in mdtypes if d == "fp32"] or mdtypes[:1]
             for B in batches[mode]:
                 for dt in mdtypes:
                     cases.append(ModelCase(p, mode, B, dt, spec, err_b, "model", where))

@@ -32,7 +32,9 @@ WINDOW = 8
 N_TOK = WINDOW * WINDOW
 TABLE_ROWS = (2 * WINDOW - 1) ** 2
 
-OPS = ("window_attention", "window_partition", "window_merge", "patch_merge")
+# The four public building blocks, then the further fusions (a block's norm1 + shift + partition,
+# and merge + unshift + residual add) measured against the same unfused reference composition.
+OPS = ("window_attention", "window_partition", "window_merge", "patch_merge", "layer_norm_window_partition", "window_merge_add")
 OP_ALIASES = {
     "attention": "window_attention",
     "attn": "window_attention",
@@ -40,6 +42,8 @@ OP_ALIASES = {
     "merge": "window_merge",
     "patchmerge": "patch_merge",
     "pm": "patch_merge",
+    "ln_partition": "layer_norm_window_partition",
+    "merge_add": "window_merge_add",
 }
 PROVIDERS = ("reference", "fused", "compile", "sdpa", "flex")
 ATTENTION_ONLY = ("sdpa", "flex")
@@ -119,6 +123,10 @@ def make_inputs(op: str, st: Stage, B: int, device: torch.device, seed: int = 0)
         diff = {"windows": rnd(B * st.nW, N_TOK, st.C)}
     elif op == "patch_merge":
         diff = {"x": rnd(B, st.H, st.W, st.C), "weight": 1.0 + 0.1 * rnd(4 * st.C), "bias": 0.1 * rnd(4 * st.C)}
+    elif op == "layer_norm_window_partition":
+        diff = {"x": rnd(B, st.H, st.W, st.C), "weight": 1.0 + 0.1 * rnd(st.C), "bias": 0.1 * rnd(st.C)}
+    elif op == "window_merge_add":
+        diff = {"windows": rnd(B * st.nW, N_TOK, st.C), "shortcut": rnd(B, st.H * st.W, st.C)}
     else:
         raise ValueError(f"unknown op {op!r}")
     return diff, const
@@ -137,6 +145,10 @@ def call_op(op: str, fn: Callable, st: Stage, t: dict, const: dict, dtype: torch
         return fn(t["windows"], st.H, st.W, st.shift)
     if op == "patch_merge":
         return fn(t["x"], t["weight"], t["bias"], 1e-5)
+    if op == "layer_norm_window_partition":
+        return fn(t["x"], t["weight"], t["bias"], 1e-5, WINDOW, st.shift)
+    if op == "window_merge_add":
+        return fn(t["windows"], t["shortcut"], st.H, st.W, st.shift)
     raise ValueError(op)
 
 
@@ -164,6 +176,18 @@ def op_bytes(op: str, st: Stage, B: int, elem: int, mode: str) -> tuple[int, str
         f_fwd = "fwd (2·B·H·W·C [x, out] + 2·4C [weight, bias])·s"
         f_bwd = "bwd (3·B·H·W·C [x, dout, dx] + 3·4C [weight, dweight, dbias])·s"
         vals = f"B={B} H={st.H} W={st.W} C={C} s={elem}"
+    elif op == "layer_norm_window_partition":
+        fwd = 2 * B * HW * C + 2 * C
+        bwd = 3 * B * HW * C + 3 * C
+        f_fwd = "fwd (2·B·H·W·C [x, out] + 2·C [weight, bias])·s"
+        f_bwd = "bwd (3·B·H·W·C [x, dout, dx] + 3·C [weight, dweight, dbias])·s"
+        vals = f"B={B} H={st.H} W={st.W} C={C} s={elem}"
+    elif op == "window_merge_add":
+        fwd = 3 * B * HW * C
+        bwd = 3 * B * HW * C
+        f_fwd = "fwd 3·B·H·W·C·s [windows, shortcut, out]"
+        f_bwd = "bwd 3·B·H·W·C·s [dout, dwindows, dshortcut]"
+        vals = f"B={B} H={st.H} W={st.W} C={C} s={elem}"
     else:
         raise ValueError(op)
     if mode == "forward":
@@ -179,7 +203,7 @@ def shape_str(op: str, st: Stage, B: int) -> str:
     if op == "window_attention":
         mask = f" nW={st.nW} mask" if st.shift else " no mask"
         return f"B={B} B_={B * st.nW} N={N_TOK} C={st.C} h={st.heads} d={st.head_dim}{mask}"
-    if op in ("window_partition", "window_merge"):
+    if op in ("window_partition", "window_merge", "layer_norm_window_partition", "window_merge_add"):
         return f"B={B} H={st.H} W={st.W} C={st.C} ws={WINDOW} shift={st.shift}"
     return f"B={B} H={st.H} W={st.W} C={st.C} -> ({B}, {st.H * st.W // 4}, {4 * st.C})"
 
@@ -244,6 +268,8 @@ def provider_fn(op: str, provider: str, ctx: RunContext, section: str = "ops") -
     """The callable (reference signature) that runs ``op`` on ``provider``; raises Skip."""
     import htsat_kernels as hk
 
+    if not hasattr(hk, op):
+        raise Skip(f"htsat_kernels has no op {op}")
     if provider == "reference":
         return functools.partial(getattr(hk, op), backend="reference")
     if provider == "fused":

@@ -64,7 +64,9 @@ def summary_markdown(path: Path, data: dict) -> str:
             "| op | stage | " + " | ".join(provs) + " | fused GB/s | fused max rel err |",
             "|---|---|" + "---|" * len(provs) + "---|---|",
         ]
-        for op in ("window_attention", "window_partition", "window_merge", "patch_merge"):
+        from .report import OP_ORDER
+
+        for op in OP_ORDER:
             for st in sorted({r.get("stage") for r in sel if r["op"] == op}):
                 cells = []
                 fused = None

@@ -15,6 +15,10 @@ SECTION_ORDER = ("ops", "interpreter", "model")
 PROVIDER_ORDER = ("reference", "fused", "compile", "sdpa", "flex", "fused+compile")
 MODE_ORDER = ("forward", "backward", "full", "inference", "train")
 DTYPE_ORDER = ("fp32", "bf16", "fp16")
+OP_ORDER = (
+    "window_attention", "window_partition", "window_merge", "patch_merge",
+    "layer_norm_window_partition", "window_merge_add",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,7 +65,7 @@ def _order(value, order) -> tuple:
 def sort_key(r: dict) -> tuple:
     return (
         _order(r.get("section"), SECTION_ORDER),
-        str(r.get("op")),
+        _order(r.get("op"), OP_ORDER),
         r.get("stage") or 0,
         str(r.get("stage_label") or ""),
         _order(r.get("mode"), MODE_ORDER),
@@ -251,7 +255,7 @@ def render_text(result: dict) -> str:
             lines.append(_model_table(recs, ref))
             continue
         present = {r["op"] for r in recs}
-        op_order = [o for o in ("window_attention", "window_partition", "window_merge", "patch_merge") if o in present]
+        op_order = [o for o in OP_ORDER if o in present]
         for op in op_order + sorted(present - set(op_order)):
             ops = [r for r in recs if r["op"] == op]
             lines += [f"-- {op}", _interp_table(ops) if section == "interpreter" else _op_table(ops, ref, meta), ""]
@@ -323,7 +327,7 @@ def write_plots(stem: Path, result: dict) -> list[Path]:
 
     # 1. Per-op speedups over the reference (largest batch), one panel per op and mode.
     ops_recs = [r for r in records if r.get("section") == "ops"]
-    ops = [op for op in ("window_attention", "window_partition", "window_merge", "patch_merge") if any(r["op"] == op for r in ops_recs)]
+    ops = [op for op in OP_ORDER if any(r["op"] == op for r in ops_recs)]
     modes = [m for m in ("forward", "backward", "full") if any(r["mode"] == m for r in ops_recs)]
     if ops and modes:
         fig, axes = plt.subplots(len(ops), len(modes), figsize=(5.2 * len(modes), 3.0 * len(ops)), squeeze=False)

@@ -38,8 +38,8 @@ _CTX = None
 def _ctx() -> RunContext:
     global _CTX
     if _CTX is None:
-        if ARGS.quick and DEVICE.type == "cpu":
-            torch.set_num_threads(ARGS.threads or 1)
+        if DEVICE.type == "cpu":
+            torch.set_num_threads(ARGS.threads or 1)  # as python -m bench does on CPU
         elif ARGS.threads:
             torch.set_num_threads(ARGS.threads)
         _CTX = RunContext(device=DEVICE, quick=ARGS.quick, timing=TimingConfig())
@@ -68,6 +68,8 @@ def test_bench(case, benchmark):
     info["device"] = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"
     info["quick"] = ARGS.quick
     info["timed"] = prep.timed
+    if prep.items_per_call:
+        info["clips_per_call"] = prep.items_per_call  # clips/s = clips_per_call / stats.median
     benchmark.extra_info.update({k: _jsonable(v) for k, v in info.items()})
     if not prep.timed:
         return  # interpreter numerics: the errors are the result

@@ -131,9 +131,12 @@ def load_checkpoint(
     if class_mismatch:
         problems.append(class_mismatch)
     if bad_derived:
+        hint = ""
+        if any(k.startswith("logmel_extractor.melW") for k in bad_derived) and model.config.sample_rate == 16000:
+            hint = " (an original SCV2 checkpoint keeps fmax 14000 at 16 kHz: create the model with cap_fmax=False)"
         problems.append(
             "derived constants differ from this model's (e.g. another sample rate, n_fft, mel or window "
-            f"setting): {bad_derived}"
+            f"setting): {bad_derived}{hint}"
         )
     if bad_shape:
         problems.append(f"shape mismatches: {bad_shape}")

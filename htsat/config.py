@@ -44,6 +44,9 @@ class HTSATConfig:
     patch_norm: bool = True
     use_checkpoint: bool = False
     # long audio: clips longer than one image are cut into windows of clip_seconds every long_hop_seconds
+    # fmax above Nyquist is capped (with a warning). The original SCV2 model kept fmax 14000 at
+    # 16 kHz (9 empty mel filters): cap_fmax=False reproduces that filterbank, to load its checkpoints.
+    cap_fmax: bool = True
     clip_seconds: float = 10.0
     long_hop_seconds: float = 5.0
     name: str = field(default="custom", compare=False)
@@ -53,7 +56,13 @@ class HTSATConfig:
         self.depths = tuple(int(d) for d in self.depths)
         self.num_heads = tuple(int(h) for h in self.num_heads)
         nyquist = self.sample_rate / 2
-        if self.fmax > nyquist:
+        if self.fmax > nyquist and not self.cap_fmax:
+            warnings.warn(
+                f"{self.name}: fmax {self.fmax:g} Hz exceeds the Nyquist frequency {nyquist:g} Hz; kept as asked "
+                "(cap_fmax=False, the original's filterbank): the mel filters above Nyquist are empty",
+                stacklevel=3,
+            )
+        elif self.fmax > nyquist:
             warnings.warn(
                 f"{self.name}: fmax {self.fmax:g} Hz exceeds the Nyquist frequency {nyquist:g} Hz of "
                 f"{self.sample_rate} Hz audio (the original leaves empty mel filters); capping fmax to {nyquist:g} Hz",

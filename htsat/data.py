@@ -174,7 +174,9 @@ AUDIOSET = "audioset"
 
 
 def _shipped_audioset_csv() -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "audioset_class_labels_indices.csv")
+    from .labels import AUDIOSET_CSV
+
+    return AUDIOSET_CSV
 
 
 def read_class_aliases(path) -> dict:

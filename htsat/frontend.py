@@ -79,8 +79,9 @@ class STFT(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, samples) -> real, imag (B, 1, frames, bins); reflect-padded by n_fft//2 each side."""
         x = F.pad(x[:, None, :], (self.n_fft // 2, self.n_fft // 2), mode="reflect")
-        real = self.conv_real(x).transpose(1, 2)[:, None]
-        imag = self.conv_imag(x).transpose(1, 2)[:, None]
+        # the frozen weights follow the input's precision (fp32 even in a model cast to half)
+        real = F.conv1d(x, self.conv_real.weight.to(x.dtype), stride=self.hop_length).transpose(1, 2)[:, None]
+        imag = F.conv1d(x, self.conv_imag.weight.to(x.dtype), stride=self.hop_length).transpose(1, 2)[:, None]
         return real, imag
 
 
@@ -105,7 +106,7 @@ class LogMel(nn.Module):
         self.melW = nn.Parameter(torch.tensor(melw, dtype=torch.float32), requires_grad=False)
 
     def forward(self, power: Tensor) -> Tensor:
-        mel = torch.matmul(power, self.melW)
+        mel = torch.matmul(power, self.melW.to(power.dtype))
         return 10.0 * torch.log10(torch.clamp(mel, min=self.amin))
 
 

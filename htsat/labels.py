@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import functools
-from importlib import resources
+import os
+
+AUDIOSET_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "audioset_class_labels_indices.csv")
 
 
 @functools.lru_cache(maxsize=1)
 def audioset_labels() -> list[str]:
-    with resources.files("htsat").joinpath("assets/audioset_class_labels_indices.csv").open(newline="") as f:
+    with open(AUDIOSET_CSV, newline="") as f:
         rows = list(csv.DictReader(f))
     return [row["display_name"] for row in sorted(rows, key=lambda r: int(r["index"]))]

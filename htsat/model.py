@@ -83,10 +83,16 @@ class HTSAT(nn.Module):
 
     # front end --------------------------------------------------------------------------------
     def logmel(self, waveform: Tensor) -> Tensor:
-        """(B, samples) -> (B, 1, frames, mel_bins) log-mel after bn0, always in float32."""
+        """(B, samples) -> (B, 1, frames, mel_bins) log-mel after bn0.
+
+        STFT, mel and log run in float32 (float64 for a double model), also under autocast or in
+        a model cast to half precision: a full-scale tone overflows fp16 in the power spectrum.
+        """
+        model_dtype = self.bn0.weight.dtype
+        front_dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=waveform.device.type, enabled=False):
-            x = self.spectrogram_extractor(waveform.float())
-            x = self.logmel_extractor(x)
+            x = self.spectrogram_extractor(waveform.to(front_dtype))
+            x = self.logmel_extractor(x).to(model_dtype)
             x = self.bn0(x.transpose(1, 3)).transpose(1, 3)
         return x
 
@@ -199,7 +205,8 @@ class HTSAT(nn.Module):
         framewise = waveform.new_zeros(B, total, cfg.num_classes, dtype=out["framewise_output"].dtype)
         count = waveform.new_zeros(1, total, 1, dtype=framewise.dtype)
         for w, s in enumerate(starts):
-            off = min(int(round(s / cfg.sample_rate / frame_sec)), total - per_win)
+            # the last window ends where the clip ends: align it with the end of the frame grid
+            off = total - per_win if w == len(starts) - 1 else min(round(s / cfg.sample_rate / frame_sec), total - per_win)
             framewise[:, off : off + per_win] += out["framewise_output"][:, w]
             count[:, off : off + per_win] += 1
         clip_logits = out["clipwise_logits"].mean(dim=1)

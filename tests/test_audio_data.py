@@ -215,7 +215,7 @@ def test_class_lists(tmp_path):
     # the AudioSet list shipped with the package reads as a class list too
     import htsat
 
-    shipped = os.path.join(os.path.dirname(htsat.__file__), "data", "audioset_class_labels_indices.csv")
+    shipped = os.path.join(os.path.dirname(htsat.__file__), "assets", "audioset_class_labels_indices.csv")
     assert read_class_list(shipped) == htsat.audioset_labels()
     assert len(htsat.audioset_labels()) == 527
 

@@ -313,19 +313,12 @@ def test_front_end_of_another_sample_rate_is_rejected():
     assert_state_equal(model.state_dict(), before)
 
 
-_SCV2_FMAX = (
-    "htsat/config.py HTSATConfig.__post_init__ always caps fmax to Nyquist (8000 Hz for htsat-scv2), but the "
-    "original SCV2 model was built and trained with fmax 14000 at 16 kHz (spec 9 and 11.18: 9 empty mel filters), "
-    "so an original SCV2 checkpoint's logmel_extractor.melW differs from ours and load_checkpoint refuses it; "
-    "there is no way to ask for the original filterbank (passing fmax=14000 is capped too)"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=CheckpointError, reason=_SCV2_FMAX)
-def test_original_scv2_checkpoint_loads_into_the_scv2_preset():
+def test_original_scv2_checkpoint_loads_into_the_scv2_preset_with_cap_fmax_off():
     librosa = pytest.importorskip("librosa")
     with pytest.warns(UserWarning, match="fmax"):
-        model = htsat.create_model("htsat-scv2", backend="reference")
+        capped = htsat.create_model("htsat-scv2", backend="reference")
+    with pytest.warns(UserWarning, match="kept as asked"):
+        model = htsat.create_model("htsat-scv2", backend="reference", cap_fmax=False)
     sd = snapshot(model)
     # what the original (torchlibrosa LogmelFilterBank) holds for its SCV2 settings: fmax left at 14000
     with pytest.warns(UserWarning, match="Empty filters"):
@@ -335,6 +328,9 @@ def test_original_scv2_checkpoint_loads_into_the_scv2_preset():
     htsat.load_checkpoint(model, _lightning(sd))
     # the model must then compute the original's features (its weights were trained on them)
     assert torch.allclose(model.logmel_extractor.melW, torch.tensor(original_melw), atol=1e-6)
+    # the capped preset refuses it, and the error says how to load it
+    with pytest.raises(CheckpointError, match="cap_fmax=False"):
+        htsat.load_checkpoint(capped, _lightning(sd))
 
 
 def test_front_end_of_another_n_fft_is_rejected():

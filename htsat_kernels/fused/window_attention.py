@@ -6,8 +6,8 @@ Computes, for every window b of ``qkv`` (B_, N, 3C) and head h (d = C / heads ch
 
 exactly as ``htsat_kernels.reference.window_attention`` does, without any (B_, h, N, N) tensor:
 
-* forward: one program per (window, head) (and per block of 64 query rows when N > 64, e.g.
-  ws = 12: N = 144 keys padded to 256). q, k, v are read straight from the qkv Linear output
+* forward: one program per (window, head) (and per block of query rows when N > 64, e.g.
+  ws = 12: N = 144 keys padded to 256, 32 query rows per program). q, k, v are read straight from the qkv Linear output
   with its strides (no permute, no contiguous copy); the head dim (24 for HTS-AT) is padded to
   the next power of two >= 16 in registers through masked loads; the relative-position index is
   computed from token coordinates in the kernel and the bias gathered from the ((2ws-1)^2, h)
@@ -17,7 +17,8 @@ exactly as ``htsat_kernels.reference.window_attention`` does, without any (B_, h
   q, k and the saved log-sum-exp (D_i = sum_j P_ij dP_ij is formed in-kernel, so the output is not
   needed), writes dq, dk, dv into a (B_, N, 3C) tensor in the qkv layout,
   and accumulates dS over its windows into a private (N, N) slot of a (groups, h, N, N) buffer
-  (independent of the batch size). The table gradient is then reduced deterministically in torch:
+  (independent of the batch size; for N > 64 the window is walked in row blocks, dk/dv stay in
+  registers and the slot is updated by read-modify-write, never shared). The table gradient is then reduced deterministically in torch:
   a fixed-shape sum over groups followed by a gather with a fixed ((2ws-1)^2, N) index and a sum,
   so no atomics touch the table and repeated runs are bit-identical.
 
@@ -31,7 +32,9 @@ interpreted function, which cannot be traced), the same bodies are registered as
 Supported: fp16, bf16, fp32 (fp32 dots use ``input_precision="ieee"``, not TF32) and fp64 (dots
 as broadcast-and-sum, meant for gradcheck); N = ws^2 <= 256 tokens; head dim <= 64. The table
 and mask may have any floating dtype (they are read and used in the compute precision); the
-table gradient comes back in the table's dtype. The mask gets no gradient (it is a buffer).
+table gradient comes back in the table's dtype. The mask gets no gradient (it is a buffer), and
+the backward is not itself differentiable (no double backward). The Triton interpreter's tl.dot
+misreads bf16 data, so interpreted bf16 dots upcast their operands to fp32 (exact products).
 """
 
 from __future__ import annotations
