@@ -17,6 +17,8 @@ class RunContext:
     device: torch.device
     quick: bool = False
     timing: TimingConfig = field(default_factory=TimingConfig)
+    # Compile the whole model on a CPU-only run too (tens of minutes; off by default).
+    model_compile_on_cpu: bool = False
     # Data shared by the cases of one group (inputs, the fp32 reference outputs): rebuilt when
     # the group changes, so at most one group's tensors are alive.
     _group_key: Any = None

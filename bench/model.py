@@ -32,6 +32,10 @@ from .context import QUICK_COMPILE_REASON, Case, RunContext
 from .harness import DTYPES, Prepared, Skip, combine_errors, memory_baseline, reason_of, tensor_errors
 
 MODEL_PROVIDERS = ("reference", "fused", "compile", "fused+compile")
+CPU_COMPILE_REASON = (
+    "torch.compile of the whole model on CPU takes tens of minutes (several graphs: train, eval, "
+    "no_grad, per dtype); run with --model-compile-on-cpu to include it"
+)
 MODEL_MODES = ("train", "inference")
 
 FALLBACK_TINY = dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
@@ -180,6 +184,8 @@ class ModelCase(Case):
             return reason
         if ctx.quick and "compile" in self.provider:
             return QUICK_COMPILE_REASON
+        if "compile" in self.provider and ctx.device.type != "cuda" and not ctx.model_compile_on_cpu:
+            return CPU_COMPILE_REASON
         key = ("model", self.provider)
         if key in ctx.sticky:
             return ctx.sticky[key]

@@ -132,13 +132,10 @@ def make_inputs(op: str, st: Stage, B: int, device: torch.device, seed: int = 0)
     return diff, const
 
 
-def call_op(op: str, fn: Callable, st: Stage, t: dict, const: dict, dtype: torch.dtype):
+def call_op(op: str, fn: Callable, st: Stage, t: dict, const: dict):
     """Call ``fn`` (any provider, with the reference signature) on the tensors ``t``."""
     if op == "window_attention":
-        mask = const["mask"]
-        if mask is not None:
-            mask = mask.to(dtype)
-        return fn(t["qkv"], t["table"], mask, st.heads, st.head_dim ** -0.5)
+        return fn(t["qkv"], t["table"], const["mask"], st.heads, st.head_dim ** -0.5)
     if op == "window_partition":
         return fn(t["x"], WINDOW, st.shift)
     if op == "window_merge":
@@ -379,18 +376,20 @@ class OpCase(Case):
             diff32, const = make_inputs(self.op, self.stage, self.batch, ctx.device)
             # Inputs rounded to the case dtype; the reference sees the same values in fp32.
             diff_lp = {k: v.to(dtype) for k, v in diff32.items()}
+            # The mask (exact in every dtype) is passed in the case dtype, like the activations.
+            const_lp = {k: (v.to(dtype) if v is not None else None) for k, v in const.items()}
             import htsat_kernels as hk
 
-            ref = functools.partial(getattr(hk.reference, self.op))
-            gold_in = {k: v.float().requires_grad_(True) for k, v in diff_lp.items()}
-            gold_out = call_op(self.op, ref, self.stage, gold_in, const, torch.float32)
+            ref = getattr(hk.reference, self.op)
+            gold_in = {k: v.detach().float().clone().requires_grad_(True) for k, v in diff_lp.items()}
+            gold_out = call_op(self.op, ref, self.stage, gold_in, const)
             g = _gen(ctx.device, 1)
             dout_lp = torch.randn(gold_out.shape, generator=g, device=ctx.device).to(dtype)
             gold_out.backward(dout_lp.float())
             gold_grads = {k: v.grad.detach() for k, v in gold_in.items()}
             return {
                 "diff": diff_lp,
-                "const": const,
+                "const": const_lp,
                 "dout": dout_lp,
                 "gold_out": gold_out.detach(),
                 "gold_grads": gold_grads,
@@ -402,13 +401,12 @@ class OpCase(Case):
         data = self._group(ctx)
         baseline = memory_baseline(ctx.device)
         fn = provider_fn(self.op, self.provider, ctx, self.section)
-        dtype = DTYPES[self.dtype]
         grad = self.mode != "forward"
         leaves = {k: v.detach().clone().requires_grad_(grad) for k, v in data["diff"].items()}
         const, dout = data["const"], data["dout"]
 
         def run():
-            return call_op(self.op, fn, self.stage, leaves, const, dtype)
+            return call_op(self.op, fn, self.stage, leaves, const)
 
         # First call: compiles where needed, and gives the numbers the errors come from.
         try:

@@ -306,7 +306,7 @@ def test_ddp_two_gloo_processes(tones, tmp_path):
         "--device", "cpu",
     ]
     proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, "stderr:\n" + proc.stderr[-4000:] + "\nstdout:\n" + proc.stdout[-2000:]
     assert "2 process(es) on cpu" in proc.stderr
     ck = torch.load(out / "last.pt", weights_only=True)
     ts = ck["train_state"]
