@@ -166,6 +166,10 @@ def main(argv=None) -> int:
     reserve_l2_buffer(device)
     ctx = RunContext(device=device, quick=args.quick, timing=timing, model_compile_on_cpu=args.model_compile_on_cpu)
     t0 = time.perf_counter()
+    from .verify import model_check, render
+
+    meta["model_check"] = model_check(device)
+    print(render(meta["model_check"]), flush=True)
     records = []
     meta["section_wall_s"] = {}
     for section in ("ops", "interpreter", "model"):
@@ -190,6 +194,9 @@ def main(argv=None) -> int:
     for p in paths["plots"]:
         print(f"         {p}")
     print(f"ran {len(records)} records ({meta['n_skipped']} skipped) in {meta['wall_s']} s")
+    if not meta["model_check"]["ok"]:
+        print("model check FAILED (see the top of the report)", file=sys.stderr)
+        return 1
 
     upd = args.update_readme
     if upd == "yes" or (

@@ -52,6 +52,11 @@ def test_quick_json_has_every_field(quick_run):
         assert k in meta, k
     assert meta["quick"] is True
     assert meta["device"] and meta["torch"] and meta["triton"] and meta["date"]
+    # the model check that opens the report: built presets, outputs on generated audio, backends
+    check = meta["model_check"]
+    assert check["ok"] is True and len(check["checks"]) >= 5
+    assert check["presets"]["htsat-audioset"]["trainable_params"] == 30_241_687
+    assert "auto" in check["backends"] and set(check["fused_status"]) >= {"window_attention", "patch_merge"}
     assert records
     for r in records:
         missing = [k for k in RECORD_FIELDS if k not in r]
