@@ -115,7 +115,8 @@ def _extensions():
 
     sources = [os.path.join(CSRC, "ops.cpp")]
     include_dirs = [os.path.join(ROOT, CSRC)]
-    cxx_flags = ["-O3"]
+    cxx_flags = ["-O3", "-fopenmp"]  # at::parallel_for needs OpenMP in this translation unit
+    link_flags = ["-fopenmp"]
     cuda_home, why = _cuda_toolkit(cpp_extension.CUDA_HOME)
     if cuda_home is None:
         if _flag("HTSAT_KERNELS_REQUIRE_CUDA"):
@@ -127,6 +128,7 @@ def _extensions():
                 sources,
                 include_dirs=include_dirs,
                 extra_compile_args={"cxx": cxx_flags},
+                extra_link_args=link_flags,
             )
         ]
     # cpp_extension reads its module-level CUDA_HOME when it builds include/library paths and runs nvcc.
@@ -142,6 +144,7 @@ def _extensions():
             sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags + ["-DHTSAT_WITH_CUDA=1"], "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
     ]
 

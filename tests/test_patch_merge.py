@@ -90,6 +90,25 @@ class PatchMergeCases:
             for f, a in zip(first, again):
                 assert torch.equal(f, a)
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    def test_independent_of_thread_count(self, dtype):
+        # the CPU kernels split rows over threads; every result (incl. the weight/bias reduction) must not
+        # depend on how many
+        if self.device != "cpu":
+            pytest.skip("thread count is a CPU setting")
+        x, w, b = _inputs((2, 32, 32, 48), dtype, self.device)
+        g = torch.randn(2, 256, 192, device=self.device).to(dtype)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = _run(pm.fused_patch_merge, x, w, b, g)
+            torch.set_num_threads(2)
+            two = _run(pm.fused_patch_merge, x, w, b, g)
+        finally:
+            torch.set_num_threads(threads)
+        for a, c in zip(one, two):
+            assert torch.equal(a, c)
+
     def test_gradcheck_float64(self):
         x, w, b = (t.requires_grad_() for t in _inputs((2, 4, 6, 3), torch.float64, self.device))
         assert torch.autograd.gradcheck(pm.fused_patch_merge, (x, w, b, 1e-5))

@@ -106,6 +106,31 @@ class WindowProcessCases:
         assert wp.partition_unsupported_reason(x, 8, 4) is None
         assert wp.merge_unsupported_reason(out, 16, 24, 4) is None
 
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("H,W,ws,shift", [(8, 8, 8, 0), (16, 8, 8, 0), (8, 8, 8, 8), (8, 8, 8, -16)])
+    def test_single_window_column_is_a_reshape(self, H, W, ws, shift, dtype):
+        # HTS-AT's last stage (the whole 8x8 map is one window, no shift): partition and merge are
+        # reshapes, returned as views of the input like the reference's, with no copy kernel.
+        x = _rand((2, H, W, 6), dtype, self.device).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        out = wp.fused_window_partition(x, ws, shift)
+        ref = reference.window_partition(x_ref, ws, shift)
+        assert torch.equal(out, ref)
+        assert out.data_ptr() == x.data_ptr()
+        g = torch.randn_like(out)
+        out.backward(g)
+        ref.backward(g)
+        assert torch.equal(x.grad, x_ref.grad)
+        win = out.detach().clone().requires_grad_()
+        merged = wp.fused_window_merge(win, H, W, shift)
+        assert torch.equal(merged, reference.window_merge(win.detach(), H, W, shift))
+        assert merged.data_ptr() == win.data_ptr()
+        merged.backward(x.detach())
+        assert torch.equal(win.grad, reference.window_partition(x.detach(), ws, shift))
+        # still a real roll where the shift is not a multiple of the map
+        rolled = wp.fused_window_partition(x.detach(), ws, 3)
+        assert torch.equal(rolled, reference.window_partition(x.detach(), ws, 3))
+
 
 class TestWindowProcessCPU(WindowProcessCases):
     device = "cpu"
@@ -267,6 +292,26 @@ class FusedBlockCases:
         args = [torch.randn(2, 8, 12, 5, device=self.device), torch.randn(5, device=self.device),
                 torch.randn(5, device=self.device), torch.randn(2, 96, 5, device=self.device)]
         torch.testing.assert_close(torch.compile(block, fullgraph=True)(*args), block(*args))
+
+    def test_single_window_merge_add_and_compile(self):
+        # one window over the whole map: the merge is a reshape, merge_add just the residual add
+        windows = _rand((2, 64, 5), torch.float32, self.device).requires_grad_()
+        shortcut = _rand((2, 64, 5), torch.float32, self.device).requires_grad_()
+        g = _rand((2, 64, 5), torch.float32, self.device)
+        args = (windows, shortcut, 8, 8, 0)
+        fused = _grads(wp.fused_window_merge_add, args, g)
+        ref = _grads(reference.window_merge_add, args, g)
+        for f, r in zip(fused, ref):
+            assert torch.equal(f, r)
+
+        def block(x, w, b, shortcut):
+            win = wp.fused_layer_norm_window_partition(x, w, b, 1e-5, 8, 0)
+            win = wp.fused_window_partition(wp.fused_window_merge(win, 8, 8, 0), 8, 0)
+            return wp.fused_window_merge_add(win * 0.5, shortcut, 8, 8, 0)
+
+        cargs = [torch.randn(2, 8, 8, 5, device=self.device), torch.randn(5, device=self.device),
+                 torch.randn(5, device=self.device), torch.randn(2, 64, 5, device=self.device)]
+        torch.testing.assert_close(torch.compile(block, fullgraph=True)(*cargs), block(*cargs))
 
     def test_error_messages(self):
         ops = torch.ops.htsat_kernels

@@ -81,13 +81,31 @@ torch.library.register_autograd("htsat_kernels::window_merge", _merge_backward, 
 # ---- public entry points (registered with the dispatcher in htsat_kernels/__init__.py) ----
 
 
+def _is_reshape(H, W, window_size, shift) -> bool:
+    """True when the (un)partition is a plain reshape: one window across the width (HTS-AT's last stage,
+    where the whole map is a single window) and a shift that is a multiple of H and W (no roll). The
+    wrappers then return the reshape (a view of a contiguous input) and launch no copy kernel; autograd
+    and torch.compile see an ordinary reshape."""
+    return window_size > 0 and W == window_size and H > 0 and H % window_size == 0 and shift % H == 0 and shift % W == 0
+
+
+def _merge_is_reshape(windows: Tensor, H, W, shift) -> bool:
+    N = int(windows.shape[1])
+    ws = math.isqrt(N)
+    return ws * ws == N and _is_reshape(H, W, ws, shift) and windows.shape[0] % (H // ws) == 0
+
+
 def fused_window_partition(x: Tensor, window_size: int, shift: int = 0) -> Tensor:
     """(B, H, W, C) -> (B*nW, ws*ws, C) after a cyclic shift by -shift on H and W (compiled kernel)."""
+    if _is_reshape(x.shape[1], x.shape[2], window_size, shift):
+        return x.reshape(-1, window_size * window_size, x.shape[3])  # a view, as the reference's
     return _ops.window_partition(x.contiguous(), int(window_size), int(shift))
 
 
 def fused_window_merge(windows: Tensor, H: int, W: int, shift: int = 0) -> Tensor:
     """(B*nW, ws*ws, C) -> (B, H, W, C): inverse of fused_window_partition incl. the +shift roll."""
+    if _merge_is_reshape(windows, H, W, shift):
+        return windows.reshape(-1, H, W, windows.shape[2])
     return _ops.window_merge(windows.contiguous(), int(H), int(W), int(shift))
 
 
@@ -210,6 +228,8 @@ def fused_layer_norm_window_partition(
 
 def fused_window_merge_add(windows: Tensor, shortcut: Tensor, H: int, W: int, shift: int = 0) -> Tensor:
     """shortcut + window_merge(windows, H, W, shift); shortcut (B, H*W, C) or (B, H, W, C), same shape out."""
+    if _merge_is_reshape(windows, H, W, shift):
+        return shortcut + windows.reshape(shortcut.shape)  # the merge is a reshape: just the residual add
     B, C = shortcut.shape[0], shortcut.shape[-1]
     out = _ops.window_merge_add(windows.contiguous(), shortcut.reshape(B, H, W, C).contiguous(), int(shift))
     return out.view(shortcut.shape)
