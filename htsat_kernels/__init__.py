@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from . import reference
@@ -86,6 +87,14 @@ def window_attention(
     return _dispatch("window_attention", args, backend)(*args)
 
 
+def _slower_on_cpu_in_fp16(x: Tensor, *args) -> Optional[str]:
+    """The C++ CPU LayerNorm twins convert fp16 element by element: eager PyTorch is faster there
+    (bench/results/cpu_*.json); fp32 and bf16 are faster fused at every HTS-AT shape."""
+    if x.device.type == "cpu" and x.dtype == torch.float16:
+        return "the reference is faster for float16 on CPU (use backend='fused' to force the C++ twin)"
+    return None
+
+
 def _register_fused_implementations() -> None:
     """Load each fused module; one that cannot load records why instead of breaking the import."""
     try:
@@ -101,16 +110,25 @@ def _register_fused_implementations() -> None:
         register_fused("window_merge", FusedImpl(_wp.fused_window_merge, _wp.merge_unsupported_reason))
         register_fused(
             "layer_norm_window_partition",
-            FusedImpl(_wp.fused_layer_norm_window_partition, _wp.layer_norm_partition_unsupported_reason),
+            FusedImpl(
+                _wp.fused_layer_norm_window_partition,
+                _wp.layer_norm_partition_unsupported_reason,
+                auto_declines=_slower_on_cpu_in_fp16,
+            ),
         )
-        register_fused("window_merge_add", FusedImpl(_wp.fused_window_merge_add, _wp.merge_add_unsupported_reason))
+        register_fused(
+            "window_merge_add",
+            FusedImpl(_wp.fused_window_merge_add, _wp.merge_add_unsupported_reason, auto_declines=_slower_on_cpu_in_fp16),
+        )
     except Exception as exc:  # the compiled extension is optional
         for op in ("window_partition", "window_merge", "layer_norm_window_partition", "window_merge_add"):
             register_fused(op, f"window_process failed to load: {exc}")
     try:
         from .fused import patch_merge as _pm
 
-        register_fused("patch_merge", FusedImpl(_pm.fused_patch_merge, _pm.unsupported_reason))
+        register_fused(
+            "patch_merge", FusedImpl(_pm.fused_patch_merge, _pm.unsupported_reason, auto_declines=_slower_on_cpu_in_fp16)
+        )
     except Exception as exc:
         register_fused("patch_merge", f"patch_merge failed to load: {exc}")
 

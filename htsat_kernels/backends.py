@@ -63,6 +63,8 @@ class FusedImpl:
     run: Callable
     unsupported: Callable[..., Optional[str]]
     auto_on_cpu: bool = True
+    # "auto" only: a reason to prefer the reference although the kernel could run (it is slower there)
+    auto_declines: Optional[Callable[..., Optional[str]]] = None
 
 
 # op name -> FusedImpl, or the reason the implementation could not be loaded at all.
@@ -86,8 +88,11 @@ def dispatch(op: str, args: tuple, backend: Optional[str]) -> Callable:
         return ref
     impl = _fused.get(op, f"no fused implementation of {op} is registered")
     reason = impl if isinstance(impl, str) else impl.unsupported(*args)
-    if reason is None and choice == "auto" and not impl.auto_on_cpu and args[0].device.type == "cpu":
-        reason = "auto does not pick this kernel for CPU tensors (use backend='fused' to force it)"
+    if reason is None and choice == "auto":
+        if not impl.auto_on_cpu and args[0].device.type == "cpu":
+            reason = "auto does not pick this kernel for CPU tensors (use backend='fused' to force it)"
+        elif impl.auto_declines is not None:
+            reason = impl.auto_declines(*args)
     if reason is None:
         return impl.run
     if choice == "fused":

@@ -317,3 +317,18 @@ def test_model_forced_fused_raises_when_unavailable(fakes, monkeypatch):
     with torch.no_grad():
         out = model(0.1 * torch.randn(1, 16000))
     assert torch.isfinite(out["clipwise_output"]).all()
+
+
+def test_auto_prefers_the_reference_where_the_fused_kernel_is_slower():
+    """fp16 on CPU: "auto" keeps the reference for the LayerNorm twins, "fused" still runs them."""
+    from htsat_kernels import backends
+
+    status = htsat_kernels.fused_status()
+    if status["patch_merge"] != "available":
+        pytest.skip(f"compiled extension not available: {status['patch_merge']}")
+    x = torch.randn(1, 4, 4, 8)
+    w, b = torch.ones(32), torch.zeros(32)
+    half = (x.half(), w.half(), b.half(), 1e-5)
+    assert backends.dispatch("patch_merge", half, "auto") is htsat_kernels.reference.patch_merge
+    assert backends.dispatch("patch_merge", half, "fused") is not htsat_kernels.reference.patch_merge
+    assert backends.dispatch("patch_merge", (x, w, b, 1e-5), "auto") is not htsat_kernels.reference.patch_merge

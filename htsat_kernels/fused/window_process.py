@@ -220,6 +220,9 @@ def fused_layer_norm_window_partition(
     x: Tensor, weight: Tensor, bias: Tensor, eps: float, window_size: int, shift: int = 0
 ) -> Tensor:
     """x (B, H, W, C) -> windows (B*nW, ws*ws, C) of LayerNorm(C)(x) after the -shift cyclic roll."""
+    if _is_reshape(x.shape[1], x.shape[2], window_size, shift):
+        # the partition is a view: ATen's LayerNorm then a reshape is already one pass (and faster)
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps).reshape(-1, window_size * window_size, x.shape[3])
     windows, _, _ = _ops.layer_norm_window_partition(
         x.contiguous(), weight.contiguous(), bias.contiguous(), float(eps), int(window_size), int(shift)
     )
