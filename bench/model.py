@@ -38,9 +38,6 @@ CPU_COMPILE_REASON = (
 )
 MODEL_MODES = ("train", "inference")
 
-FALLBACK_TINY = dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     name: str = "htsat-audioset"
@@ -50,12 +47,9 @@ class ModelSpec:
     def overrides(self) -> dict:
         if not self.tiny:
             return {}
-        try:
-            import htsat
+        import htsat
 
-            return dict(getattr(htsat, "TINY_OVERRIDES", FALLBACK_TINY))
-        except Exception:
-            return dict(FALLBACK_TINY)
+        return dict(htsat.TINY_OVERRIDES)
 
 
 def htsat_import_error() -> Optional[str]:
