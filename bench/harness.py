@@ -32,7 +32,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-from .schema import RECORD_FIELDS, device_slug  # noqa: F401  (re-exported)
+from .schema import RECORD_FIELDS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -820,7 +820,7 @@ def _train(cfg: TrainConfig, d: _Dist, htsat, load_checkpoint, save_checkpoint, 
 def _evaluate(model, loader, ds, d: _Dist, device, autocast, loss_kind: str, multi_label: bool) -> dict:
     """Validation loss, accuracy (single-label data) and mAP over the whole set (all ranks gathered)."""
     model.eval()
-    idx, scores, targets, logits_all, bad = [], [], [], [], []
+    idx, targets, logits_all, bad = [], [], [], []
     for batch in loader:
         bad += batch["bad"]
         keep = batch["valid"]

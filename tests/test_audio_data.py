@@ -1,7 +1,6 @@
 """Audio input (htsat.audio) and datasets (htsat.data): reading, mixing down, resampling, bad
 files, manifests, class lists, ESC-50 folders, clip fitting, batching and the resumable sampler."""
 
-import importlib.util
 import json
 import os
 
@@ -26,17 +25,7 @@ from htsat.data import (
     split_by_fold,
 )
 
-HAVE_AUDIO = importlib.util.find_spec("soundfile") is not None and importlib.util.find_spec("soxr") is not None
-needs_audio = pytest.mark.skipif(not HAVE_AUDIO, reason="needs soundfile and soxr")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CI box they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from cli_helpers import _one_thread, needs_audio  # noqa: F401 (_one_thread: autouse fixture)
 
 
 def _tone(freq, seconds, sr, amp=0.3, channels=1):

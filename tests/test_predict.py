@@ -1,7 +1,6 @@
 """Inference (htsat.predict, ``htsat predict``): top-k labels, events on the real time axis for
 audio of any length (a 30 s file), bad files reported without stopping the others."""
 
-import importlib.util
 import json
 
 import numpy as np
@@ -12,28 +11,8 @@ import htsat
 from htsat.cli import main
 from htsat.predict import Predictor, detect_events, format_results, labels_for
 
-HAVE_AUDIO = importlib.util.find_spec("soundfile") is not None and importlib.util.find_spec("soxr") is not None
-needs_audio = pytest.mark.skipif(not HAVE_AUDIO, reason="needs soundfile and soxr")
+from cli_helpers import SR, FREQS, tiny_model_json, HAVE_AUDIO, _one_thread, needs_audio  # noqa: F401 (_one_thread: autouse fixture)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CI box they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-SR = 16000
-FREQS = {"low": 250.0, "mid": 600.0, "high": 1400.0, "top": 3200.0}
-
-
-def _tiny_json(path):
-    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in htsat.TINY_OVERRIDES.items()}
-    cfg.update(preset="htsat-esc50", spec_size=64, depths=[1, 1, 1, 1], clip_seconds=1.0, long_hop_seconds=0.5)
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    return str(path)
 
 
 def _tone(freq, seconds, amp=0.3, rng=None, sr=SR):
@@ -63,7 +42,7 @@ def trained(tmp_path_factory):
             rows.append(f"{path},{name}")
     manifest = folder / "train.csv"
     manifest.write_text("path,labels\n" + "\n".join(rows) + "\n")
-    model_json = _tiny_json(folder / "tiny.json")
+    model_json = tiny_model_json(folder / "tiny.json")
     cfg = TrainConfig(
         manifest=str(manifest), out=str(folder / "run"), model=model_json, epochs=6, batch_size=8, lr_schedule="constant",
         num_workers=0, backend="reference", progress=False, cache_audio=True, log=lambda m: None,

@@ -1,7 +1,6 @@
 """Training (htsat.train, ``htsat train``): learning on a synthetic dataset, exact resume after a
 kill, DDP with two gloo processes, fine-tuning with a new class count, bad input handling."""
 
-import importlib.util
 import json
 import os
 import socket
@@ -16,31 +15,9 @@ import torch
 import htsat
 from htsat.train import TrainConfig, TrainingError, make_lr_lambda, original_lr_multiplier, train
 
-HAVE_AUDIO = importlib.util.find_spec("soundfile") is not None and importlib.util.find_spec("soxr") is not None
-needs_audio = pytest.mark.skipif(not HAVE_AUDIO, reason="needs soundfile and soxr")
+from cli_helpers import SR, FREQS, tiny_model_json, HAVE_AUDIO, _one_thread, needs_audio  # noqa: F401 (_one_thread: autouse fixture)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CI box they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-SR = 16000
-FREQS = {"low": 250.0, "mid": 600.0, "high": 1400.0, "top": 3200.0}
-
-
-def tiny_model_json(path, **extra):
-    """A fast model: TINY_OVERRIDES with a 64x64 image, one block per stage and 1 s clips."""
-    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in htsat.TINY_OVERRIDES.items()}
-    cfg.update(preset="htsat-esc50", spec_size=64, depths=[1, 1, 1, 1], clip_seconds=1.0, long_hop_seconds=0.5)
-    cfg.update(extra)
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    return str(path)
 
 
 def make_tones(folder, per_class=16, seed=0):

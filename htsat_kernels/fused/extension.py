@@ -55,3 +55,19 @@ def tensor_reason(name: str, t, ndim: int) -> Optional[str]:
             )
         return None
     return f"{name} is on device {t.device.type!r}; the compiled kernels run on CPU and CUDA only"
+
+
+def layer_norm_affine_reason(x: Tensor, weight, bias, n: int) -> Optional[str]:
+    """Why the compiled LayerNorm kernels cannot take this (weight, bias) of LayerNorm(n) with x, or None."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if not isinstance(t, Tensor):
+            return f"{name} must be a tensor (LayerNorm with elementwise affine), got {type(t).__name__}"
+        if tuple(t.shape) != (n,):
+            return f"{name} must have shape ({n},) for C={x.shape[-1]}, got {tuple(t.shape)}"
+        if t.dtype != x.dtype:
+            return f"{name} has dtype {t.dtype} but x has {x.dtype}; the compiled kernel needs them equal"
+        if t.device != x.device:
+            return f"{name} is on {t.device} but x is on {x.device}"
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return "autocast is on: the reference runs LayerNorm in float32 under autocast (output dtype differs)"
+    return None

@@ -81,15 +81,4 @@ def unsupported_reason(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-
     _, H, W, C = x.shape
     if H % 2 or W % 2:
         return f"x: patch_merge needs even H and W (dims 1 and 2), got H={H}, W={W}"
-    for name, t in (("weight", weight), ("bias", bias)):
-        if not isinstance(t, Tensor):
-            return f"{name} must be a tensor (LayerNorm with elementwise affine), got {type(t).__name__}"
-        if tuple(t.shape) != (4 * C,):
-            return f"{name} must have shape ({4 * C},) for C={C}, got {tuple(t.shape)}"
-        if t.dtype != x.dtype:
-            return f"{name} has dtype {t.dtype} but x has {x.dtype}; the compiled kernel needs them equal"
-        if t.device != x.device:
-            return f"{name} is on {t.device} but x is on {x.device}"
-    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
-        return "autocast is on: the reference runs LayerNorm in float32 under autocast (output dtype differs)"
-    return None
+    return extension.layer_norm_affine_reason(x, weight, bias, 4 * C)

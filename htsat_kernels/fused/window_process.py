@@ -9,7 +9,7 @@ eager autograd, ``torch.compile`` and export all see the same two ops. Shapes an
 of ``htsat_kernels.reference.window_partition`` / ``window_merge``.
 
 Further fusions of the Swin block, built on the same map (optional building blocks next to the
-unfused ops; ``reference_*`` below are their unfused equivalents):
+unfused ops; their unfused equivalents are in ``htsat_kernels.reference``):
   ``htsat_kernels::layer_norm_window_partition(x, weight, bias, eps, window_size, shift)
       -> (windows, mean, rstd)``: norm1's LayerNorm(C) + cyclic shift + partition in one pass
       (backward op ``layer_norm_window_partition_backward``, deterministic weight/bias gradient);
@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import reference
 from . import extension
 
 extension.require()  # ImportError with the build hint when htsat_kernels._C is missing
@@ -246,18 +245,7 @@ def layer_norm_partition_unsupported_reason(
     if reason:
         return reason
     C = x.shape[-1]
-    for name, t in (("weight", weight), ("bias", bias)):
-        if not isinstance(t, Tensor):
-            return f"{name} must be a tensor (LayerNorm with elementwise affine), got {type(t).__name__}"
-        if tuple(t.shape) != (C,):
-            return f"{name} must have shape ({C},) for C={C}, got {tuple(t.shape)}"
-        if t.dtype != x.dtype:
-            return f"{name} has dtype {t.dtype} but x has {x.dtype}; the compiled kernel needs them equal"
-        if t.device != x.device:
-            return f"{name} is on {t.device} but x is on {x.device}"
-    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
-        return "autocast is on: the reference runs LayerNorm in float32 under autocast (output dtype differs)"
-    return None
+    return extension.layer_norm_affine_reason(x, weight, bias, C)
 
 
 def merge_add_unsupported_reason(windows: Tensor, shortcut: Tensor, H: int, W: int, shift: int = 0) -> Optional[str]:
