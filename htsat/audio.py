@@ -11,6 +11,7 @@ Errors are :class:`AudioError` (a ``ValueError``) whose message names the file.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from typing import Optional, Union
@@ -42,26 +43,22 @@ class AudioError(ValueError):
         super().__init__(f"{self.path}: {reason}")
 
 
-def _soundfile():
+def _optional(module: str, purpose: str):
+    """Import an optional audio dependency, or say which package to install."""
     try:
-        import soundfile
+        return importlib.import_module(module)
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "reading audio files needs the 'soundfile' package (pip install soundfile, "
-            "or pip install htsat-kernels[audio])"
+            f"{purpose} needs the '{module}' package (pip install {module}, or pip install htsat-kernels[audio])"
         ) from e
-    return soundfile
+
+
+def _soundfile():
+    return _optional("soundfile", "reading audio files")
 
 
 def _soxr():
-    try:
-        import soxr
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "resampling needs the 'soxr' package (pip install soxr, or pip install "
-            "htsat-kernels[audio])"
-        ) from e
-    return soxr
+    return _optional("soxr", "resampling")
 
 
 def resample(wave: np.ndarray, orig_rate: int, target_rate: int, *, quality: str = "HQ") -> np.ndarray:

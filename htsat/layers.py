@@ -81,25 +81,11 @@ class WindowAttention(nn.Module):
     def forward(self, windows: Tensor, mask: Optional[Tensor], backend: Optional[str] = None) -> Tensor:
         qkv = self.qkv(windows)
         if self.attn_drop > 0.0 and self.training:
-            out = _attention_with_dropout(qkv, self.relative_position_bias_table, mask, self.num_heads, self.scale, self.attn_drop)
+            table = self.relative_position_bias_table
+            out = hk.reference.window_attention(qkv, table, mask, self.num_heads, self.scale, self.attn_drop)
         else:
             out = hk.window_attention(qkv, self.relative_position_bias_table, mask, self.num_heads, self.scale, backend=backend)
         return self.proj_drop(self.proj(out))
-
-
-def _attention_with_dropout(qkv, table, mask, num_heads, scale, p):
-    """Reference attention with dropout on the probabilities (attn_drop_rate > 0; 0 in every preset)."""
-    B_, N, C3 = qkv.shape
-    C = C3 // 3
-    q, k, v = qkv.reshape(B_, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
-    attn = (q * scale) @ k.transpose(-2, -1)
-    index = relative_position_index(int(N**0.5), table.device)
-    attn = attn + table[index.view(-1)].view(N, N, num_heads).permute(2, 0, 1).unsqueeze(0)
-    if mask is not None:
-        nW = mask.shape[0]
-        attn = (attn.view(B_ // nW, nW, num_heads, N, N) + mask[None, :, None]).view(B_, num_heads, N, N)
-    attn = nn.functional.dropout(attn.softmax(-1), p, training=True)
-    return (attn @ v).transpose(1, 2).reshape(B_, N, C)
 
 
 class SwinTransformerBlock(nn.Module):

@@ -109,12 +109,16 @@ def patch_merge(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> T
     return F.layer_norm(x, (4 * C,), weight, bias, eps)
 
 
-def window_attention(qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, scale: float) -> Tensor:
+def window_attention(
+    qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, scale: float, attn_drop: float = 0.0
+) -> Tensor:
     """Window multi-head self-attention with relative-position bias and optional shift mask.
 
     qkv (B_, N, 3C) straight from the qkv Linear ([q | k | v], heads contiguous in each third);
     table ((2ws-1)^2, h); mask (nW, N, N) additive or None, window index = batch index mod nW.
     Returns (B_, N, C), heads concatenated. q is scaled before q @ k^T, as in the original.
+    ``attn_drop`` > 0 applies dropout to the probabilities (training with attn_drop_rate > 0; the
+    fused op has no dropout, so the model calls the reference for that).
     """
     B_, N, C3 = qkv.shape
     C = C3 // 3
@@ -131,4 +135,6 @@ def window_attention(qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads:
         attn = attn.view(B_ // nW, nW, num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
         attn = attn.view(-1, num_heads, N, N)
     attn = attn.softmax(dim=-1)
+    if attn_drop > 0.0:
+        attn = F.dropout(attn, attn_drop, training=True)
     return (attn @ v).transpose(1, 2).reshape(B_, N, C)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import htsat
+import htsat_kernels
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -769,3 +770,24 @@ def test_torch_compile_fullgraph_matches_eager():
         got = compiled(x)
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_attention_dropout_applies_only_in_training():
+    """attn_drop_rate > 0 (0 in every preset) drops attention probabilities in training only."""
+    from htsat.layers import WindowAttention
+
+    attn = WindowAttention(dim=48, window_size=4, num_heads=2, attn_drop=0.5)
+    x = torch.randn(3, 16, 48)
+    attn.eval()
+    plain = attn(x, None)
+    with torch.no_grad():
+        want = attn.proj(htsat_kernels.reference.window_attention(attn.qkv(x), attn.relative_position_bias_table, None, 2, attn.scale))
+    torch.testing.assert_close(plain, want)
+    attn.train()
+    torch.manual_seed(5)
+    a = attn(x, None)
+    torch.manual_seed(5)
+    b = attn(x, None)
+    torch.manual_seed(6)
+    c = attn(x, None)
+    assert torch.equal(a, b) and not torch.allclose(a, plain) and not torch.allclose(a, c)
