@@ -7,13 +7,19 @@ STAMP   := $(VENV)/.installed
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: bench test install build clean
+.PHONY: bench test lint install build clean
 
 bench: $(STAMP)
 	$(VPY) -m bench $(BENCH_ARGS)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff (lint + format check) over the repository, mypy over the kernels package
+lint: $(STAMP)
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
+	$(VPY) -m mypy htsat_kernels
 
 install: $(STAMP)
 
