@@ -74,7 +74,7 @@ def _load_failure(path: str, exc: Exception) -> str:
     text = str(exc)
     if "Weights only load failed" in text or "WeightsUnpickler" in text:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        what = f"a Python object of type {found.group(1)}" if found else "Python objects other than tensors and plain data"
+        what = f"a pickled Python object ({found.group(1)})" if found else "Python objects other than tensors and plain data"
         return (
             f"refused: it holds {what}, which only a full unpickle could create, and unpickling a file can run "
             "arbitrary code; only weights (tensors, numbers, strings, lists, dicts) are loaded. Re-export the "

@@ -280,7 +280,7 @@ def read_class_list(path) -> List[str]:
             obj = obj.get("classes")
         if not isinstance(obj, list) or not all(isinstance(c, str) for c in obj):
             raise ManifestError(f"{path}: expected a JSON list of class names (or {{'classes': [...]}})")
-        classes = [c.strip() for c in obj]
+        classes = [check_name(c.strip(), path, "class name") for c in obj]
     elif path.lower().endswith(".csv"):
         fields, rows = _csv_rows(path, "class list")
         col = next((c for c in ("display_name", "label", "name", "class") if c in fields), None)
