@@ -102,7 +102,8 @@ def read_checkpoint(path_or_obj: Union[str, os.PathLike, Mapping]) -> Mapping:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path} (loaded with weights_only=True): {_load_failure(path, exc)}") from exc
+        why = _load_failure(path, exc)
+        raise CheckpointError(f"cannot read checkpoint {path} (loaded with weights_only=True): {why}") from exc
     if not isinstance(obj, Mapping):
         shape = f" of shape {tuple(obj.shape)}" if isinstance(obj, Tensor) else ""
         raise CheckpointError(

@@ -251,7 +251,9 @@ def apply_aliases(items: Sequence[Item], aliases: dict) -> List[Item]:
     if not aliases:
         return list(items)
     return [
-        dataclasses.replace(it, labels=tuple(aliases.get(lab, lab) for lab in it.labels)) if any(lab in aliases for lab in it.labels) else it
+        dataclasses.replace(it, labels=tuple(aliases.get(lab, lab) for lab in it.labels))
+        if any(lab in aliases for lab in it.labels)
+        else it
         for it in items
     ]
 
@@ -522,7 +524,16 @@ class ResumableSampler(Sampler):
     continues with the very next batch.
     """
 
-    def __init__(self, num_items: int, *, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0, drop_last: bool = False):
+    def __init__(
+        self,
+        num_items: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
+    ):
         if num_items <= 0:
             raise ValueError("sampler over an empty dataset")
         if not 0 <= rank < num_replicas:

@@ -106,7 +106,10 @@ def detect_events(
             if offset - onset < min_duration:
                 continue
             events.append(
-                {"onset": round(onset, 4), "offset": round(offset, 4), "label": labels[c], "index": int(c), "score": float(probs[s:e, c].max())}
+                {
+                    "onset": round(onset, 4), "offset": round(offset, 4), "label": labels[c], "index": int(c),
+                    "score": float(probs[s:e, c].max()),
+                }
             )
     events.sort(key=lambda ev: (ev["onset"], -ev["score"]))
     return events
@@ -182,7 +185,10 @@ class Predictor:
         top = torch.topk(scores, k)
         res = {
             "duration": round(duration, 4),
-            "top": [{"label": self.labels[i], "index": int(i), "score": float(s)} for s, i in zip(top.values.tolist(), top.indices.tolist())],
+            "top": [
+                {"label": self.labels[i], "index": int(i), "score": float(s)}
+                for s, i in zip(top.values.tolist(), top.indices.tolist())
+            ],
         }
         if framewise:
             fw = out["framewise_output"][0].float().cpu().numpy()

@@ -115,7 +115,8 @@ def test_readme_states_the_boundary_the_model_uses():
     first_long = cfg.max_frames * cfg.hop_length  # fewest samples that give max_frames + 1 frames
     assert first_long == 327680 == round(10.24 * cfg.sample_rate)
     assert model.num_frames(first_long - 1) == cfg.max_frames and model.num_frames(first_long) == cfg.max_frames + 1
-    text = " ".join(open(README, encoding="utf-8").read().split())
+    with open(README, encoding="utf-8") as f:
+        text = " ".join(f.read().split())
     bullet = text[text.index("**Any length**") :][:600]
     stated = re.search(r"up to ([\d,]+) samples", bullet)
     assert stated and int(stated.group(1).replace(",", "")) == first_long - 1, bullet
@@ -210,7 +211,8 @@ def test_checkpoint_that_is_another_kind_of_file(tiny_ckpt, tmp_path, capsys):
     line = _one_error_line(capsys, rc, wav, "not a PyTorch checkpoint file", "WAV audio")
     assert "pop from empty list" not in line
     truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(open(tiny_ckpt["path"], "rb").read()[:5000])
+    with open(tiny_ckpt["path"], "rb") as f:
+        truncated.write_bytes(f.read()[:5000])
     rc = main(["predict", wav, "--checkpoint", str(truncated)])
     _one_error_line(capsys, rc, str(truncated), "damaged or truncated")
     rc = main(["predict", wav, "--checkpoint", str(tmp_path)])
@@ -308,7 +310,7 @@ def test_validation_label_absent_from_training_is_an_error(tmp_path):
     check_labels(val, ["cat", "dog", "unicorn"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue #13 item 13: training's _load_data must call classes_from_items(items, val_items=...)")
+@pytest.mark.xfail(strict=True, reason="issue #13 item 13: training's _load_data must call classes_from_items(items, val_items=)")
 def test_train_cli_refuses_a_validation_only_label(tmp_path, capsys):
     (tmp_path / "train.csv").write_text("path,labels\na.wav,dog\nb.wav,cat\n")
     (tmp_path / "val.csv").write_text("path,labels\nc.wav,unicorn\n")
