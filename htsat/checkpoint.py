@@ -65,8 +65,13 @@ _MAGIC = ((b"RIFF", "a RIFF/WAV audio file"), (b"fLaC", "a FLAC audio file"), (b
 
 def _load_failure(path: str, exc: Exception) -> str:
     """Why torch.load(weights_only=True) failed, in words; never advice to unpickle the file."""
-    with open(path, "rb") as f:
-        head = f.read(8)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        return f"cannot open it ({e.strerror or e})"
+    if not head:
+        return "empty file (0 bytes)"
     if not head.startswith(b"PK\x03\x04") and not head.startswith(b"\x80"):
         # neither torch.save's zip container nor a legacy pickle
         kind = next((name for magic, name in _MAGIC if head.startswith(magic)), None)

@@ -5,6 +5,7 @@ and class lists, labels that cannot be right, and pickles that weights-only load
 import json
 import os
 import re
+import tempfile
 import wave
 
 import numpy as np
@@ -243,7 +244,8 @@ def test_weights_only_refusal_does_not_suggest_unpickling(tiny_ckpt, tmp_path, c
 
 
 def _train_cli(tmp_path, manifest, *extra):
-    return main(["train", "--manifest", str(manifest), "--out", str(tmp_path / "run"), "--model",
+    out = tempfile.mkdtemp(prefix="run", dir=tmp_path)  # a fresh output folder for every run
+    return main(["train", "--manifest", str(manifest), "--out", out, "--model",
                  tiny_model_json(tmp_path / "tiny.json"), "--epochs", "1", "--num-workers", "0", *extra])
 
 
@@ -327,3 +329,15 @@ def test_class_list_round_trip_with_hash_and_backslash(tmp_path):
     assert read_class_list(path) == ["dog", "#tag"]
     with pytest.raises(ManifestError, match="control character"):
         write_class_list(["two\nlines"], tmp_path / "bad.txt")
+
+
+def test_train_cli_bad_init_checkpoint(tiny_ckpt, tmp_path, capsys):
+    m = tmp_path / "m.csv"
+    m.write_text("path,labels\na.wav,dog\nb.wav,cat\n")  # never read: the checkpoint fails first
+    wav = _write_wav(tmp_path / "a.wav", 0.1 * np.ones(SR))
+    as_list = _variant(tiny_ckpt, "as_list.pt", lambda obj: [obj["state_dict"]])
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    for path, problem in ((wav, "not a PyTorch checkpoint file"), (as_list, "holds a list"), (str(empty), "empty file")):
+        rc = _train_cli(tmp_path, m, "--init-checkpoint", path)
+        _one_error_line(capsys, rc, path, problem)
