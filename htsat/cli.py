@@ -203,5 +203,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     except tuple(known) as e:
         if os.environ.get("HTSAT_DEBUG"):
             raise
-        _err(str(e))
+        _err(" ".join(str(e).split("\n")))  # one line, whatever the library's message holds
         return 1

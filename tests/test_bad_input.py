@@ -341,3 +341,14 @@ def test_train_cli_bad_init_checkpoint(tiny_ckpt, tmp_path, capsys):
     for path, problem in ((wav, "not a PyTorch checkpoint file"), (as_list, "holds a list"), (str(empty), "empty file")):
         rc = _train_cli(tmp_path, m, "--init-checkpoint", path)
         _one_error_line(capsys, rc, path, problem)
+
+
+def test_load_errors_name_the_checkpoint_file(tiny_ckpt):
+    other = htsat.HTSAT(tiny_ckpt["model"].config.replace(num_classes=5), backend="reference")
+    with pytest.raises(CheckpointError) as info:
+        htsat.load_checkpoint(other, tiny_ckpt["path"])
+    msg = str(info.value)
+    assert msg.startswith(f"{tiny_ckpt['path']}: cannot load htsat-kernels checkpoint") and "drop_head=True" in msg
+    obj = torch.load(tiny_ckpt["path"], weights_only=True)
+    with pytest.raises(CheckpointError, match=r"^cannot load"):  # an object in memory has no file name to add
+        htsat.load_checkpoint(other, obj)
