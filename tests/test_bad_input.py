@@ -13,9 +13,19 @@ import pytest
 import torch
 
 import htsat
+from htsat.audio import MAX_PEAK, AudioError, check_audio
 from htsat.checkpoint import CheckpointError
 from htsat.cli import main
-from htsat.data import ManifestError, check_labels, classes_from_items, read_class_list, read_manifest, write_class_list
+from htsat.data import (
+    AudioDataset,
+    Item,
+    ManifestError,
+    check_labels,
+    classes_from_items,
+    read_class_list,
+    read_manifest,
+    write_class_list,
+)
 from htsat.predict import NonFiniteOutputError, Predictor
 
 from cli_helpers import SR, _one_thread, needs_audio, tiny_model_json  # noqa: F401 (_one_thread: autouse fixture)
@@ -100,9 +110,59 @@ def test_predict_cli_huge_amplitude_is_an_error_and_json_stays_valid(tiny_ckpt, 
     out, err = capsys.readouterr()
     assert rc == 1
     results = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in --json output"))  # strict JSON: no NaN
-    assert results[0]["file"] == huge and "NaN or infinite" in results[0]["error"] and "top" not in results[0]
+    assert results[0]["file"] == huge and "samples reach 1e+18, far beyond full scale" in results[0]["error"]
+    assert "top" not in results[0]
     assert results[1]["file"] == fine and all(np.isfinite(t["score"]) for t in results[1]["top"])
     assert f"htsat: error: {huge}: " in err and "1 of 2 file(s) failed" in err
+
+
+@needs_audio
+def test_predict_cli_non_finite_model_output_is_an_error(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """The last line of defence: whatever makes the model return NaN (here a patched forward), the
+    file gets an error, the others their scores, and --json stays valid JSON."""
+    import soundfile as sf
+
+    forward = htsat.HTSAT.forward
+
+    def nan_when_loud(self, waveform, *args, **kwargs):
+        out = forward(self, waveform, *args, **kwargs)
+        if float(waveform.abs().max()) > 0.5:
+            out = {k: v * float("nan") for k, v in out.items()}
+        return out
+
+    monkeypatch.setattr(htsat.HTSAT, "forward", nan_when_loud)
+    tone = np.sin(2 * np.pi * 440 * np.arange(SR) / SR).astype(np.float32)
+    loud, quiet = str(tmp_path / "loud.wav"), str(tmp_path / "quiet.wav")
+    sf.write(loud, tone * 0.9, SR)
+    sf.write(quiet, tone * 0.1, SR)
+    rc = main(["predict", loud, quiet, "--checkpoint", tiny_ckpt["path"], "--json", "--framewise", "--backend", "reference"])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    results = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in --json output"))
+    assert "NaN or infinite" in results[0]["error"] and "top" not in results[0] and "events" not in results[0]
+    assert all(np.isfinite(t["score"]) for t in results[1]["top"])
+    assert f"htsat: error: {loud}: the model output" in err
+
+
+def test_check_audio_rejects_samples_far_beyond_full_scale():
+    check_audio(np.full(10, MAX_PEAK, np.float32), "loud.wav")
+    with pytest.raises(AudioError, match=r"loud.wav: samples reach 1e\+18, far beyond full scale"):
+        check_audio(np.array([0.0, -1e18], np.float32), "loud.wav")
+    check_audio(np.array([0.0, -1e18], np.float32), "loud.wav", max_peak=None)
+
+
+@needs_audio
+def test_training_data_treats_a_huge_file_as_bad(tmp_path):
+    import soundfile as sf
+
+    tone = np.sin(np.arange(SR) * 0.1).astype(np.float32)
+    sf.write(str(tmp_path / "huge.wav"), tone * 1e18, SR, subtype="FLOAT")
+    sf.write(str(tmp_path / "ok.wav"), tone * 0.3, SR)
+    items = [Item(str(tmp_path / "huge.wav"), ("a",)), Item(str(tmp_path / "ok.wav"), ("b",))]
+    ds = AudioDataset(items, ["a", "b"], SR, SR, train=True)
+    sample = ds[0]
+    assert sample["source_index"] == 1 and "far beyond full scale" in sample["bad"][0]
+    assert bool(torch.isfinite(sample["waveform"]).all())
 
 
 # --------------------------------------------------------------------------------------------
