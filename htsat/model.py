@@ -8,8 +8,9 @@ clips run as sliding windows of ``clip_seconds`` every ``long_hop_seconds``; cli
 averaged over the windows and framewise outputs are laid on the real time axis of the whole clip.
 
 Samples are expected in [-1, 1]. As in the original, finite samples of enormous amplitude (from
-roughly 1e17) overflow the float32 power spectrum and every output is NaN; ``htsat predict``
-reports such a file as an error.
+roughly 1e17) overflow the float32 power spectrum and every output is NaN. Audio files beyond
+``htsat.audio.MAX_PEAK`` (1e15) are rejected when loaded, and ``htsat predict`` reports any
+non-finite output as an error for that file.
 
 Frame rate of ``framewise_output``: a clip that fits one image gives ``max_frames`` (1024) frames
 spread evenly over its real duration (one frame = duration / 1024). A long clip gives frames of
