@@ -99,31 +99,34 @@ def _read_text(path: str, what: str) -> str:
         ) from None
 
 
-def _csv_rows(path: str, what: str) -> Tuple[List[str], List[Tuple[int, dict]]]:
-    """Header (stripped names) and (line, row dict) of a CSV file; blank lines skipped, missing
-    trailing cells None. Malformed CSV is a ManifestError naming the file and the row's first
-    line: an unbalanced quote (strict parsing), a field over csv's size limit."""
+def _csv_rows(path: str, what: str) -> Tuple[List[str], Iterator[Tuple[int, dict]]]:
+    """Header (stripped names) and an iterator of (line, row dict) of a CSV file; blank lines
+    skipped, missing trailing cells None. Malformed CSV is a ManifestError naming the file and the
+    row's first line: an unbalanced quote (strict parsing), a field over csv's size limit."""
     reader = csv.reader(io.StringIO(_read_text(path, what), newline=""), strict=True)
-    rows: List[Tuple[int, List[str]]] = []
-    end = 0  # last line of the previous record
-    try:
-        for row in reader:
-            if row:
-                rows.append((end + 1, row))
-            end = reader.line_num
-    except csv.Error as e:
-        line = end + 1
-        if "field larger than field limit" in str(e):
-            why = f"a field is longer than {csv.field_size_limit()} characters (an unbalanced quote?)"
-        elif "unexpected end of data" in str(e):
-            why = "a quoted field that starts on this row is never closed (unbalanced quote)"
-        else:
-            why = f"malformed CSV ({e}); check the quotes on this row"
-        raise ManifestError(f"{path}:{line}: {why}") from None
-    if not rows:
-        return [], []
-    fields = [c.strip() for c in rows[0][1]]
-    return fields, [(line, {f: (row[i] if i < len(row) else None) for i, f in enumerate(fields)}) for line, row in rows[1:]]
+
+    def records() -> Iterator[Tuple[int, List[str]]]:
+        end = 0  # last line of the previous record
+        try:
+            for row in reader:
+                start, end = end + 1, reader.line_num
+                if row:
+                    yield start, row
+        except csv.Error as e:
+            if "field larger than field limit" in str(e):
+                why = f"a field is longer than {csv.field_size_limit()} characters (an unbalanced quote?)"
+            elif "unexpected end of data" in str(e):
+                why = "a quoted field that starts on this row is never closed (unbalanced quote)"
+            else:
+                why = f"malformed CSV ({e}); check the quotes on this row"
+            raise ManifestError(f"{path}:{end + 1}: {why}") from None
+
+    rows = records()
+    header = next(rows, None)
+    if header is None:
+        return [], iter(())
+    fields = [c.strip() for c in header[1]]
+    return fields, ((line, {f: (row[i] if i < len(row) else None) for i, f in enumerate(fields)}) for line, row in rows)
 
 
 def _short(text: str, n: int = 60) -> str:
@@ -148,8 +151,9 @@ def read_manifest(path, *, root: Optional[str] = None, label_sep: str = LABEL_SE
     """Read a CSV manifest (columns ``path``, ``labels``, optional ``fold``).
 
     Relative audio paths are resolved against ``root`` (default: the manifest's folder).
-    Raises :class:`ManifestError` naming the file (and line) for a missing file, missing columns,
-    an empty manifest or a row without a path.
+    Raises :class:`ManifestError` naming the file (and line) for a missing file, text that is not
+    UTF-8, malformed CSV (an unbalanced quote, a field over csv's size limit), missing columns, an
+    empty manifest, a row without a path, or a label holding a control character (a NUL byte).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
