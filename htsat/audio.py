@@ -33,6 +33,11 @@ PathLike = Union[str, "os.PathLike[str]"]
 #: peak level (dBFS) at or below which a signal counts as "silent only"
 DEFAULT_SILENCE_DB = -80.0
 
+#: largest sample magnitude accepted (300 dB above full scale). Samples near 1e17 overflow the
+#: model's float32 power spectrum (|STFT|^2 reaches (peak * n_fft / 2)^2, float32 ends at 3.4e38)
+#: and every output becomes NaN, in the original too; 1e15 keeps clear of that for n_fft up to 16384.
+MAX_PEAK = 1e15
+
 
 class AudioError(ValueError):
     """A file that cannot be used as audio input; ``path`` names it, ``reason`` says why."""
@@ -137,11 +142,22 @@ def is_silent(wave, threshold_db: float = DEFAULT_SILENCE_DB) -> bool:
     return peak_dbfs(wave) <= threshold_db
 
 
-def check_audio(wave, path: PathLike = "<array>", *, threshold_db: Optional[float] = DEFAULT_SILENCE_DB) -> None:
-    """Raise :class:`AudioError` for an empty or silent-only signal (``threshold_db=None``: no silence check)."""
+def check_audio(
+    wave, path: PathLike = "<array>", *, threshold_db: Optional[float] = DEFAULT_SILENCE_DB, max_peak: Optional[float] = MAX_PEAK
+) -> None:
+    """Raise :class:`AudioError` for an empty or silent-only signal (``threshold_db=None``: no
+    silence check), or one whose samples exceed ``max_peak`` (``None``: no check)."""
     w = np.asarray(wave)
     if w.size == 0:
         raise AudioError(path, "no audio samples (empty)")
+    if max_peak is not None:
+        peak = float(np.max(np.abs(w)))
+        if peak > max_peak:
+            raise AudioError(
+                path,
+                f"samples reach {peak:.3g}, far beyond full scale (audio is expected in [-1, 1]; above {max_peak:g} the "
+                "model's float32 power spectrum nears overflow): an unscaled or corrupt file?",
+            )
     if threshold_db is not None and is_silent(w, threshold_db):
         peak = peak_dbfs(w)
         level = "digital silence" if peak == -math.inf else f"peak {peak:.1f} dBFS"

@@ -8,7 +8,9 @@ Anything else is an error that names the keys.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
@@ -51,23 +53,77 @@ def is_derived_key(key: str) -> bool:
     return key in _FRONTEND_KEYS or key.endswith(".attn_mask") or key.endswith(".relative_position_index")
 
 
+def _source(path_or_obj) -> str:
+    """How error messages name a checkpoint: its path, or "checkpoint" for an object in memory."""
+    return "checkpoint" if isinstance(path_or_obj, Mapping) else os.fspath(path_or_obj)
+
+
+# the first bytes of files people pass by mistake, for "this is not a checkpoint" messages
+_MAGIC = ((b"RIFF", "a RIFF/WAV audio file"), (b"fLaC", "a FLAC audio file"), (b"OggS", "an Ogg audio file"),
+          (b"ID3", "an MP3 audio file"), (b"\xff\xfb", "an MP3 audio file"), (b"{", "a JSON or text file"))
+
+
+def _load_failure(path: str, exc: Exception) -> str:
+    """Why torch.load(weights_only=True) failed, in words; never advice to unpickle the file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        return f"cannot open it ({e.strerror or e})"
+    if not head:
+        return "empty file (0 bytes)"
+    if not head.startswith(b"PK\x03\x04") and not head.startswith(b"\x80"):
+        # neither torch.save's zip container nor a legacy pickle
+        kind = next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+        return "not a PyTorch checkpoint file" + (f" (it is {kind})" if kind else f" (unknown format, starts with {head!r})")
+    text = str(exc)
+    if "Weights only load failed" in text or "WeightsUnpickler" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f"a pickled Python object ({found.group(1)})" if found else "Python objects other than tensors and plain data"
+        return (
+            f"refused: it holds {what}, which only a full unpickle could create, and unpickling a file can run "
+            "arbitrary code; only weights (tensors, numbers, strings, lists, dicts) are loaded. Re-export the "
+            "weights as a plain state_dict (torch.save(model.state_dict(), path)) where the file was made"
+        )
+    if head.startswith(b"PK\x03\x04"):
+        return f"damaged or truncated checkpoint ({type(exc).__name__}: {text.splitlines()[0] if text else ''})"
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def read_checkpoint(path_or_obj: Union[str, os.PathLike, Mapping]) -> Mapping:
-    """A checkpoint file read with torch.load(weights_only=True) (a mapping passes through)."""
+    """A checkpoint file read with torch.load(weights_only=True) (a mapping passes through).
+
+    Raises FileNotFoundError for a missing file and CheckpointError naming the file for anything
+    that is not a dict of weights: another kind of file, a damaged one, a pickle of arbitrary
+    objects (refused, never unpickled), or a file holding a bare tensor or a list.
+    """
     if isinstance(path_or_obj, Mapping):
         return path_or_obj
     path = os.fspath(path_or_obj)
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path} (loaded with weights_only=True): {exc}") from exc
+        why = _load_failure(path, exc)
+        raise CheckpointError(f"cannot read checkpoint {path} (loaded with weights_only=True): {why}") from exc
+    if not isinstance(obj, Mapping):
+        shape = f" of shape {tuple(obj.shape)}" if isinstance(obj, Tensor) else ""
+        raise CheckpointError(
+            f"{path}: not a model checkpoint: it holds a {type(obj).__name__}{shape}, expected a dict "
+            "(a state_dict, an original Lightning .ckpt or a checkpoint of htsat train)"
+        )
+    return obj
 
 
 def extract_state_dict(obj: Mapping) -> tuple[dict[str, Tensor], str]:
     """The model tensors of any supported checkpoint, keys without 'sed_model.' / 'module.' prefixes."""
     if obj.get("format") == FORMAT:
-        sd, kind = obj["state_dict"], "htsat-kernels checkpoint"
+        sd, kind = obj.get("state_dict"), "htsat-kernels checkpoint"
+        if not isinstance(sd, Mapping):
+            raise CheckpointError(f"{kind} without a 'state_dict' dict (found {type(sd).__name__})")
     elif isinstance(obj.get("state_dict"), Mapping):
         sd, kind = obj["state_dict"], "Lightning checkpoint"
     elif isinstance(obj.get("model"), Mapping):
@@ -77,6 +133,9 @@ def extract_state_dict(obj: Mapping) -> tuple[dict[str, Tensor], str]:
     non_tensors = [k for k, v in sd.items() if not isinstance(v, Tensor)]
     if non_tensors:
         raise CheckpointError(f"{kind}: entries {non_tensors[:5]} are not tensors; is this a model state_dict?")
+    unnamed = [k for k in sd if not isinstance(k, str)]
+    if unnamed:
+        raise CheckpointError(f"{kind}: keys {unnamed[:5]} are not strings; is this a model state_dict?")
     out = {}
     for key, value in sd.items():
         for prefix in ("sed_model.", "module.", "_orig_mod."):
@@ -99,8 +158,22 @@ def load_checkpoint(
 ) -> LoadReport:
     """Load the original's .ckpt (keys under 'state_dict' with the 'sed_model.' prefix), a plain
     state_dict or our own format into ``model``. ``drop_head=True`` skips head.* and tscam_conv.*
-    (fine-tuning with a new class count). Raises CheckpointError on any mismatch."""
-    sd, kind = extract_state_dict(read_checkpoint(path_or_state_dict))
+    (fine-tuning with a new class count). Raises CheckpointError on any mismatch, naming the file."""
+    obj = read_checkpoint(path_or_state_dict)
+    try:
+        return _load_into(model, obj, drop_head)
+    except CheckpointError as exc:
+        raise _named(exc, path_or_state_dict) from None
+
+
+def _named(exc: CheckpointError, path_or_obj) -> CheckpointError:
+    """The error with the checkpoint's path in front (objects in memory have no name to add)."""
+    src = _source(path_or_obj)
+    return exc if isinstance(path_or_obj, Mapping) or str(exc).startswith(src) else CheckpointError(f"{src}: {exc}")
+
+
+def _load_into(model: HTSAT, obj: Mapping, drop_head: bool) -> LoadReport:
+    sd, kind = extract_state_dict(obj)
     ours = model.state_dict()
     report = LoadReport(source_format=kind)
     to_load: dict[str, Tensor] = {}
@@ -180,18 +253,65 @@ def save_checkpoint(model: HTSAT, path: Union[str, os.PathLike], **extra: Any) -
     atomic_save(obj, path)
 
 
+def _config_value_problem(key: str, value: Any) -> Optional[str]:
+    """Why a saved config value has the wrong type for its field (checked before the dataclass
+    sees it, whose own checks would fail with an unrelated TypeError); None when it fits."""
+    fields = {f.name: f for f in dataclasses.fields(HTSATConfig)}
+    if key not in fields:
+        return None  # from_dict names unknown fields
+    default = fields[key].default
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ok = ok or (key == "patch_stride" and isinstance(value, int) and not isinstance(value, bool))
+    else:
+        return None
+    if ok:
+        return None
+    want = {bool: "true/false", int: "an integer", float: "a number", str: "a string", tuple: "a list of integers"}[type(default)]
+    return f"{key} = {value!r} ({type(value).__name__}), expected {want}"
+
+
+def saved_config(obj: Mapping) -> HTSATConfig:
+    """The model config stored in one of our checkpoints; CheckpointError when absent or invalid."""
+    if "config" not in obj:
+        raise CheckpointError("htsat-kernels checkpoint without a 'config' entry (the model's settings)")
+    if not isinstance(obj["config"], Mapping):
+        raise CheckpointError(f"htsat-kernels checkpoint whose 'config' is a {type(obj['config']).__name__}, not a dict")
+    for key, value in obj["config"].items():
+        problem = _config_value_problem(key, value)
+        if problem:
+            raise CheckpointError(f"invalid model config in the checkpoint: {problem}")
+    try:
+        return HTSATConfig.from_dict(dict(obj["config"]))
+    except Exception as exc:  # a bad value fails in whatever way the dataclass's checks trip over it
+        raise CheckpointError(f"invalid model config in the checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
 def model_from_checkpoint(
-    path_or_obj: Union[str, os.PathLike, Mapping], *, name: Optional[str] = None, backend: str = "auto"
+    path_or_obj: Union[str, os.PathLike, Mapping], *, name: Optional[str] = None, backend: str = "auto",
+    source: Optional[str] = None,
 ) -> HTSAT:
     """Build and load a model: from the saved config of our format, or from a preset (``name``,
-    default htsat-audioset) for original checkpoints, with the class count read from tscam_conv."""
+    default htsat-audioset) for original checkpoints, with the class count read from tscam_conv.
+    ``source`` names an already read checkpoint in error messages (a path is named anyway)."""
     obj = read_checkpoint(path_or_obj)
-    if obj.get("format") == FORMAT and name is None:
-        config = HTSATConfig.from_dict(obj["config"])
-    else:
-        sd, _ = extract_state_dict(obj)
-        w = sd.get("tscam_conv.weight")
-        config = load_config(name or "htsat-audioset", num_classes=None if w is None else int(w.shape[0]))
-    model = HTSAT(config, backend=backend)
-    load_checkpoint(model, obj)
+    try:
+        if obj.get("format") == FORMAT and name is None:
+            config = saved_config(obj)
+        else:
+            sd, _ = extract_state_dict(obj)
+            w = sd.get("tscam_conv.weight")
+            config = load_config(name or "htsat-audioset", num_classes=None if w is None or w.ndim == 0 else int(w.shape[0]))
+        model = HTSAT(config, backend=backend)
+        _load_into(model, obj, drop_head=False)
+    except CheckpointError as exc:
+        raise _named(exc, source if source is not None else path_or_obj) from None
     return model.eval()

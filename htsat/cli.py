@@ -171,7 +171,7 @@ def _run_predict(args) -> int:
         merge_gap=args.merge_gap, min_duration=args.min_duration,
     )
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2, allow_nan=False))  # NaN is not JSON; the predictor never yields one
     else:
         print(format_results(results, threshold=args.threshold if args.framewise else None))
     failed = sum("error" in r for r in results)
@@ -186,7 +186,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .audio import AudioError
     from .data import ManifestError
 
-    known = [AudioError, ManifestError, FileNotFoundError, ValueError]
+    known = [AudioError, ManifestError, OSError, ValueError]  # OSError messages name the file
     try:
         from .train import TrainingError
 
@@ -203,5 +203,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     except tuple(known) as e:
         if os.environ.get("HTSAT_DEBUG"):
             raise
-        _err(str(e))
+        _err(" ".join(str(e).split("\n")))  # one line, whatever the library's message holds
         return 1

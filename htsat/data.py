@@ -22,11 +22,14 @@ invalid (``batch["valid"]``) and left out of the metrics. ``on_error="stop"`` ra
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
+import unicodedata
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -81,44 +84,103 @@ class Item:
 # --------------------------------------------------------------------------------------------
 
 
-def _split_labels(text: str, sep: str) -> Tuple[str, ...]:
-    return tuple(lab.strip() for lab in (text or "").split(sep) if lab.strip())
+def _read_text(path: str, what: str) -> str:
+    """A whole UTF-8 text file (a BOM is dropped); ManifestError naming the file, line and byte otherwise."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ManifestError(
+            f"{path}:{line}: {what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from None
+
+
+def _csv_rows(path: str, what: str) -> Tuple[List[str], Iterator[Tuple[int, dict]]]:
+    """Header (stripped names) and an iterator of (line, row dict) of a CSV file; blank lines
+    skipped, missing trailing cells None. Malformed CSV is a ManifestError naming the file and the
+    row's first line: an unbalanced quote (strict parsing), a field over csv's size limit."""
+    reader = csv.reader(io.StringIO(_read_text(path, what), newline=""), strict=True)
+
+    def records() -> Iterator[Tuple[int, List[str]]]:
+        end = 0  # last line of the previous record
+        try:
+            for row in reader:
+                start, end = end + 1, reader.line_num
+                if row:
+                    yield start, row
+        except csv.Error as e:
+            if "field larger than field limit" in str(e):
+                why = f"a field is longer than {csv.field_size_limit()} characters (an unbalanced quote?)"
+            elif "unexpected end of data" in str(e):
+                why = "a quoted field that starts on this row is never closed (unbalanced quote)"
+            else:
+                why = f"malformed CSV ({e}); check the quotes on this row"
+            raise ManifestError(f"{path}:{end + 1}: {why}") from None
+
+    rows = records()
+    header = next(rows, None)
+    if header is None:
+        return [], iter(())
+    fields = [c.strip() for c in header[1]]
+    return fields, ((line, {f: (row[i] if i < len(row) else None) for i, f in enumerate(fields)}) for line, row in rows)
+
+
+def _short(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
+def check_name(name: str, where: str, what: str = "label") -> str:
+    """``name`` unchanged, or ManifestError when it holds a control character (a NUL byte, a line
+    break from an unbalanced quote, ...), which no class name or label may contain."""
+    bad = next((c for c in name if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        hint = " (an unbalanced quote in the CSV?)" if bad in "\r\n" else ""
+        raise ManifestError(f"{where}: {what} {_short(name)} contains the control character {bad!r}{hint}")
+    return name
+
+
+def _split_labels(text: str, sep: str, where: str = "") -> Tuple[str, ...]:
+    return tuple(check_name(lab.strip(), where) for lab in (text or "").split(sep) if lab.strip())
 
 
 def read_manifest(path, *, root: Optional[str] = None, label_sep: str = LABEL_SEP) -> List[Item]:
     """Read a CSV manifest (columns ``path``, ``labels``, optional ``fold``).
 
     Relative audio paths are resolved against ``root`` (default: the manifest's folder).
-    Raises :class:`ManifestError` naming the file (and line) for a missing file, missing columns,
-    an empty manifest or a row without a path.
+    Raises :class:`ManifestError` naming the file (and line) for a missing file, text that is not
+    UTF-8, malformed CSV (an unbalanced quote, a field over csv's size limit), missing columns, an
+    empty manifest, a row without a path, or a label holding a control character (a NUL byte).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ManifestError(f"{path}: manifest not found")
     base = os.path.abspath(root) if root is not None else os.path.dirname(os.path.abspath(path))
     items: List[Item] = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in ("path", "labels") if c not in fields]
-        if missing:
-            raise ManifestError(
-                f"{path}: manifest is missing column(s) {', '.join(missing)} "
-                f"(found: {', '.join(fields) if fields else 'no header'}; expected a header with "
-                f"'path' and 'labels', labels separated by '{label_sep}', optional 'fold')"
-            )
-        reader.fieldnames = fields
-        has_fold = "fold" in fields
-        for row in reader:
-            line = reader.line_num
-            p = (row.get("path") or "").strip()
-            if not p:
-                if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
-                    continue  # blank line
-                raise ManifestError(f"{path}:{line}: row has an empty 'path'")
-            full = p if os.path.isabs(p) else os.path.join(base, p)
-            fold = ((row.get("fold") or "").strip() or None) if has_fold else None
-            items.append(Item(os.path.normpath(full), _split_labels(row.get("labels") or "", label_sep), fold, path, line))
+    fields, rows = _csv_rows(path, "manifest")
+    missing = [c for c in ("path", "labels") if c not in fields]
+    if missing:
+        raise ManifestError(
+            f"{path}: manifest is missing column(s) {', '.join(missing)} "
+            f"(found: {', '.join(fields) if fields else 'no header'}; expected a header with "
+            f"'path' and 'labels', labels separated by '{label_sep}', optional 'fold')"
+        )
+    has_fold = "fold" in fields
+    for line, row in rows:
+        where = f"{path}:{line}"
+        p = (row.get("path") or "").strip()
+        if not p:
+            if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+                continue  # a row of empty cells
+            raise ManifestError(f"{where}: row has an empty 'path'")
+        if "\0" in p or "\n" in p or "\r" in p:
+            check_name(p, where, "path")
+        full = p if os.path.isabs(p) else os.path.join(base, p)
+        fold = ((row.get("fold") or "").strip() or None) if has_fold else None
+        items.append(Item(os.path.normpath(full), _split_labels(row.get("labels") or "", label_sep, where), fold, path, line))
     if not items:
         raise ManifestError(f"{path}: manifest has no rows")
     return items
@@ -137,23 +199,19 @@ def read_esc50(root, *, meta: Optional[str] = None, audio_dir: Optional[str] = N
         raise ManifestError(f"{root}: not an ESC-50 folder (no {os.path.relpath(meta, root)})")
     items: List[Item] = []
     by_target = {}
-    with open(meta, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in ("filename", "fold", "target", "category") if c not in fields]
-        if missing:
-            raise ManifestError(f"{meta}: ESC-50 meta file is missing column(s) {', '.join(missing)}")
-        reader.fieldnames = fields
-        for row in reader:
-            line = reader.line_num
-            try:
-                target = int(row["target"])
-            except (TypeError, ValueError):
-                raise ManifestError(f"{meta}:{line}: 'target' is not an integer: {row.get('target')!r}") from None
-            cat = (row["category"] or "").strip()
-            if by_target.setdefault(target, cat) != cat:
-                raise ManifestError(f"{meta}:{line}: target {target} is both {by_target[target]!r} and {cat!r}")
-            items.append(Item(os.path.join(audio_dir, row["filename"].strip()), (cat,), str(row["fold"]).strip(), meta, line))
+    fields, rows = _csv_rows(meta, "ESC-50 meta file")
+    missing = [c for c in ("filename", "fold", "target", "category") if c not in fields]
+    if missing:
+        raise ManifestError(f"{meta}: ESC-50 meta file is missing column(s) {', '.join(missing)}")
+    for line, row in rows:
+        try:
+            target = int(row["target"])
+        except (TypeError, ValueError):
+            raise ManifestError(f"{meta}:{line}: 'target' is not an integer: {row.get('target')!r}") from None
+        cat = check_name((row["category"] or "").strip(), f"{meta}:{line}", "category")
+        if by_target.setdefault(target, cat) != cat:
+            raise ManifestError(f"{meta}:{line}: target {target} is both {by_target[target]!r} and {cat!r}")
+        items.append(Item(os.path.join(audio_dir, (row["filename"] or "").strip()), (cat,), str(row["fold"]).strip(), meta, line))
     if not items:
         raise ManifestError(f"{meta}: no rows")
     targets = sorted(by_target)
@@ -186,12 +244,10 @@ def read_class_aliases(path) -> dict:
     path = _shipped_audioset_csv() if os.fspath(path) == AUDIOSET else os.fspath(path)
     if not path.lower().endswith(".csv") or not os.path.isfile(path):
         return {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        reader.fieldnames = [c.strip() for c in (reader.fieldnames or [])]
-        if "mid" not in reader.fieldnames or "display_name" not in reader.fieldnames:
-            return {}
-        return {(row["mid"] or "").strip(): (row["display_name"] or "").strip() for row in reader}
+    fields, rows = _csv_rows(path, "class list")
+    if "mid" not in fields or "display_name" not in fields:
+        return {}
+    return {(row["mid"] or "").strip(): (row["display_name"] or "").strip() for _, row in rows}
 
 
 def apply_aliases(items: Sequence[Item], aliases: dict) -> List[Item]:
@@ -199,7 +255,9 @@ def apply_aliases(items: Sequence[Item], aliases: dict) -> List[Item]:
     if not aliases:
         return list(items)
     return [
-        dataclasses.replace(it, labels=tuple(aliases.get(lab, lab) for lab in it.labels)) if any(lab in aliases for lab in it.labels) else it
+        dataclasses.replace(it, labels=tuple(aliases.get(lab, lab) for lab in it.labels))
+        if any(lab in aliases for lab in it.labels)
+        else it
         for it in items
     ]
 
@@ -208,7 +266,11 @@ def read_class_list(path) -> List[str]:
     """Read a class list: ``.json`` (a list, or {"classes": [...]}), a CSV with a header (column
     ``display_name`` as in AudioSet's class_labels_indices.csv, or ``label``/``name``/``class``,
     or its only column), or plain text with one class per line. ``"audioset"``: the 527 AudioSet
-    names shipped with the package, in the model's output order."""
+    names shipped with the package, in the model's output order.
+
+    In plain text, blank lines and lines starting with ``#`` are skipped; a leading backslash
+    escapes a name that starts with ``#`` or ``\\`` (``\\#dog`` is the class ``#dog``), which
+    is how :func:`write_class_list` writes such names."""
     path = os.fspath(path)
     if path == AUDIOSET:
         path = _shipped_audioset_csv()
@@ -216,27 +278,29 @@ def read_class_list(path) -> List[str]:
         raise ManifestError(f"{path}: class list not found")
     classes: List[str]
     if path.lower().endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+        try:
+            obj = json.loads(_read_text(path, "class list"))
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{path}: class list is not valid JSON ({e})") from None
         if isinstance(obj, dict):
             obj = obj.get("classes")
         if not isinstance(obj, list) or not all(isinstance(c, str) for c in obj):
             raise ManifestError(f"{path}: expected a JSON list of class names (or {{'classes': [...]}})")
-        classes = [c.strip() for c in obj]
+        classes = [check_name(c.strip(), path, "class name") for c in obj]
     elif path.lower().endswith(".csv"):
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            fields = [c.strip() for c in (reader.fieldnames or [])]
-            reader.fieldnames = fields
-            col = next((c for c in ("display_name", "label", "name", "class") if c in fields), None)
-            if col is None:
-                if len(fields) != 1:
-                    raise ManifestError(f"{path}: class list CSV needs a 'display_name', 'label', 'name' or 'class' column")
-                col = fields[0]
-            classes = [(row[col] or "").strip() for row in reader]
+        fields, rows = _csv_rows(path, "class list")
+        col = next((c for c in ("display_name", "label", "name", "class") if c in fields), None)
+        if col is None:
+            if len(fields) != 1:
+                raise ManifestError(f"{path}: class list CSV needs a 'display_name', 'label', 'name' or 'class' column")
+            col = fields[0]
+        classes = [check_name((row[col] or "").strip(), f"{path}:{line}", "class name") for line, row in rows]
     else:
-        with open(path, encoding="utf-8") as f:
-            classes = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        classes = []
+        for line, text in enumerate(io.StringIO(_read_text(path, "class list"), newline=None), 1):
+            name = text.strip()
+            if name and not name.startswith("#"):
+                classes.append(check_name(name[1:] if name.startswith("\\") else name, f"{path}:{line}", "class name"))
     if not classes:
         raise ManifestError(f"{path}: class list is empty")
     if any(not c for c in classes):
@@ -248,16 +312,33 @@ def read_class_list(path) -> List[str]:
 
 
 def write_class_list(classes: Sequence[str], path) -> None:
+    """One class per line, read back unchanged by :func:`read_class_list` (names starting with
+    ``#`` or a backslash get a backslash in front, so they are not taken for comments)."""
+    for c in classes:
+        check_name(c, os.fspath(path), "class name")
     with open(path, "w", encoding="utf-8") as f:
-        f.write("".join(c + "\n" for c in classes))
+        f.write("".join(("\\" + c if c.startswith(("#", "\\")) else c) + "\n" for c in classes))
 
 
-def classes_from_items(items: Sequence[Item]) -> List[str]:
-    """Sorted unique labels of the items (the class list when none is given)."""
+def classes_from_items(items: Sequence[Item], *, val_items: Optional[Sequence[Item]] = None) -> List[str]:
+    """Sorted unique labels of the (training) items: the class list when none is given.
+
+    A label of ``val_items`` that no training item has is an error: it would become a class
+    without a single training example. A class list file (``--classes``) may still name it.
+    """
     classes = sorted({lab for it in items for lab in it.labels})
     if not classes:
         src = items[0].source if items else "dataset"
-        raise ManifestError(f"{src}: no labels found, cannot derive a class list")
+        raise ManifestError(f"{src}: no labels found in {len(items)} row(s), cannot derive a class list")
+    known = set(classes)
+    extra = [(it, lab) for it in (val_items or ()) for lab in it.labels if lab not in known]
+    if extra:
+        labels = sorted({lab for _, lab in extra})
+        raise ManifestError(
+            f"validation label(s) {', '.join(map(_short, labels[:10]))} never occur in the training data "
+            f"(first at {extra[0][0].where()}): each would be a class without training examples; fix the "
+            "label, or give a class list (--classes) that names it to keep it"
+        )
     return classes
 
 
@@ -447,7 +528,16 @@ class ResumableSampler(Sampler):
     continues with the very next batch.
     """
 
-    def __init__(self, num_items: int, *, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0, drop_last: bool = False):
+    def __init__(
+        self,
+        num_items: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
+    ):
         if num_items <= 0:
             raise ValueError("sampler over an empty dataset")
         if not 0 <= rank < num_replicas:

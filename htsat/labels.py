@@ -11,6 +11,6 @@ AUDIOSET_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets"
 
 @functools.lru_cache(maxsize=1)
 def audioset_labels() -> list[str]:
-    with open(AUDIOSET_CSV, newline="") as f:
+    with open(AUDIOSET_CSV, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     return [row["display_name"] for row in sorted(rows, key=lambda r: int(r["index"]))]

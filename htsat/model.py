@@ -1,9 +1,16 @@
 """HTS-AT: front end, time-frequency folding, Swin backbone and token-semantic head (spec sections 3-6).
 
-Input of any length: clips up to one image (max_frames STFT frames, 10.24 s for the AudioSet
-preset) follow the original, bicubically stretched to 1024 frames. Longer clips run as sliding
-windows of ``clip_seconds`` every ``long_hop_seconds``; clipwise outputs are averaged over the
-windows and framewise outputs are laid on the real time axis of the whole clip.
+Input of any length: clips that fit one image (at most max_frames = 1024 STFT frames, i.e. fewer
+than max_frames * hop_length samples: shorter than 10.24 s for the AudioSet preset) follow the
+original, bicubically stretched to 1024 frames. From max_frames + 1 frames on (exactly 10.24 s
+gives 1 + 327680 // 320 = 1025), where the original switches to its own two-crop long-audio path,
+clips run as sliding windows of ``clip_seconds`` every ``long_hop_seconds``; clipwise outputs are
+averaged over the windows and framewise outputs are laid on the real time axis of the whole clip.
+
+Samples are expected in [-1, 1]. As in the original, finite samples of enormous amplitude (from
+roughly 1e17) overflow the float32 power spectrum and every output is NaN. Audio files beyond
+``htsat.audio.MAX_PEAK`` (1e15) are rejected when loaded, and ``htsat predict`` reports any
+non-finite output as an error for that file.
 
 Frame rate of ``framewise_output``: a clip that fits one image gives ``max_frames`` (1024) frames
 spread evenly over its real duration (one frame = duration / 1024). A long clip gives frames of

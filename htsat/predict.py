@@ -25,7 +25,23 @@ import torch
 
 from .audio import DEFAULT_SILENCE_DB, AudioError, check_audio, fit_length, load_audio
 
-__all__ = ["Predictor", "detect_events", "format_results", "labels_for"]
+__all__ = ["NonFiniteOutputError", "Predictor", "detect_events", "format_results", "labels_for"]
+
+
+class NonFiniteOutputError(ValueError):
+    """The model gave NaN or inf for an input: an error for that input, never a NaN score."""
+
+
+def _check_finite(out: Mapping, wave: np.ndarray, keys: Sequence[str]) -> None:
+    bad = [k for k in keys if not bool(torch.isfinite(out[k]).all())]
+    if not bad:
+        return
+    peak = float(np.max(np.abs(wave))) if wave.size else 0.0
+    why = ""
+    if peak > 1e12:
+        # as in the original, the float32 power spectrum overflows from roughly 1e17 on
+        why = "; samples this large overflow the front end's float32 power spectrum (audio is expected in [-1, 1])"
+    raise NonFiniteOutputError(f"the model output ({', '.join(bad)}) is NaN or infinite for audio with peak {peak:.3g}{why}")
 
 
 def labels_for(num_classes: int, checkpoint: Optional[Mapping] = None, labels_file: Optional[str] = None) -> List[str]:
@@ -90,7 +106,10 @@ def detect_events(
             if offset - onset < min_duration:
                 continue
             events.append(
-                {"onset": round(onset, 4), "offset": round(offset, 4), "label": labels[c], "index": int(c), "score": float(probs[s:e, c].max())}
+                {
+                    "onset": round(onset, 4), "offset": round(offset, 4), "label": labels[c], "index": int(c),
+                    "score": float(probs[s:e, c].max()),
+                }
             )
     events.sort(key=lambda ev: (ev["onset"], -ev["score"]))
     return events
@@ -125,7 +144,7 @@ class Predictor:
         from .checkpoint import read_checkpoint, model_from_checkpoint
 
         obj = read_checkpoint(path)
-        model = model_from_checkpoint(obj, name=name, backend=backend)
+        model = model_from_checkpoint(obj, name=name, backend=backend, source=os.fspath(path))
         dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model.to(dev).eval()
         return cls(model, labels_for(model.config.num_classes, obj, labels_file), dev, **kwargs)
@@ -159,13 +178,17 @@ class Predictor:
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(self.device)
         with self._autocast():
             out = self.model(xt)
+        _check_finite(out, x, ["clipwise_logits"] + (["framewise_output"] if framewise else []))
         logits = out["clipwise_logits"][0].float()
         scores = torch.sigmoid(logits) if cfg.loss_type == "clip_bce" else torch.softmax(logits, dim=0)
         k = max(1, min(int(top_k), scores.numel()))
         top = torch.topk(scores, k)
         res = {
             "duration": round(duration, 4),
-            "top": [{"label": self.labels[i], "index": int(i), "score": float(s)} for s, i in zip(top.values.tolist(), top.indices.tolist())],
+            "top": [
+                {"label": self.labels[i], "index": int(i), "score": float(s)}
+                for s, i in zip(top.values.tolist(), top.indices.tolist())
+            ],
         }
         if framewise:
             fw = out["framewise_output"][0].float().cpu().numpy()
@@ -180,7 +203,10 @@ class Predictor:
         """Predictions for one file; raises AudioError naming the file when it cannot be used."""
         wave = load_audio(path, self.model.config.sample_rate)
         check_audio(wave, path, threshold_db=self.silence_db)
-        return {"file": os.fspath(path), **self.predict_waveform(wave, **kwargs)}
+        try:
+            return {"file": os.fspath(path), **self.predict_waveform(wave, **kwargs)}
+        except NonFiniteOutputError as e:
+            raise AudioError(path, str(e)) from e
 
     def predict_files(self, paths: Sequence[str], on_error=None, **kwargs) -> List[dict]:
         """Predictions for many files; a file that fails gives {"file", "error"} and the rest go on."""
