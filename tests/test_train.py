@@ -1,4 +1,4 @@
-"""Training (htsat.train, ``htsat train``): learning on a synthetic dataset, exact resume after a
+"""Training (htsat.training, ``htsat train``): learning on a synthetic dataset, exact resume after a
 kill, DDP with two gloo processes, fine-tuning with a new class count, bad input handling."""
 
 import json
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import htsat
-from htsat.train import TrainConfig, TrainingError, make_lr_lambda, original_lr_multiplier, train
+from htsat.training import TrainConfig, TrainingError, make_lr_lambda, original_lr_multiplier, train
 
 from cli_helpers import SR, FREQS, tiny_model_json, HAVE_AUDIO, _one_thread, needs_audio  # noqa: F401 (_one_thread: autouse fixture)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,7 +240,7 @@ def test_cli_reports_manifest_problems(tones, tmp_path, capsys):
 
 @needs_audio
 def test_nan_loss_names_the_step(tones, tmp_path, monkeypatch):
-    import htsat.train as tr
+    import htsat.training.objective as tr
 
     nan_F = types.SimpleNamespace(**{n: getattr(torch.nn.functional, n) for n in dir(torch.nn.functional) if not n.startswith("__")})
     nan_F.cross_entropy = lambda logits, target: (logits.sum() * float("nan"))
@@ -305,7 +305,7 @@ def test_ddp_two_gloo_processes(tones, tmp_path):
 
 def test_mean_average_precision_matches_sklearn():
     sklearn_metrics = pytest.importorskip("sklearn.metrics")
-    from htsat.train import average_precision, mean_average_precision
+    from htsat.training import average_precision, mean_average_precision
 
     rng = np.random.default_rng(0)
     targets = (rng.random((60, 5)) < 0.3).astype(np.float32)
