@@ -20,6 +20,7 @@ import glob
 import io
 import json
 import os
+import re
 import socket
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -28,7 +29,7 @@ import torch
 
 from .config import TrainingError
 
-__all__ = ["FAULT_ENV", "LOCK_NAME", "fault_hook", "fault_point", "OutputLock", "remove_stale_temporaries", "write_file",
+__all__ = ["FAULT_ENV", "LOCK_NAME", "fault_hook", "fault_point", "OutputLock", "remove_stale_temporaries", "short_reason", "write_file",
            "write_text", "write_json", "write_torch", "write_metrics"]
 
 FAULT_ENV = "HTSAT_TRAIN_FAULT"
@@ -162,13 +163,19 @@ def remove_stale_temporaries(folder: str) -> List[str]:
 # ----------------------------------------------------------------------------------------------
 
 
+def short_reason(exc: BaseException) -> str:
+    """The first sentence of an error, without torch's C++ location prefix."""
+    text = str(exc).strip()
+    text = text.splitlines()[0] if text else type(exc).__name__
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text)
+    return text.split(". ")[0].rstrip(".")
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         hint = " (the disk is full)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         return exc.strerror + hint
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return first + " (is the disk full?)" if "write failed" in first else first
+    return f"the write failed ({short_reason(exc)}; is the disk full?)"
 
 
 def _fsync_folder(folder: str) -> None:
@@ -190,6 +197,7 @@ def write_file(path: str, write: Callable[[io.BufferedWriter], Any]) -> None:
     folder, name = os.path.split(os.path.abspath(path))
     fault_point("write:" + name)
     tmp = os.path.join(folder, f"{TMP_PREFIX}{name}-{os.getpid()}-{os.urandom(4).hex()}")
+    kept = f"; the previous {name} is unchanged" if os.path.exists(path) else ""
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
@@ -199,7 +207,7 @@ def write_file(path: str, write: Callable[[io.BufferedWriter], Any]) -> None:
             os.fsync(f.fileno())
     except (OSError, RuntimeError) as exc:
         _unlink_quietly(tmp)
-        raise TrainingError(f"cannot write {path}: {_reason(exc)}; the previous {name} (if any) is unchanged") from exc
+        raise TrainingError(f"cannot write {path}: {_reason(exc)}{kept}") from exc
     except BaseException:
         _unlink_quietly(tmp)
         raise
@@ -208,7 +216,7 @@ def write_file(path: str, write: Callable[[io.BufferedWriter], Any]) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         _unlink_quietly(tmp)
-        raise TrainingError(f"cannot write {path}: {_reason(exc)}") from exc
+        raise TrainingError(f"cannot write {path}: {_reason(exc)}{kept}") from exc
     _fsync_folder(folder)
     fault_point("done:" + name)
 

@@ -23,7 +23,7 @@ import torch
 from ..checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint
 from .config import TrainingError
 from .distributed import all_gather_objects
-from .outputs import write_json, write_metrics, write_text, write_torch
+from .outputs import short_reason, write_json, write_metrics, write_text, write_torch
 
 if TYPE_CHECKING:
     from .setup import Run
@@ -127,18 +127,13 @@ def save_best(run: "Run", state: TrainState) -> None:
         write_torch(run.paths.best, _payload(run, classes=run.classes, metrics=row, best_metric=state.best["metric"]))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def load_last(run: "Run") -> dict:
     """last.pt as written by :func:`save_last`, checked against this run's settings."""
     path = run.paths.last
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or overwritten file: torch raises RuntimeError, pickle errors, EOFError...
-        raise TrainingError(f"cannot resume: {path} is not a readable checkpoint ({_first_line(exc)}); "
+        raise TrainingError(f"cannot resume: {path} is not a readable checkpoint ({short_reason(exc)}); "
                             "move it away to start a new run in this folder") from exc
     ts = ck.get("train_state") if isinstance(ck, dict) else None
     if not isinstance(ts, dict) or ts.get("version") != CHECKPOINT_VERSION:
