@@ -72,10 +72,15 @@ def _run_train(args) -> int:
         final = summary["history"][-1] if summary["history"] else {}
         shown = {k: v for k, v in final.items() if k.startswith("val_") or k in ("epoch", "train_loss")}
         state = "stopped early" if summary["stopped"] else "done"
-        print(f"{state}: {summary['global_step']} steps, checkpoint {summary['last_checkpoint']}"
-              + (f", best {summary['best_checkpoint']} ({summary['best']['metric']} {summary['best']['value']:.4f})" if summary["best"] else "")
-              + (f", last epoch {json.dumps(shown)}" if shown else "")
-              + (f", {len(summary['bad_files'])} bad file(s) skipped (see {os.path.join(summary['out'], 'bad_files.txt')})" if summary["bad_files"] else ""))
+        parts = [f"{state}: {summary['global_step']} steps, checkpoint {summary['last_checkpoint']}"]
+        if summary["best"]:
+            parts.append(f"best {summary['best_checkpoint']} ({summary['best']['metric']} {summary['best']['value']:.4f})")
+        if shown:
+            parts.append(f"last epoch {json.dumps(shown)}")
+        if summary["bad_files"]:
+            bad_list = os.path.join(summary["out"], "bad_files.txt")
+            parts.append(f"{len(summary['bad_files'])} bad file(s) skipped (see {bad_list})")
+        print(", ".join(parts))
     return 0
 
 

@@ -16,8 +16,8 @@ import htsat
 from htsat.training import TrainConfig, TrainingError, make_lr_lambda, original_lr_multiplier, train
 
 from cli_helpers import SR, FREQS, tiny_model_json, HAVE_AUDIO, _one_thread, needs_audio  # noqa: F401 (_one_thread: autouse fixture)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_tones(folder, per_class=16, seed=0):
@@ -53,8 +53,17 @@ def tones(tmp_path_factory):
 
 def _cfg(tones, out, **kw):
     base = dict(
-        manifest=tones["manifest"], val_fold="0", model=tones["model"], out=str(out), epochs=3, batch_size=8, num_workers=0,
-        backend="reference", progress=False, cache_audio=True, log=lambda msg: None,
+        manifest=tones["manifest"],
+        val_fold="0",
+        model=tones["model"],
+        out=str(out),
+        epochs=3,
+        batch_size=8,
+        num_workers=0,
+        backend="reference",
+        progress=False,
+        cache_audio=True,
+        log=lambda msg: None,
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -88,11 +97,31 @@ def test_original_lr_multipliers():
 @needs_audio
 def test_learns_synthetic_tones_via_cli(tones, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = htsat_main([
-        "train", "--manifest", tones["manifest"], "--val-fold", "0", "--model", tones["model"], "--out", str(out),
-        "--epochs", "5", "--batch-size", "8", "--lr-schedule", "constant", "--lr", "1e-3", "--num-workers", "0",
-        "--cache-audio", "--no-progress",
-    ])
+    rc = htsat_main(
+        [
+            "train",
+            "--manifest",
+            tones["manifest"],
+            "--val-fold",
+            "0",
+            "--model",
+            tones["model"],
+            "--out",
+            str(out),
+            "--epochs",
+            "5",
+            "--batch-size",
+            "8",
+            "--lr-schedule",
+            "constant",
+            "--lr",
+            "1e-3",
+            "--num-workers",
+            "0",
+            "--cache-audio",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
@@ -227,7 +256,19 @@ def test_cli_reports_manifest_problems(tones, tmp_path, capsys):
     assert "htsat: error:" in err and str(bad) in err and "missing column" in err
     classes = tmp_path / "classes.txt"
     classes.write_text("low\nmid\nhigh\n")  # "top" is unknown
-    rc = htsat_main(["train", "--manifest", tones["manifest"], "--classes", str(classes), "--out", str(tmp_path / "o"), "--model", tones["model"]])
+    rc = htsat_main(
+        [
+            "train",
+            "--manifest",
+            tones["manifest"],
+            "--classes",
+            str(classes),
+            "--out",
+            str(tmp_path / "o"),
+            "--model",
+            tones["model"],
+        ]
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert "unknown label" in err and "'top'" in err and "tones.csv:" in err
@@ -242,10 +283,14 @@ def test_cli_reports_manifest_problems(tones, tmp_path, capsys):
 def test_nan_loss_names_the_step(tones, tmp_path, monkeypatch):
     import htsat.training.objective as tr
 
-    nan_F = types.SimpleNamespace(**{n: getattr(torch.nn.functional, n) for n in dir(torch.nn.functional) if not n.startswith("__")})
-    nan_F.cross_entropy = lambda logits, target: (logits.sum() * float("nan"))
+    nan_F = types.SimpleNamespace(
+        **{n: getattr(torch.nn.functional, n) for n in dir(torch.nn.functional) if not n.startswith("__")}
+    )
+    nan_F.cross_entropy = lambda logits, target: logits.sum() * float("nan")
     monkeypatch.setattr(tr, "F", nan_F)
-    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 1, step 1 \(global step 1\); clips in the batch: \w+_\d+\.wav"):
+    with pytest.raises(
+        TrainingError, match=r"non-finite loss at epoch 1, step 1 \(global step 1\); clips in the batch: \w+_\d+\.wav"
+    ):
         train(_cfg(tones, tmp_path / "nan", epochs=1))
     torch.manual_seed(0)  # the run seeds with its --seed (0) before building the model
     before = htsat.create_model(tones["model"], num_classes=4, backend="reference")
@@ -274,13 +319,48 @@ def test_ddp_two_gloo_processes(tones, tmp_path):
     manifest = os.path.join(tones["folder"], "tones_val15.csv")
     with open(manifest, "w") as f:
         f.write("\n".join(lines[:first_val] + lines[first_val + 1 :]) + "\n")
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env = dict(
+        os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""
+    )
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "htsat", "train", "--manifest", manifest, "--val-fold", "0",
-        "--model", tones["model"], "--out", str(out), "--epochs", "2", "--batch-size", "4", "--lr-schedule", "constant",
-        "--num-workers", "0", "--backend", "reference", "--no-progress", "--checkpoint-every", "3", "--record-indices",
-        "--device", "cpu",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "htsat",
+        "train",
+        "--manifest",
+        manifest,
+        "--val-fold",
+        "0",
+        "--model",
+        tones["model"],
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr-schedule",
+        "constant",
+        "--num-workers",
+        "0",
+        "--backend",
+        "reference",
+        "--no-progress",
+        "--checkpoint-every",
+        "3",
+        "--record-indices",
+        "--device",
+        "cpu",
     ]
     proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, "stderr:\n" + proc.stderr[-4000:] + "\nstdout:\n" + proc.stdout[-2000:]
@@ -312,7 +392,9 @@ def test_mean_average_precision_matches_sklearn():
     targets[:, 4] = 0  # a class without positives is left out
     scores = np.round(rng.random((60, 5)), 1)  # many ties
     for c in range(4):
-        assert average_precision(targets[:, c], scores[:, c]) == pytest.approx(sklearn_metrics.average_precision_score(targets[:, c], scores[:, c]))
+        assert average_precision(targets[:, c], scores[:, c]) == pytest.approx(
+            sklearn_metrics.average_precision_score(targets[:, c], scores[:, c])
+        )
     expect = sklearn_metrics.average_precision_score(targets[:, :4], scores[:, :4], average="macro")
     assert mean_average_precision(scores, targets) == pytest.approx(expect)
     assert np.isnan(mean_average_precision(scores, np.zeros_like(targets)))
@@ -324,10 +406,34 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tones, tmp_path):
     import time
 
     out = tmp_path / "term"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    args = ["--manifest", tones["manifest"], "--model", tones["model"], "--out", str(out), "--batch-size", "8",
-            "--num-workers", "0", "--backend", "reference", "--no-progress", "--checkpoint-every", "1", "--cache-audio"]
-    proc = subprocess.Popen([sys.executable, "-m", "htsat", "train", "--epochs", "1000", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(
+        os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""
+    )
+    args = [
+        "--manifest",
+        tones["manifest"],
+        "--model",
+        tones["model"],
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "0",
+        "--backend",
+        "reference",
+        "--no-progress",
+        "--checkpoint-every",
+        "1",
+        "--cache-audio",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "htsat", "train", "--epochs", "1000", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while not (out / "last.pt").exists():
@@ -356,7 +462,9 @@ def test_multi_label_bce_map_mixup_and_class_ids(tmp_path):
     rng = np.random.default_rng(2)
     names = list(FREQS)
     mids = {n: f"/m/{i:03d}" for i, n in enumerate(names)}
-    (tmp_path / "classes.csv").write_text("index,mid,display_name\n" + "".join(f'{i},{mids[n]},"{n.title()} tone"\n' for i, n in enumerate(names)))
+    (tmp_path / "classes.csv").write_text(
+        "index,mid,display_name\n" + "".join(f'{i},{mids[n]},"{n.title()} tone"\n' for i, n in enumerate(names))
+    )
     rows = []
     for k in range(24):
         chosen = [n for n in names if rng.random() < 0.4] or [names[k % 4]]
@@ -367,9 +475,17 @@ def test_multi_label_bce_map_mixup_and_class_ids(tmp_path):
     (tmp_path / "mix.csv").write_text("path,labels,fold\n" + "\n".join(rows) + "\n")
     messages = []
     cfg = TrainConfig(
-        manifest=str(tmp_path / "mix.csv"), val_fold="0", classes=str(tmp_path / "classes.csv"), out=str(tmp_path / "run"),
-        model=tiny_model_json(tmp_path / "tiny.json", loss_type="clip_bce"), epochs=2, batch_size=8, num_workers=0,
-        backend="reference", progress=False, log=messages.append,
+        manifest=str(tmp_path / "mix.csv"),
+        val_fold="0",
+        classes=str(tmp_path / "classes.csv"),
+        out=str(tmp_path / "run"),
+        model=tiny_model_json(tmp_path / "tiny.json", loss_type="clip_bce"),
+        epochs=2,
+        batch_size=8,
+        num_workers=0,
+        backend="reference",
+        progress=False,
+        log=messages.append,
     )
     run = train(cfg)
     assert any("multi-label, loss bce, mixup on" in m for m in messages)

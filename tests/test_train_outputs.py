@@ -35,12 +35,53 @@ def small(tmp_path_factory):
 
 def _cfg(small, out, **kw):
     base = dict(
-        manifest=small["manifest"], val_fold="0", model=small["model"], out=str(out), epochs=2, batch_size=4, num_workers=0,
-        backend="reference", progress=False, cache_audio=True, log=lambda msg: None, checkpoint_every=2, mixup="on",
+        manifest=small["manifest"],
+        val_fold="0",
+        model=small["model"],
+        out=str(out),
+        epochs=2,
+        batch_size=4,
+        num_workers=0,
+        backend="reference",
+        progress=False,
+        cache_audio=True,
+        log=lambda msg: None,
+        checkpoint_every=2,
+        mixup="on",
         lr_schedule="constant",
     )
     base.update(kw)
     return TrainConfig(**base)
+
+
+def _cli(small, out, *extra):
+    """``htsat train`` arguments equal to _cfg(small, out) (checkpoint_every aside), plus ``extra``."""
+    return [
+        "train",
+        "--manifest",
+        small["manifest"],
+        "--val-fold",
+        "0",
+        "--model",
+        small["model"],
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--backend",
+        "reference",
+        "--no-progress",
+        "--cache-audio",
+        "--mixup",
+        "on",
+        "--lr-schedule",
+        "constant",
+        *extra,
+    ]
 
 
 class Killed(BaseException):
@@ -209,12 +250,15 @@ def test_kill_during_the_repair_of_a_resume(small, reference, tmp_path):
 
 def test_real_kill_leaves_a_lock_and_a_temporary_that_resume_handles(small, reference, tmp_path):
     out = tmp_path / "real"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="", **{outputs.FAULT_ENV: "rename:last.pt#3"})
-    cmd = [sys.executable, "-m", "htsat", "train", "--manifest", small["manifest"], "--val-fold", "0", "--model", small["model"],
-           "--out", str(out), "--epochs", "2", "--batch-size", "4", "--num-workers", "0", "--backend", "reference", "--no-progress",
-           "--cache-audio", "--checkpoint-every", "2", "--mixup", "on", "--lr-schedule", "constant"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    env = dict(
+        os.environ,
+        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        **{outputs.FAULT_ENV: "rename:last.pt#3"},
+    )
+    cmd = [sys.executable, "-m", "htsat", *_cli(small, out, "--checkpoint-every", "2")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 137, proc.stderr[-3000:]
     left = os.listdir(out)
     assert LOCK_NAME in left and any(n.startswith(".tmp-last.pt") for n in left)
@@ -237,7 +281,7 @@ def test_second_run_on_a_locked_folder_is_refused(small, tmp_path, capsys):
     try:
         with pytest.raises(TrainingError, match=rf"in use by another training run \(pid {os.getpid()} on "):
             train(_cfg(small, out, epochs=1))
-        rc = htsat_main(["train", "--manifest", small["manifest"], "--model", small["model"], "--out", str(out), "--epochs", "1"])
+        rc = htsat_main(_cli(small, out))
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 1 and len(err) == 1 and err[0].startswith("htsat: error: ") and str(out) in err[0], err
         assert not (out / "last.pt").exists() and not (out / "classes.txt").exists()  # nothing written
@@ -250,8 +294,10 @@ def test_second_run_on_a_locked_folder_is_refused(small, tmp_path, capsys):
 def test_lock_file_of_a_dead_process_does_not_block(small, tmp_path):
     out = tmp_path / "stale"
     out.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
-    (out / LOCK_NAME).write_text(json.dumps({"pid": int(dead), "host": "here", "started": "then"}))
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout
+    (out / LOCK_NAME).write_text(json.dumps({"pid": int(dead.strip()), "host": "here", "started": "then"}))
     run = train(_cfg(small, out, epochs=1))
     assert run["epochs"] == 1 and json.load(open(out / LOCK_NAME))["pid"] == os.getpid()
 
@@ -286,9 +332,7 @@ def test_full_disk_is_one_line_and_keeps_last_pt(small, tmp_path, capsys):
 
     outputs.fault_hook = disk_full
     try:
-        rc = htsat_main(["train", "--manifest", small["manifest"], "--val-fold", "0", "--model", small["model"], "--out", str(out),
-                         "--epochs", "2", "--batch-size", "4", "--num-workers", "0", "--backend", "reference", "--no-progress",
-                         "--cache-audio", "--mixup", "on", "--lr-schedule", "constant", "--resume"])
+        rc = htsat_main(_cli(small, out, "--resume"))
     finally:
         outputs.fault_hook = None
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("htsat:") or "Traceback" in line]
@@ -310,9 +354,7 @@ def test_write_failure_inside_torch_save_names_the_file(small, tmp_path, capsys)
     old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))
     try:
-        rc = htsat_main(["train", "--manifest", small["manifest"], "--val-fold", "0", "--model", small["model"], "--out", str(out),
-                         "--epochs", "2", "--batch-size", "4", "--num-workers", "0", "--backend", "reference", "--no-progress",
-                         "--cache-audio", "--mixup", "on", "--lr-schedule", "constant", "--resume"])
+        rc = htsat_main(_cli(small, out, "--resume"))
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, old_handler)
@@ -335,9 +377,7 @@ def test_corrupt_last_pt_on_resume_is_one_line(small, tmp_path, capsys, damage):
     else:
         path.write_bytes(b"\x00not a checkpoint\n" * 10)
     before = path.read_bytes()
-    rc = htsat_main(["train", "--manifest", small["manifest"], "--val-fold", "0", "--model", small["model"], "--out", str(out),
-                     "--epochs", "2", "--batch-size", "4", "--num-workers", "0", "--backend", "reference", "--no-progress",
-                     "--resume"])
+    rc = htsat_main(_cli(small, out, "--resume"))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and err[0].startswith("htsat: error: ") and str(path) in err[0], err
     assert path.read_bytes() == before

@@ -28,5 +28,12 @@ from .metrics import average_precision, mean_average_precision
 from .runner import train
 from .schedule import make_lr_lambda, original_lr_multiplier
 
-__all__ = ["TrainConfig", "TrainingError", "train", "original_lr_multiplier", "make_lr_lambda", "average_precision",
-           "mean_average_precision"]
+__all__ = [
+    "TrainConfig",
+    "TrainingError",
+    "train",
+    "original_lr_multiplier",
+    "make_lr_lambda",
+    "average_precision",
+    "mean_average_precision",
+]

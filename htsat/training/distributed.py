@@ -13,8 +13,16 @@ import torch.distributed as dist
 
 from .config import TrainingError
 
-__all__ = ["Dist", "setup_distributed", "teardown_distributed", "all_gather_objects", "all_reduce", "all_reduce_min", "TermFlag",
-           "worker_ignores_sigterm"]
+__all__ = [
+    "Dist",
+    "setup_distributed",
+    "teardown_distributed",
+    "all_gather_objects",
+    "all_reduce",
+    "all_reduce_min",
+    "TermFlag",
+    "worker_ignores_sigterm",
+]
 
 
 @dataclass

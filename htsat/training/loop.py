@@ -53,13 +53,17 @@ def train_step(run: Run, state: TrainState, batch: Dict[str, Any], term: TermFla
         out = run.model(wave, mixup_lambda=lam)
     loss = run.objective.loss(out["clipwise_logits"], target, lam)
     # one collective per step: every rank agrees on "loss finite" and on "stop requested"
-    flags = torch.stack([torch.isfinite(loss.detach()).float(), torch.tensor(-1.0 if term.requested else 0.0, device=loss.device)])
+    flags = torch.stack(
+        [torch.isfinite(loss.detach()).float(), torch.tensor(-1.0 if term.requested else 0.0, device=loss.device)]
+    )
     all_reduce_min(run.dist, flags)
     stop_requested = bool(flags[1] < 0)
     where = f"epoch {state.epoch + 1}, step {state.step_in_epoch + 1} (global step {state.global_step + 1})"
     if not bool(flags[0].item()):
         files = [os.path.basename(run.train_ds.items[i].path) for i in batch["source_index"].tolist()[:8]]
-        _skip_step(run, state, f"non-finite loss at {where}; clips in the batch: {', '.join(files)}", can_stop=True, all_ranks=True)
+        _skip_step(
+            run, state, f"non-finite loss at {where}; clips in the batch: {', '.join(files)}", can_stop=True, all_ranks=True
+        )
         return loss.detach(), stop_requested
 
     scaler = run.scaler
@@ -94,8 +98,14 @@ def _progress_bar(run: Run, state: TrainState):
         from tqdm.auto import tqdm
     except ImportError:  # progress bars are optional
         return None
-    return tqdm(total=run.steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{run.cfg.epochs}",
-                unit="step", dynamic_ncols=True, leave=True)
+    return tqdm(
+        total=run.steps_per_epoch,
+        initial=state.step_in_epoch,
+        desc=f"epoch {state.epoch + 1}/{run.cfg.epochs}",
+        unit="step",
+        dynamic_ncols=True,
+        leave=True,
+    )
 
 
 def _stderr_is_tty() -> bool:
@@ -133,7 +143,7 @@ def run_epoch(run: Run, state: TrainState, term: TermFlag, indices: Optional[Lis
             loss, stop_requested = train_step(run, state, batch, term)
             with warnings.catch_warnings():  # a skipped first step would warn "scheduler before optimizer"
                 warnings.simplefilter("ignore", UserWarning)
-                run.scheduler.step()  # the schedule follows steps (epochs), skipped or not, like the original's per-epoch LambdaLR
+                run.scheduler.step()  # follows steps, skipped or not, like the original's per-epoch LambdaLR
             n = batch["waveform"].shape[0]
             clips += n
             state.epoch_clips += n
@@ -142,8 +152,11 @@ def run_epoch(run: Run, state: TrainState, term: TermFlag, indices: Optional[Lis
             fault_point("step")
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
-                                clips_s=f"{clips * run.dist.world / max(1e-9, time.perf_counter() - t0):.1f}")
+                bar.set_postfix(
+                    loss=f"{loss.item():.4f}",
+                    lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
+                    clips_s=f"{clips * run.dist.world / max(1e-9, time.perf_counter() - t0):.1f}",
+                )
             if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
                 state.epoch_time += time.perf_counter() - t0
                 t0, clips = time.perf_counter(), 0
@@ -153,7 +166,9 @@ def run_epoch(run: Run, state: TrainState, term: TermFlag, indices: Optional[Lis
                 return EpochEnd(complete=False, stopped=True)
             if stop_requested:  # some rank got SIGTERM: save where we are and leave
                 save_last(run, state)
-                run.log(f"terminated (SIGTERM) at global step {state.global_step}: saved {run.paths.last}; continue with --resume")
+                run.log(
+                    f"terminated (SIGTERM) at global step {state.global_step}: saved {run.paths.last}; continue with --resume"
+                )
                 return EpochEnd(complete=False, stopped=True, interrupted=True)
     finally:
         if bar is not None:
@@ -181,8 +196,12 @@ def evaluate(run: Run) -> dict:
         targets.append(batch["target"][keep])
     model.train()
     empty = torch.zeros(0, len(ds.classes))
-    local = (torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long), torch.cat(logits_all) if logits_all else empty,
-             torch.cat(targets) if targets else empty, bad)
+    local = (
+        torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long),
+        torch.cat(logits_all) if logits_all else empty,
+        torch.cat(targets) if targets else empty,
+        bad,
+    )
     gathered = all_gather_objects(run.dist, local)
     index = torch.cat([g[0] for g in gathered])
     logits = torch.cat([g[1] for g in gathered])

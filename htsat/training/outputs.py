@@ -29,8 +29,20 @@ import torch
 
 from .config import TrainingError
 
-__all__ = ["FAULT_ENV", "LOCK_NAME", "fault_hook", "fault_point", "OutputLock", "remove_stale_temporaries", "short_reason", "write_file",
-           "write_text", "write_json", "write_torch", "write_metrics"]
+__all__ = [
+    "FAULT_ENV",
+    "LOCK_NAME",
+    "fault_hook",
+    "fault_point",
+    "OutputLock",
+    "remove_stale_temporaries",
+    "short_reason",
+    "write_file",
+    "write_text",
+    "write_json",
+    "write_torch",
+    "write_metrics",
+]
 
 FAULT_ENV = "HTSAT_TRAIN_FAULT"
 LOCK_NAME = ".htsat-train.lock"
@@ -84,8 +96,10 @@ class OutputLock:
 
     def _busy(self) -> TrainingError:
         folder = os.path.dirname(self.path)
-        return TrainingError(f"{folder} is in use by another training run ({self._holder()}; lock {self.path}); "
-                             "wait for it to finish or choose another --out")
+        return TrainingError(
+            f"{folder} is in use by another training run ({self._holder()}; lock {self.path}); "
+            "wait for it to finish or choose another --out"
+        )
 
     def _record(self, fd: int) -> None:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -93,23 +107,29 @@ class OutputLock:
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, (json.dumps(info) + "\n").encode())
 
-    def acquire(self) -> None:
+    def acquire(self) -> Optional[str]:
+        """Take the lock, or raise TrainingError naming its holder. Returns a warning where the
+        file system cannot lock (some network file systems): the run goes on unprotected."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover (Windows)
             return self._acquire_exclusive_file()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise TrainingError(f"cannot create the lock file {self.path}: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise self._busy() from None
-            raise TrainingError(f"cannot lock {self.path}: {exc.strerror}") from exc
+            return f"warning: cannot lock {self.path} ({exc.strerror}); nothing stops a second run from writing to this folder"
         self._record(fd)
         self._fd = fd
+        return None
 
-    def _acquire_exclusive_file(self) -> None:  # pragma: no cover (Windows)
+    def _acquire_exclusive_file(self) -> Optional[str]:  # pragma: no cover (Windows)
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
@@ -120,7 +140,7 @@ class OutputLock:
                 continue
             self._record(fd)
             self._fd = fd
-            return
+            return None
         raise self._busy()
 
     def _holder_alive(self) -> bool:  # pragma: no cover (Windows)

@@ -48,7 +48,9 @@ def _take_folder(cfg: TrainConfig, d: Dist, lock: OutputLock, paths: Paths, log:
                 os.makedirs(cfg.out, exist_ok=True)
             except OSError as exc:
                 raise TrainingError(f"cannot create the output folder {cfg.out}: {exc.strerror}") from exc
-            lock.acquire()
+            warning = lock.acquire()
+            if warning:
+                log(warning)
             for path in remove_stale_temporaries(cfg.out):
                 log(f"removed {path}, left by an interrupted write")
             if os.path.exists(paths.last) and not cfg.resume:
@@ -68,18 +70,21 @@ def _start(run: Run) -> TrainState:
         ck = load_last(run)
         state = restore(run, ck)
         repair_outputs(run, state, ck)
-        run.log(f"resumed {run.paths.last}: epoch {state.epoch}, step {state.step_in_epoch} of {run.steps_per_epoch}, "
-                f"global step {state.global_step}")
+        run.log(
+            f"resumed {run.paths.last}: epoch {state.epoch}, step {state.step_in_epoch} of {run.steps_per_epoch}, "
+            f"global step {state.global_step}"
+        )
     else:
         if cfg.resume:
             run.log(f"--resume: no checkpoint in {cfg.out}, starting a new run")
         seed_everything(cfg.seed + 1000003 * d.rank)  # augmentation streams differ per rank
         state = TrainState()
         write_run_files(run)
+    n_params = sum(p.numel() for p in run.params)
     amp = "fp32" if run.amp_dtype is None else str(run.amp_dtype).replace("torch.", "")
     val = f" / validating on {len(run.val_ds)}" if run.val_ds else ""
     run.log(
-        f"training {run.core.config.name} ({sum(p.numel() for p in run.params) / 1e6:.2f}M trainable) on {len(run.train_ds)} clips"
+        f"training {run.core.config.name} ({n_params / 1e6:.2f}M trainable) on {len(run.train_ds)} clips"
         f"{val}, {len(run.classes)} classes, {'multi' if run.multi_label else 'single'}-label, loss {run.objective.loss_kind}, "
         f"mixup {'on' if run.objective.mixup.enabled else 'off'}, {d.world} process(es) on {run.device}, {amp}, "
         f"{run.steps_per_epoch} steps/epoch, backend {cfg.backend}"
@@ -98,7 +103,9 @@ def _train_epochs(run: Run, state: TrainState, term: TermFlag) -> dict:
             break
         end_epoch(run, state, epoch_row(run, state))
     if cfg.record_indices:
-        write_text(os.path.join(cfg.out, f"indices_rank{run.dist.rank}.json"), json.dumps({str(k): v for k, v in indices_log.items()}))
+        write_text(
+            os.path.join(cfg.out, f"indices_rank{run.dist.rank}.json"), json.dumps({str(k): v for k, v in indices_log.items()})
+        )
     if run.dist.main and not end.stopped and state.bad_files:
         write_text(run.paths.bad_files, "".join(m + "\n" for m in state.bad_files))
     return {

@@ -114,8 +114,15 @@ class Run:
         g.manual_seed(self.cfg.seed)
         workers = self.cfg.num_workers
         return DataLoader(
-            ds, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=workers, collate_fn=collate, drop_last=drop_last,
-            pin_memory=self.device.type == "cuda", generator=g, persistent_workers=False,
+            ds,
+            batch_size=self.cfg.batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate,
+            drop_last=drop_last,
+            pin_memory=self.device.type == "cuda",
+            generator=g,
+            persistent_workers=False,
             worker_init_fn=worker_ignores_sigterm if workers > 0 else None,
         )
 
@@ -229,7 +236,9 @@ def build_run(cfg: TrainConfig, d: Dist, paths: Paths, log: Logger) -> Run:
         raise ValueError(f"clip_seconds {clip_seconds} is longer than one model image ({mcfg.max_frames} frames)")
     common = dict(pad=cfg.pad, on_error=cfg.on_bad_file, silence_db=cfg.silence_db, seed=cfg.seed, cache=cfg.cache_audio)
     train_ds = AudioDataset(items, classes, mcfg.sample_rate, clip_samples, train=True, crop=cfg.crop, **common)
-    sampler = ResumableSampler(len(train_ds), shuffle=True, seed=cfg.seed, num_replicas=d.world, rank=d.rank, drop_last=cfg.drop_last)
+    sampler = ResumableSampler(
+        len(train_ds), shuffle=True, seed=cfg.seed, num_replicas=d.world, rank=d.rank, drop_last=cfg.drop_last
+    )
     per_rank = sampler.num_samples
     steps_per_epoch = per_rank // cfg.batch_size if cfg.drop_last else math.ceil(per_rank / cfg.batch_size)
     if steps_per_epoch == 0:
@@ -241,11 +250,39 @@ def build_run(cfg: TrainConfig, d: Dist, paths: Paths, log: Logger) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_fn)
     amp_dtype = autocast_dtype(cfg.precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    meta = {"classes": classes, "batch_size": cfg.batch_size, "world_size": d.world, "seed": cfg.seed,
-            "train_config": {"train": cfg.to_json(), "model": mcfg.to_dict(), "classes": classes, "world_size": d.world}}
-    run = Run(cfg, d, log, paths, device, classes, multi_label, core, model, params, train_ds, sampler, steps_per_epoch, None, None,
-              optimizer, scheduler, amp_dtype, scaler, Objective(loss_kind, mixup), meta)
+    meta = {
+        "classes": classes,
+        "batch_size": cfg.batch_size,
+        "world_size": d.world,
+        "seed": cfg.seed,
+        "train_config": {"train": cfg.to_json(), "model": mcfg.to_dict(), "classes": classes, "world_size": d.world},
+    }
+    run = Run(
+        cfg,
+        d,
+        log,
+        paths,
+        device,
+        classes,
+        multi_label,
+        core,
+        model,
+        params,
+        train_ds,
+        sampler,
+        steps_per_epoch,
+        None,
+        None,
+        optimizer,
+        scheduler,
+        amp_dtype,
+        scaler,
+        Objective(loss_kind, mixup),
+        meta,
+    )
     if val_items:
         run.val_ds = AudioDataset(val_items, classes, mcfg.sample_rate, clip_samples, train=False, crop="start", **common)
-        run.val_loader = run.loader(run.val_ds, ResumableSampler(len(run.val_ds), shuffle=False, num_replicas=d.world, rank=d.rank))
+        run.val_loader = run.loader(
+            run.val_ds, ResumableSampler(len(run.val_ds), shuffle=False, num_replicas=d.world, rank=d.rank)
+        )
     return run

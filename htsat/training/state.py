@@ -28,8 +28,17 @@ from .outputs import short_reason, write_json, write_metrics, write_text, write_
 if TYPE_CHECKING:
     from .setup import Run
 
-__all__ = ["CHECKPOINT_VERSION", "TrainState", "seed_everything", "save_last", "save_best", "load_last", "restore",
-           "write_run_files", "repair_outputs"]
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "TrainState",
+    "seed_everything",
+    "save_last",
+    "save_best",
+    "load_last",
+    "restore",
+    "write_run_files",
+    "repair_outputs",
+]
 
 CHECKPOINT_VERSION = 1
 
@@ -103,6 +112,9 @@ def _payload(run: "Run", **extra: Any) -> dict:
     return obj
 
 
+_TRAIN_STATE_KEYS = ("meta", "optimizer", "scheduler", "rng", *(f.name for f in dataclasses.fields(TrainState)))
+
+
 def save_last(run: "Run", state: TrainState) -> None:
     """Write last.pt (all ranks take part: it holds every rank's RNG state)."""
     rng_all = all_gather_objects(run.dist, get_rng_state(run.device))
@@ -133,11 +145,16 @@ def load_last(run: "Run") -> dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or overwritten file: torch raises RuntimeError, pickle errors, EOFError...
-        raise TrainingError(f"cannot resume: {path} is not a readable checkpoint ({short_reason(exc)}); "
-                            "move it away to start a new run in this folder") from exc
+        raise TrainingError(
+            f"cannot resume: {path} is not a readable checkpoint ({short_reason(exc)}); "
+            "move it away to start a new run in this folder"
+        ) from exc
     ts = ck.get("train_state") if isinstance(ck, dict) else None
     if not isinstance(ts, dict) or ts.get("version") != CHECKPOINT_VERSION:
         raise TrainingError(f"{path} is not a training checkpoint of this version; cannot resume")
+    missing = [k for k in _TRAIN_STATE_KEYS if k not in ts] + [k for k in ("config", "state_dict") if k not in ck]
+    if missing or not isinstance(ts["meta"], dict):
+        raise TrainingError(f"{path} is an incomplete training checkpoint (missing {missing or ['meta']}); cannot resume")
     for key in ("classes", "batch_size", "world_size", "seed"):
         if ts["meta"].get(key) != run.meta[key]:
             raise TrainingError(
@@ -212,7 +229,9 @@ def repair_outputs(run: "Run", state: TrainState, ck: dict) -> None:
                 save_best(run, state)
                 run.log(f"rewrote {run.paths.best} (epoch {state.best['epoch']}) from {run.paths.last}")
             else:
-                run.log(f"warning: {run.paths.best} does not hold epoch {state.best['epoch']} and cannot be rebuilt from "
-                        f"{run.paths.last}")
+                run.log(
+                    f"warning: {run.paths.best} does not hold epoch {state.best['epoch']} and cannot be rebuilt from "
+                    f"{run.paths.last}"
+                )
     if state.history:
         write_metrics(run.out, state.history)
