@@ -493,3 +493,67 @@ def test_multi_label_bce_map_mixup_and_class_ids(tmp_path):
     assert 0.0 < last["val_mAP"] <= 1.0 and "val_accuracy" not in last and np.isfinite(last["val_loss"])
     assert run["best"]["metric"] == "val_mAP"
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["classes"] == [f"{n.title()} tone" for n in names]
+
+
+# ------------------------------------------------------------------------- the CLI from TrainConfig
+
+
+def test_train_cli_is_generated_from_train_config():
+    import argparse
+    import dataclasses
+
+    import htsat_kernels
+    from htsat.audio import DEFAULT_SILENCE_DB
+    from htsat.cli import build_parser
+    from htsat.training.config import config_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "--manifest", "m.csv", "--out", "o"])
+    cfg = config_from_args(args)
+    # every default as the dataclass states it (stated once)
+    defaults = TrainConfig(manifest="m.csv", out="o")
+    for f in dataclasses.fields(TrainConfig):
+        assert getattr(cfg, f.name) == getattr(defaults, f.name), f.name
+    assert cfg.silence_db == DEFAULT_SILENCE_DB
+    train_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    by_dest = {a.dest: a for a in train_parser._actions}
+    assert tuple(by_dest["backend"].choices) == tuple(htsat_kernels.BACKENDS)
+    for f in dataclasses.fields(TrainConfig):  # every field has a flag with its help, except the API-only log
+        assert (f.name in by_dest) == (f.name != "log"), f.name
+        if f.name in by_dest:
+            assert by_dest[f.name].help == (f.metadata["help"] if not f.metadata.get("hidden") else "==SUPPRESS=="), f.name
+
+
+def test_train_cli_flags_stay_compatible():
+    from htsat.cli import build_parser
+    from htsat.training.config import config_from_args
+
+    argv = [
+        "train", "--esc50", "ESC-50", "--val-manifest", "v.csv", "--classes", "c.txt", "--data-root", "r", "--clip-seconds", "5",
+        "--pad", "zeros", "--crop", "center", "--on-bad-file", "stop", "--max-bad-files", "3", "--silence-db", "none",
+        "--cache-audio", "--num-workers", "0", "--model", "htsat-esc50", "--set", "drop_path_rate=0.2",
+        "--set", "depths=[1,1,1,1]", "--backend", "fused", "--init-checkpoint", "x.ckpt", "--init-drop-head", "yes", "--out", "o",
+        "--epochs", "3",
+        "--batch-size", "5", "--lr", "0.01", "--weight-decay", "0.1", "--betas", "0.8", "0.99", "--eps", "1e-6",
+        "--lr-schedule", "cosine", "--warmup-epochs", "1.5", "--min-lr-ratio", "0.1", "--grad-clip", "0", "--loss", "bce",
+        "--mixup", "off", "--mixup-alpha", "0.3", "--mixup-labels", "--no-specaug", "--drop-last", "--precision", "bf16",
+        "--device", "cpu", "--seed", "7", "--sync-bn", "--find-unused-parameters", "--on-nan", "skip", "--checkpoint-every", "9",
+        "--resume", "--stop-after-steps", "11", "--no-progress", "--record-indices",
+    ]  # fmt: skip
+    cfg = config_from_args(build_parser().parse_args(argv))
+    assert cfg.manifest == "ESC-50" and cfg.silence_db is None
+    assert cfg.model_overrides == {"drop_path_rate": 0.2, "depths": [1, 1, 1, 1]}
+    assert cfg.betas == (0.8, 0.99) and cfg.specaugment is False and cfg.progress is False and cfg.record_indices is True
+    assert (cfg.backend, cfg.init_drop_head, cfg.epochs, cfg.grad_clip, cfg.warmup_epochs) == ("fused", "yes", 3, 0.0, 1.5)
+    assert (cfg.checkpoint_every, cfg.stop_after_steps, cfg.seed, cfg.on_nan, cfg.mixup_labels) == (9, 11, 7, "skip", True)
+    assert config_from_args(build_parser().parse_args(["train", "--manifest", "m", "--out", "o", "--progress"])).progress is True
+    cfg.validate()
+    with pytest.raises(ValueError, match="pad must be one of"):
+        TrainConfig(manifest="m", out="o", pad="mirror").validate()
+
+
+@needs_audio
+def test_no_specaugment_is_a_model_flag_not_a_replaced_method(tones, tmp_path):
+    run = train(_cfg(tones, tmp_path / "noaug", epochs=0, specaugment=False))
+    model = run["model"]
+    assert model.use_spec_augment is False and "spec_augment" not in vars(model)
