@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -91,7 +92,7 @@ def train_step(run: Run, state: TrainState, batch: Dict[str, Any], term: TermFla
 
 
 def _progress_bar(run: Run, state: TrainState):
-    show = run.cfg.progress if run.cfg.progress is not None else _stderr_is_tty()
+    show = run.cfg.progress if run.cfg.progress is not None else sys.stderr.isatty()
     if not (show and run.dist.main):
         return None
     try:
@@ -106,12 +107,6 @@ def _progress_bar(run: Run, state: TrainState):
         dynamic_ncols=True,
         leave=True,
     )
-
-
-def _stderr_is_tty() -> bool:
-    import sys
-
-    return sys.stderr.isatty()
 
 
 @dataclass
