@@ -159,6 +159,7 @@ class TrainConfig:
         "progress bar even when stderr is not a terminal (default: when it is one)",
         group="runtime",
         negative="--no-progress",
+        negative_help="no progress bar",
         record=False,
     )
     log: Optional[Callable[[str], None]] = option(
@@ -227,7 +228,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 dest=f.name,
                 action="store_false",
                 default=default,
-                help=argparse.SUPPRESS if md.get("hidden") else f"no {f.name.replace('_', ' ')}",
+                help=argparse.SUPPRESS if md.get("hidden") else md.get("negative_help", f"no {f.name.replace('_', ' ')}"),
             )
             kw["action"] = "store_true"
         elif kind is bool:

@@ -103,7 +103,6 @@ class TermFlag:
             self._prev = signal.signal(signal.SIGTERM, self._handler)
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> None:
         if self._prev is not None:
             signal.signal(signal.SIGTERM, self._prev)
-        return False

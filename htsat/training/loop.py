@@ -176,10 +176,11 @@ def run_epoch(run: Run, state: TrainState, term: TermFlag, indices: Optional[Lis
 def evaluate(run: Run) -> dict:
     """Validation loss, accuracy (single-label data) and mAP over the whole set (all ranks
     gathered); ``_bad`` lists the files that could not be read."""
-    model, ds = run.core, run.val_ds
+    model, ds, loader = run.core, run.val_ds, run.val_loader
+    assert ds is not None and loader is not None, "evaluate() needs validation data"
     model.eval()
     idx, targets, logits_all, bad = [], [], [], []
-    for batch in run.val_loader:
+    for batch in loader:
         bad += batch["bad"]
         keep = batch["valid"]
         if not keep.any():

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, List, Optional
+from typing import Any, Callable, ContextManager, Dict, List, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -173,18 +173,18 @@ def load_data(cfg: TrainConfig):
     return items, val_items, classes
 
 
-def _init_weights(model: HTSAT, cfg: TrainConfig, log: Logger) -> None:
-    drop = {"yes": True, "no": False}.get(cfg.init_drop_head)
+def _init_weights(model: HTSAT, path: str, drop_head: str, log: Logger) -> None:
+    drop = {"yes": True, "no": False}.get(drop_head)
     if drop is None:  # auto: keep the head unless the class count differs
         try:
-            report = load_checkpoint(model, cfg.init_checkpoint, drop_head=False)
+            report = load_checkpoint(model, path, drop_head=False)
         except CheckpointError as e:
             if "drop_head=True" not in str(e):
                 raise
-            report = load_checkpoint(model, cfg.init_checkpoint, drop_head=True)
+            report = load_checkpoint(model, path, drop_head=True)
     else:
-        report = load_checkpoint(model, cfg.init_checkpoint, drop_head=drop)
-    log(f"initialised from {cfg.init_checkpoint}: {report}")
+        report = load_checkpoint(model, path, drop_head=drop)
+    log(f"initialised from {path}: {report}")
 
 
 def build_model(cfg: TrainConfig, d: Dist, device: torch.device, classes: List[str], will_resume: bool, log: Logger):
@@ -199,7 +199,7 @@ def build_model(cfg: TrainConfig, d: Dist, device: torch.device, classes: List[s
         for p in head.parameters():
             p.requires_grad_(False)
     if cfg.init_checkpoint and not will_resume:
-        _init_weights(model, cfg, log)
+        _init_weights(model, cfg.init_checkpoint, cfg.init_drop_head, log)
     model.to(device)
     if d.enabled and cfg.sync_bn:
         if device.type == "cuda":
@@ -234,7 +234,9 @@ def build_run(cfg: TrainConfig, d: Dist, paths: Paths, log: Logger) -> Run:
     clip_samples = int(round(clip_seconds * mcfg.sample_rate))
     if core.num_frames(clip_samples) > mcfg.max_frames:
         raise ValueError(f"clip_seconds {clip_seconds} is longer than one model image ({mcfg.max_frames} frames)")
-    common = dict(pad=cfg.pad, on_error=cfg.on_bad_file, silence_db=cfg.silence_db, seed=cfg.seed, cache=cfg.cache_audio)
+    common: Dict[str, Any] = dict(
+        pad=cfg.pad, on_error=cfg.on_bad_file, silence_db=cfg.silence_db, seed=cfg.seed, cache=cfg.cache_audio
+    )
     train_ds = AudioDataset(items, classes, mcfg.sample_rate, clip_samples, train=True, crop=cfg.crop, **common)
     sampler = ResumableSampler(
         len(train_ds), shuffle=True, seed=cfg.seed, num_replicas=d.world, rank=d.rank, drop_last=cfg.drop_last
@@ -245,7 +247,9 @@ def build_run(cfg: TrainConfig, d: Dist, paths: Paths, log: Logger) -> Run:
         raise ManifestError(f"{cfg.manifest}: {len(train_ds)} clips give no full batch of {cfg.batch_size} per process")
 
     params = [p for p in core.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
     lr_fn = make_lr_lambda(cfg.lr_schedule, steps_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_fn)
     amp_dtype = autocast_dtype(cfg.precision, device)

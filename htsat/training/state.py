@@ -72,9 +72,9 @@ class TrainState:
 # ----------------------------------------------------------------------------------------------
 
 
-def get_rng_state(device: torch.device) -> dict:
+def get_rng_state(device: torch.device) -> Dict[str, Any]:
     np_state = np.random.get_state()
-    state = {
+    state: Dict[str, Any] = {
         "python": random.getstate(),
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state(),
@@ -134,9 +134,10 @@ def save_last(run: "Run", state: TrainState) -> None:
 
 def save_best(run: "Run", state: TrainState) -> None:
     """best.pt from the model as it is now, which must be the weights of the best epoch."""
-    if run.dist.main:
-        row = state.history[state.best["epoch"] - 1]
-        write_torch(run.paths.best, _payload(run, classes=run.classes, metrics=row, best_metric=state.best["metric"]))
+    best = state.best
+    if run.dist.main and best is not None:
+        row = state.history[best["epoch"] - 1]
+        write_torch(run.paths.best, _payload(run, classes=run.classes, metrics=row, best_metric=best["metric"]))
 
 
 def load_last(run: "Run") -> dict:
