@@ -262,28 +262,11 @@ def build_run(cfg: TrainConfig, d: Dist, paths: Paths, log: Logger) -> Run:
         "train_config": {"train": cfg.to_json(), "model": mcfg.to_dict(), "classes": classes, "world_size": d.world},
     }
     run = Run(
-        cfg,
-        d,
-        log,
-        paths,
-        device,
-        classes,
-        multi_label,
-        core,
-        model,
-        params,
-        train_ds,
-        sampler,
-        steps_per_epoch,
-        None,
-        None,
-        optimizer,
-        scheduler,
-        amp_dtype,
-        scaler,
-        Objective(loss_kind, mixup),
-        meta,
-    )
+        cfg=cfg, dist=d, log=log, paths=paths, device=device, classes=classes, multi_label=multi_label, core=core, model=model,
+        params=params, train_ds=train_ds, sampler=sampler, steps_per_epoch=steps_per_epoch, val_ds=None, val_loader=None,
+        optimizer=optimizer, scheduler=scheduler, amp_dtype=amp_dtype, scaler=scaler, objective=Objective(loss_kind, mixup),
+        meta=meta,
+    )  # fmt: skip
     if val_items:
         run.val_ds = AudioDataset(val_items, classes, mcfg.sample_rate, clip_samples, train=False, crop="start", **common)
         run.val_loader = run.loader(
