@@ -11,6 +11,7 @@ import os
 import sys
 from typing import List, Optional
 
+from .training.config import HelpFormatter as TrainHelpFormatter
 from .training.config import add_arguments as add_train_arguments
 
 __all__ = ["main", "build_parser"]
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train or fine-tune a model (torchrun --nproc_per_node N -m htsat train ... for DDP)",
         description="Train or fine-tune HTS-AT. Defaults follow the original recipe (spec section 9).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=TrainHelpFormatter,
     )
     add_train_arguments(t)  # one option per TrainConfig field: flags, help and defaults live there
 

@@ -17,7 +17,7 @@ from htsat_kernels import BACKENDS
 
 from ..audio import DEFAULT_SILENCE_DB
 
-__all__ = ["TrainConfig", "TrainingError", "add_arguments", "config_from_args", "DEFAULT_NUM_WORKERS"]
+__all__ = ["TrainConfig", "TrainingError", "add_arguments", "config_from_args", "HelpFormatter", "DEFAULT_NUM_WORKERS"]
 
 DEFAULT_NUM_WORKERS = min(4, os.cpu_count() or 1)
 
@@ -191,6 +191,17 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------
 # the command line, generated from the fields
 # ----------------------------------------------------------------------------------------------
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default where it says something: not for switches, unset options, or help that
+    states its own default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.nargs == 0 or action.default in (None, []) or "default" in text:
+            return text
+        return super()._get_help_string(action) or text
 
 
 def _cli_fields():
