@@ -312,11 +312,12 @@ def test_outputs_have_the_users_file_mode_and_stale_temporaries_go(small, tmp_pa
         train(_cfg(small, out, epochs=1))
         (out / ".tmp-last.pt-1-dead").write_bytes(b"x" * 100)
         (out / ".tmp-metrics.csv-1-dead").write_bytes(b"x")
+        (out / "metrics.csv.tmp").write_bytes(b"x")  # an earlier version's name
         train(_cfg(small, out, epochs=2, resume=True))
     finally:
         os.umask(old)
     names = sorted(os.listdir(out))
-    assert not [n for n in names if n.startswith(".tmp-")]
+    assert not [n for n in names if n.startswith(".tmp-") or n.endswith(".tmp")]
     for name in names:
         assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o644, name
 

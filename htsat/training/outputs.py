@@ -169,7 +169,9 @@ class OutputLock:
 def remove_stale_temporaries(folder: str) -> List[str]:
     """Delete the ``.tmp-*`` files a killed run left in ``folder`` (call with the lock held)."""
     removed = []
-    for path in sorted(glob.glob(os.path.join(glob.escape(folder), TMP_PREFIX + "*"))):
+    patterns = (TMP_PREFIX + "*", "metrics.jsonl.tmp", "metrics.csv.tmp")  # the last two: names of earlier versions
+    found = {p for pattern in patterns for p in glob.glob(os.path.join(glob.escape(folder), pattern))}
+    for path in sorted(found):
         try:
             os.unlink(path)
             removed.append(path)
