@@ -366,7 +366,7 @@ def test_write_failure_inside_torch_save_names_the_file(small, tmp_path, capsys)
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "tensor", "garbage"])
+@pytest.mark.parametrize("damage", ["truncated", "tensor", "list", "garbage", "no_config", "bad_config"])
 def test_corrupt_last_pt_on_resume_is_one_line(small, tmp_path, capsys, damage):
     out = tmp_path / damage
     train(_cfg(small, out, epochs=1, checkpoint_every=0))
@@ -375,6 +375,15 @@ def test_corrupt_last_pt_on_resume_is_one_line(small, tmp_path, capsys, damage):
         path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
     elif damage == "tensor":
         torch.save(torch.zeros(3), path)
+    elif damage == "list":
+        torch.save([1, 2], path)
+    elif damage in ("no_config", "bad_config"):
+        ck = torch.load(path, weights_only=True)
+        if damage == "no_config":
+            del ck["config"]
+        else:
+            ck["config"]["embed_dim"] = "wide"
+        torch.save(ck, path)
     else:
         path.write_bytes(b"\x00not a checkpoint\n" * 10)
     before = path.read_bytes()
