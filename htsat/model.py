@@ -244,7 +244,7 @@ class HTSAT(nn.Module):
 
 def mix_with_reversed(x: Tensor, lam: Tensor) -> Tensor:
     """Mixup of a batch with itself reversed: lam[i] * x[i] + (1 - lam[i]) * x[B - 1 - i] (the
-    original's recipe, spec section 3.6; the model mixes log-mels, the trainer mixes targets)."""
+    original's recipe; the model mixes log-mels, the trainer mixes targets)."""
     lam = lam.to(x).view(-1, *([1] * (x.dim() - 1)))
     return lam * x + (1 - lam) * x.flip(0)
 

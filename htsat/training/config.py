@@ -56,6 +56,9 @@ def option(default: Any = MISSING, help: str = "", *, group: str, factory: Optio
 
 @dataclass
 class TrainConfig:
+    """Settings of a run. Each field's metadata holds its help text, choices and flag: ``htsat
+    train`` is generated from them (:func:`add_arguments`), so a default is stated here only."""
+
     # data
     manifest: str = option(
         group="data",
