@@ -38,6 +38,7 @@ class HTSAT(nn.Module):
         super().__init__()
         self.config = cfg = config
         self.check_inputs = True  # reject NaN/inf samples (one device sync per forward; skipped under compile)
+        self.use_spec_augment = True  # SpecAugment in training mode (htsat train --no-specaug turns it off)
         self.spectrogram_extractor = Spectrogram(cfg.n_fft, cfg.hop_length)
         self.logmel_extractor = LogMel(cfg.sample_rate, cfg.n_fft, cfg.mel_bins, cfg.fmin, cfg.fmax)
         self.bn0 = nn.BatchNorm2d(cfg.mel_bins)
@@ -160,10 +161,10 @@ class HTSAT(nn.Module):
     def _forward_clip(self, waveform: Tensor, mixup_lambda: Optional[Tensor]) -> dict[str, Tensor]:
         x = self.logmel(waveform)
         if self.training:
-            x = self.spec_augment(x)
+            if self.use_spec_augment:
+                x = self.spec_augment(x)
             if mixup_lambda is not None:
-                lam = mixup_lambda.to(x).view(-1, 1, 1, 1)
-                x = lam * x + (1 - lam) * x.flip(0)
+                x = mix_with_reversed(x, mixup_lambda)
         return self._forward_image(x)
 
     def forward(self, waveform: Tensor, mixup_lambda: Optional[Tensor] = None) -> dict[str, Tensor]:
@@ -246,6 +247,13 @@ class HTSAT(nn.Module):
             if not bool(torch.isfinite(waveform).all()):
                 bad = (~torch.isfinite(waveform)).any(dim=1).nonzero().flatten().tolist()
                 raise ValueError(f"waveform holds NaN or inf samples (clips {bad})")
+
+
+def mix_with_reversed(x: Tensor, lam: Tensor) -> Tensor:
+    """Mixup of a batch with itself reversed: lam[i] * x[i] + (1 - lam[i]) * x[B - 1 - i] (the
+    original's recipe; the model mixes log-mels, the trainer mixes targets)."""
+    lam = lam.to(x).view(-1, *([1] * (x.dim() - 1)))
+    return lam * x + (1 - lam) * x.flip(0)
 
 
 def _drop_stripes(x: Tensor, dim: int, max_width: int, stripes: int) -> Tensor:

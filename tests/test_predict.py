@@ -28,7 +28,7 @@ def trained(tmp_path_factory):
         pytest.skip("needs soundfile and soxr")
     import soundfile as sf
 
-    from htsat.train import TrainConfig, train
+    from htsat.training import TrainConfig, train
 
     folder = tmp_path_factory.mktemp("predict")
     rng = np.random.default_rng(1)

@@ -1,4 +1,4 @@
-"""Training (htsat.train, ``htsat train``): learning on a synthetic dataset, exact resume after a
+"""Training (htsat.training, ``htsat train``): learning on a synthetic dataset, exact resume after a
 kill, DDP with two gloo processes, fine-tuning with a new class count, bad input handling."""
 
 import json
@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import htsat
-from htsat.train import TrainConfig, TrainingError, make_lr_lambda, original_lr_multiplier, train
+from htsat.training import TrainConfig, TrainingError, make_lr_lambda, original_lr_multiplier, train
 
 from cli_helpers import SR, FREQS, tiny_model_json, HAVE_AUDIO, _one_thread, needs_audio  # noqa: F401 (_one_thread: autouse fixture)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_tones(folder, per_class=16, seed=0):
@@ -53,8 +53,17 @@ def tones(tmp_path_factory):
 
 def _cfg(tones, out, **kw):
     base = dict(
-        manifest=tones["manifest"], val_fold="0", model=tones["model"], out=str(out), epochs=3, batch_size=8, num_workers=0,
-        backend="reference", progress=False, cache_audio=True, log=lambda msg: None,
+        manifest=tones["manifest"],
+        val_fold="0",
+        model=tones["model"],
+        out=str(out),
+        epochs=3,
+        batch_size=8,
+        num_workers=0,
+        backend="reference",
+        progress=False,
+        cache_audio=True,
+        log=lambda msg: None,
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -88,11 +97,31 @@ def test_original_lr_multipliers():
 @needs_audio
 def test_learns_synthetic_tones_via_cli(tones, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = htsat_main([
-        "train", "--manifest", tones["manifest"], "--val-fold", "0", "--model", tones["model"], "--out", str(out),
-        "--epochs", "5", "--batch-size", "8", "--lr-schedule", "constant", "--lr", "1e-3", "--num-workers", "0",
-        "--cache-audio", "--no-progress",
-    ])
+    rc = htsat_main(
+        [
+            "train",
+            "--manifest",
+            tones["manifest"],
+            "--val-fold",
+            "0",
+            "--model",
+            tones["model"],
+            "--out",
+            str(out),
+            "--epochs",
+            "5",
+            "--batch-size",
+            "8",
+            "--lr-schedule",
+            "constant",
+            "--lr",
+            "1e-3",
+            "--num-workers",
+            "0",
+            "--cache-audio",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
@@ -227,7 +256,19 @@ def test_cli_reports_manifest_problems(tones, tmp_path, capsys):
     assert "htsat: error:" in err and str(bad) in err and "missing column" in err
     classes = tmp_path / "classes.txt"
     classes.write_text("low\nmid\nhigh\n")  # "top" is unknown
-    rc = htsat_main(["train", "--manifest", tones["manifest"], "--classes", str(classes), "--out", str(tmp_path / "o"), "--model", tones["model"]])
+    rc = htsat_main(
+        [
+            "train",
+            "--manifest",
+            tones["manifest"],
+            "--classes",
+            str(classes),
+            "--out",
+            str(tmp_path / "o"),
+            "--model",
+            tones["model"],
+        ]
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert "unknown label" in err and "'top'" in err and "tones.csv:" in err
@@ -240,12 +281,16 @@ def test_cli_reports_manifest_problems(tones, tmp_path, capsys):
 
 @needs_audio
 def test_nan_loss_names_the_step(tones, tmp_path, monkeypatch):
-    import htsat.train as tr
+    import htsat.training.objective as tr
 
-    nan_F = types.SimpleNamespace(**{n: getattr(torch.nn.functional, n) for n in dir(torch.nn.functional) if not n.startswith("__")})
-    nan_F.cross_entropy = lambda logits, target: (logits.sum() * float("nan"))
+    nan_F = types.SimpleNamespace(
+        **{n: getattr(torch.nn.functional, n) for n in dir(torch.nn.functional) if not n.startswith("__")}
+    )
+    nan_F.cross_entropy = lambda logits, target: logits.sum() * float("nan")
     monkeypatch.setattr(tr, "F", nan_F)
-    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 1, step 1 \(global step 1\); clips in the batch: \w+_\d+\.wav"):
+    with pytest.raises(
+        TrainingError, match=r"non-finite loss at epoch 1, step 1 \(global step 1\); clips in the batch: \w+_\d+\.wav"
+    ):
         train(_cfg(tones, tmp_path / "nan", epochs=1))
     torch.manual_seed(0)  # the run seeds with its --seed (0) before building the model
     before = htsat.create_model(tones["model"], num_classes=4, backend="reference")
@@ -274,13 +319,48 @@ def test_ddp_two_gloo_processes(tones, tmp_path):
     manifest = os.path.join(tones["folder"], "tones_val15.csv")
     with open(manifest, "w") as f:
         f.write("\n".join(lines[:first_val] + lines[first_val + 1 :]) + "\n")
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env = dict(
+        os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""
+    )
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "htsat", "train", "--manifest", manifest, "--val-fold", "0",
-        "--model", tones["model"], "--out", str(out), "--epochs", "2", "--batch-size", "4", "--lr-schedule", "constant",
-        "--num-workers", "0", "--backend", "reference", "--no-progress", "--checkpoint-every", "3", "--record-indices",
-        "--device", "cpu",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "htsat",
+        "train",
+        "--manifest",
+        manifest,
+        "--val-fold",
+        "0",
+        "--model",
+        tones["model"],
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr-schedule",
+        "constant",
+        "--num-workers",
+        "0",
+        "--backend",
+        "reference",
+        "--no-progress",
+        "--checkpoint-every",
+        "3",
+        "--record-indices",
+        "--device",
+        "cpu",
     ]
     proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, "stderr:\n" + proc.stderr[-4000:] + "\nstdout:\n" + proc.stdout[-2000:]
@@ -305,14 +385,16 @@ def test_ddp_two_gloo_processes(tones, tmp_path):
 
 def test_mean_average_precision_matches_sklearn():
     sklearn_metrics = pytest.importorskip("sklearn.metrics")
-    from htsat.train import average_precision, mean_average_precision
+    from htsat.training import average_precision, mean_average_precision
 
     rng = np.random.default_rng(0)
     targets = (rng.random((60, 5)) < 0.3).astype(np.float32)
     targets[:, 4] = 0  # a class without positives is left out
     scores = np.round(rng.random((60, 5)), 1)  # many ties
     for c in range(4):
-        assert average_precision(targets[:, c], scores[:, c]) == pytest.approx(sklearn_metrics.average_precision_score(targets[:, c], scores[:, c]))
+        assert average_precision(targets[:, c], scores[:, c]) == pytest.approx(
+            sklearn_metrics.average_precision_score(targets[:, c], scores[:, c])
+        )
     expect = sklearn_metrics.average_precision_score(targets[:, :4], scores[:, :4], average="macro")
     assert mean_average_precision(scores, targets) == pytest.approx(expect)
     assert np.isnan(mean_average_precision(scores, np.zeros_like(targets)))
@@ -324,10 +406,34 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tones, tmp_path):
     import time
 
     out = tmp_path / "term"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    args = ["--manifest", tones["manifest"], "--model", tones["model"], "--out", str(out), "--batch-size", "8",
-            "--num-workers", "0", "--backend", "reference", "--no-progress", "--checkpoint-every", "1", "--cache-audio"]
-    proc = subprocess.Popen([sys.executable, "-m", "htsat", "train", "--epochs", "1000", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(
+        os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""
+    )
+    args = [
+        "--manifest",
+        tones["manifest"],
+        "--model",
+        tones["model"],
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "0",
+        "--backend",
+        "reference",
+        "--no-progress",
+        "--checkpoint-every",
+        "1",
+        "--cache-audio",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "htsat", "train", "--epochs", "1000", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while not (out / "last.pt").exists():
@@ -356,7 +462,9 @@ def test_multi_label_bce_map_mixup_and_class_ids(tmp_path):
     rng = np.random.default_rng(2)
     names = list(FREQS)
     mids = {n: f"/m/{i:03d}" for i, n in enumerate(names)}
-    (tmp_path / "classes.csv").write_text("index,mid,display_name\n" + "".join(f'{i},{mids[n]},"{n.title()} tone"\n' for i, n in enumerate(names)))
+    (tmp_path / "classes.csv").write_text(
+        "index,mid,display_name\n" + "".join(f'{i},{mids[n]},"{n.title()} tone"\n' for i, n in enumerate(names))
+    )
     rows = []
     for k in range(24):
         chosen = [n for n in names if rng.random() < 0.4] or [names[k % 4]]
@@ -367,9 +475,17 @@ def test_multi_label_bce_map_mixup_and_class_ids(tmp_path):
     (tmp_path / "mix.csv").write_text("path,labels,fold\n" + "\n".join(rows) + "\n")
     messages = []
     cfg = TrainConfig(
-        manifest=str(tmp_path / "mix.csv"), val_fold="0", classes=str(tmp_path / "classes.csv"), out=str(tmp_path / "run"),
-        model=tiny_model_json(tmp_path / "tiny.json", loss_type="clip_bce"), epochs=2, batch_size=8, num_workers=0,
-        backend="reference", progress=False, log=messages.append,
+        manifest=str(tmp_path / "mix.csv"),
+        val_fold="0",
+        classes=str(tmp_path / "classes.csv"),
+        out=str(tmp_path / "run"),
+        model=tiny_model_json(tmp_path / "tiny.json", loss_type="clip_bce"),
+        epochs=2,
+        batch_size=8,
+        num_workers=0,
+        backend="reference",
+        progress=False,
+        log=messages.append,
     )
     run = train(cfg)
     assert any("multi-label, loss bce, mixup on" in m for m in messages)
@@ -377,3 +493,67 @@ def test_multi_label_bce_map_mixup_and_class_ids(tmp_path):
     assert 0.0 < last["val_mAP"] <= 1.0 and "val_accuracy" not in last and np.isfinite(last["val_loss"])
     assert run["best"]["metric"] == "val_mAP"
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["classes"] == [f"{n.title()} tone" for n in names]
+
+
+# ------------------------------------------------------------------------- the CLI from TrainConfig
+
+
+def test_train_cli_is_generated_from_train_config():
+    import argparse
+    import dataclasses
+
+    import htsat_kernels
+    from htsat.audio import DEFAULT_SILENCE_DB
+    from htsat.cli import build_parser
+    from htsat.training.config import config_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "--manifest", "m.csv", "--out", "o"])
+    cfg = config_from_args(args)
+    # every default as the dataclass states it (stated once)
+    defaults = TrainConfig(manifest="m.csv", out="o")
+    for f in dataclasses.fields(TrainConfig):
+        assert getattr(cfg, f.name) == getattr(defaults, f.name), f.name
+    assert cfg.silence_db == DEFAULT_SILENCE_DB
+    train_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    by_dest = {a.dest: a for a in train_parser._actions}
+    assert tuple(by_dest["backend"].choices) == tuple(htsat_kernels.BACKENDS)
+    for f in dataclasses.fields(TrainConfig):  # every field has a flag with its help, except the API-only log
+        assert (f.name in by_dest) == (f.name != "log"), f.name
+        if f.name in by_dest:
+            assert by_dest[f.name].help == (f.metadata["help"] if not f.metadata.get("hidden") else "==SUPPRESS=="), f.name
+
+
+def test_train_cli_flags_stay_compatible():
+    from htsat.cli import build_parser
+    from htsat.training.config import config_from_args
+
+    argv = [
+        "train", "--esc50", "ESC-50", "--val-manifest", "v.csv", "--classes", "c.txt", "--data-root", "r", "--clip-seconds", "5",
+        "--pad", "zeros", "--crop", "center", "--on-bad-file", "stop", "--max-bad-files", "3", "--silence-db", "none",
+        "--cache-audio", "--num-workers", "0", "--model", "htsat-esc50", "--set", "drop_path_rate=0.2",
+        "--set", "depths=[1,1,1,1]", "--backend", "fused", "--init-checkpoint", "x.ckpt", "--init-drop-head", "yes", "--out", "o",
+        "--epochs", "3",
+        "--batch-size", "5", "--lr", "0.01", "--weight-decay", "0.1", "--betas", "0.8", "0.99", "--eps", "1e-6",
+        "--lr-schedule", "cosine", "--warmup-epochs", "1.5", "--min-lr-ratio", "0.1", "--grad-clip", "0", "--loss", "bce",
+        "--mixup", "off", "--mixup-alpha", "0.3", "--mixup-labels", "--no-specaug", "--drop-last", "--precision", "bf16",
+        "--device", "cpu", "--seed", "7", "--sync-bn", "--find-unused-parameters", "--on-nan", "skip", "--checkpoint-every", "9",
+        "--resume", "--stop-after-steps", "11", "--no-progress", "--record-indices",
+    ]  # fmt: skip
+    cfg = config_from_args(build_parser().parse_args(argv))
+    assert cfg.manifest == "ESC-50" and cfg.silence_db is None
+    assert cfg.model_overrides == {"drop_path_rate": 0.2, "depths": [1, 1, 1, 1]}
+    assert cfg.betas == (0.8, 0.99) and cfg.specaugment is False and cfg.progress is False and cfg.record_indices is True
+    assert (cfg.backend, cfg.init_drop_head, cfg.epochs, cfg.grad_clip, cfg.warmup_epochs) == ("fused", "yes", 3, 0.0, 1.5)
+    assert (cfg.checkpoint_every, cfg.stop_after_steps, cfg.seed, cfg.on_nan, cfg.mixup_labels) == (9, 11, 7, "skip", True)
+    assert config_from_args(build_parser().parse_args(["train", "--manifest", "m", "--out", "o", "--progress"])).progress is True
+    cfg.validate()
+    with pytest.raises(ValueError, match="pad must be one of"):
+        TrainConfig(manifest="m", out="o", pad="mirror").validate()
+
+
+@needs_audio
+def test_no_specaugment_is_a_model_flag_not_a_replaced_method(tones, tmp_path):
+    run = train(_cfg(tones, tmp_path / "noaug", epochs=0, specaugment=False))
+    model = run["model"]
+    assert model.use_spec_augment is False and "spec_augment" not in vars(model)
