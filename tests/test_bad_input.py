@@ -372,7 +372,6 @@ def test_validation_label_absent_from_training_is_an_error(tmp_path):
     check_labels(val, ["cat", "dog", "unicorn"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue #13 item 13: training's _load_data must call classes_from_items(items, val_items=)")
 def test_train_cli_refuses_a_validation_only_label(tmp_path, capsys):
     (tmp_path / "train.csv").write_text("path,labels\na.wav,dog\nb.wav,cat\n")
     (tmp_path / "val.csv").write_text("path,labels\nc.wav,unicorn\n")

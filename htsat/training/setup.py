@@ -166,7 +166,7 @@ def load_data(cfg: TrainConfig):
     if val_items is not None:
         val_items = apply_aliases(val_items, aliases)
     if classes is None:
-        classes = classes_from_items(list(items) + list(val_items or []))
+        classes = classes_from_items(items, val_items=val_items)
     check_labels(items, classes)
     if val_items is not None:
         check_labels(val_items, classes)
