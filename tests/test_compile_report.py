@@ -169,3 +169,28 @@ def test_parsers_read_cuobjdump_and_nvdisasm_text():
     assert name == "window_copy_kernel<unsigned short, long, true>"
     assert cr.classify_cuda_kernel("gathered_layer_norm_forward_kernel<PatchMergeRows, BFloat16, float>") == {
         "op": "patch_merge", "direction": "forward", "dtype": "bf16"}
+
+
+def test_the_launchers_take_their_config_from_launch_config(monkeypatch):
+    """The report compiles what launch_config returns; the launchers must launch exactly that."""
+    import torch
+
+    import htsat_kernels as hk
+    from htsat_kernels.fused import window_attention as wa
+
+    if not wa._INTERPRETED:
+        pytest.skip("runs the interpreted kernels (CPU)")
+    calls = []
+    real = wa.launch_config
+
+    def spy(direction, N, d, dtype, has_mask):
+        calls.append((direction, N, d, dtype, has_mask))
+        return real(direction, N, d, dtype, has_mask)
+
+    monkeypatch.setattr(wa, "launch_config", spy)
+    ws, h, C = 4, 2, 16
+    qkv = torch.randn(2, ws * ws, 3 * C, requires_grad=True)
+    table = torch.randn((2 * ws - 1) ** 2, h, requires_grad=True)
+    out = hk.window_attention(qkv, table, None, h, (C // h) ** -0.5, backend="fused")
+    out.sum().backward()
+    assert calls == [("forward", 16, 8, torch.float32, False), ("backward", 16, 8, torch.float32, False)]
