@@ -128,9 +128,12 @@ def test_cuda_fp64_kernels_do_not_spill(cuda_report, arch):
     assert not bad, bad
 
 
-@pytest.mark.xfail(strict=True, reason="issue #10: the gathered LayerNorm and window copy kernels call 64-bit division helpers")
+@pytest.mark.xfail(strict=True, reason="issue #10: the gathered LayerNorm kernels call 64-bit division helpers per row")
 def test_cuda_kernels_have_no_64bit_division(cuda_report):
-    bad = [f"{r['arch']} {r['kernel']}: {r['int64_div_calls']}" for r in cuda_report if r["int64_div_calls"]]
+    # kernels templated on a 64-bit index type are the fallback for tensors past 2^31 elements
+    hts = [r for r in cuda_report if ", long" not in r["kernel"]]
+    assert any("layer_norm" in r["kernel"] for r in hts) and any("window_copy" in r["kernel"] for r in hts)
+    bad = [f"{r['arch']} {r['kernel']}: {r['int64_div_calls']}" for r in hts if r["int64_div_calls"]]
     assert not bad, bad
 
 
