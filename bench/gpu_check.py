@@ -84,8 +84,15 @@ class Outcome:
 def run_command(cmd: list[str], timeout: float, env: Optional[dict] = None, log: Optional[Path] = None) -> Outcome:
     """Run ``cmd`` in its own process group; on timeout the whole group is killed."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=max(1.0, timeout))
         rc: Optional[int] = proc.returncode
@@ -136,8 +143,16 @@ class GpuCheck:
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         meta = dict(self.meta)
-        meta.update({"gpu_check": {"budget_s": self.budget, "elapsed_s": round(self.clock() - self.t0, 1),
-                                   "phases": self.phases, "device": self.device}})
+        meta.update(
+            {
+                "gpu_check": {
+                    "budget_s": self.budget,
+                    "elapsed_s": round(self.clock() - self.t0, 1),
+                    "phases": self.phases,
+                    "device": self.device,
+                }
+            }
+        )
         meta.setdefault("device", self.device.get("name"))
         meta.setdefault("device_type", "cuda")
         result = {"meta": meta, "records": self.records}
@@ -148,8 +163,10 @@ class GpuCheck:
     def log_phase(self, name: str, status: str, seconds: float, **extra) -> dict:
         entry = {"phase": name, "status": status, "seconds": round(seconds, 1), **extra}
         self.phases.append(entry)
-        print(f"[gpu-check] {name}: {status} in {seconds:.0f} s" + (f" ({extra['reason']})" if extra.get("reason") else ""),
-              flush=True)
+        print(
+            f"[gpu-check] {name}: {status} in {seconds:.0f} s" + (f" ({extra['reason']})" if extra.get("reason") else ""),
+            flush=True,
+        )
         self.write()
         return entry
 
@@ -159,24 +176,45 @@ class GpuCheck:
         env = {"TORCH_CUDA_ARCH_LIST": cc, "HTSAT_KERNELS_CUDA_ARCHS": cc, "MAX_JOBS": str(os.cpu_count() or 16)}
         res = self.run([self.python, "setup.py", "build_ext", "--inplace"], allot, env=env, log=self.work / "build.log")
         ok = res.rc == 0
-        return {"status": "ok" if ok else ("stopped at its time limit" if res.timed_out else f"failed (exit {res.rc})"),
-                "archs": cc, "tail": None if ok else _tail(res.output)}
+        return {
+            "status": "ok" if ok else ("stopped at its time limit" if res.timed_out else f"failed (exit {res.rc})"),
+            "archs": cc,
+            "tail": None if ok else _tail(res.output),
+        }
 
     def phase_tests(self, allot: float) -> dict:
-        res = self.run([self.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "CUDA or cuda", "tests/"], allot,
-                       log=self.work / "tests.log")
+        res = self.run(
+            [self.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "CUDA or cuda", "tests/"],
+            allot,
+            log=self.work / "tests.log",
+        )
         summary = _pytest_summary(res.output)
         status = "stopped at its time limit" if res.timed_out else ("ok" if res.rc == 0 else f"failed (exit {res.rc})")
         return {"status": status, "pytest": summary, "tail": None if res.rc == 0 else _tail(res.output, 15)}
 
     def phase_sanitizer(self, allot: float) -> dict:
-        from .compile_report import find_tool
+        from .static_cuda import find_tool
 
         tool = find_tool("compute-sanitizer")
         if tool is None:
             return {"status": "skipped", "reason": "compute-sanitizer not found (nvcc's bin dir, $CUDA_HOME/bin, PATH)"}
-        cmd = [tool, "--tool", "memcheck", "--error-exitcode", "97", self.python, "-m", "pytest", "-q", "-x",
-               "-p", "no:cacheprovider", "-k", "CUDA", *EXT_TEST_FILES]
+        cmd = [
+            tool,
+            "--tool",
+            "memcheck",
+            "--error-exitcode",
+            "97",
+            self.python,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "CUDA",
+            *EXT_TEST_FILES,
+        ]
         res = self.run(cmd, allot, log=self.work / "sanitizer.log")
         errors = re.findall(r"ERROR SUMMARY: (\d+) error", res.output)
         refused = res.rc not in (0, 97, None) and not _pytest_summary(res.output)
@@ -188,8 +226,12 @@ class GpuCheck:
             status = "memcheck errors"
         else:
             status = "ok" if res.rc == 0 else f"failed (exit {res.rc})"
-        return {"status": status, "memcheck_errors": int(errors[-1]) if errors else None, "pytest": _pytest_summary(res.output),
-                "tail": None if status == "ok" else _tail(res.output, 12)}
+        return {
+            "status": status,
+            "memcheck_errors": int(errors[-1]) if errors else None,
+            "pytest": _pytest_summary(res.output),
+            "tail": None if status == "ok" else _tail(res.output, 12),
+        }
 
     def _bench(self, name: str, args: list[str], allot: float) -> dict:
         """One ``python -m bench`` part; its records join the results as soon as it finishes."""
@@ -203,7 +245,12 @@ class GpuCheck:
             if not self.meta:
                 self.meta = {k: v for k, v in data.get("meta", {}).items() if k not in ("files", "argv")}
         status = "stopped at its time limit" if res.timed_out else ("ok" if res.rc == 0 else f"failed (exit {res.rc})")
-        return {"part": name, "status": status, "seconds": round(res.seconds, 1), "records": len(data.get("records", [])) if files else 0}
+        return {
+            "part": name,
+            "status": status,
+            "seconds": round(res.seconds, 1),
+            "records": len(data.get("records", [])) if files else 0,
+        }
 
     def plan_ops(self) -> list[tuple[str, list[str], float]]:
         """(part, bench args, nominal seconds) in priority order: eager providers everywhere, then the
@@ -211,14 +258,21 @@ class GpuCheck:
         common = ["--ops", ",".join(OPS), "--batches", "128", "--dtypes", "bf16", "--modes", "forward,full"]
         parts = [("ops_eager", common + ["--providers", "reference,fused,sdpa"], 60)]
         for stage in (1, 2, 3, 4):
-            parts.append((f"ops_compiled_s{stage}", common + ["--providers", "compile,flex", "--stages", str(stage),
-                                                              "--skip-model-check"], 60))
+            parts.append(
+                (
+                    f"ops_compiled_s{stage}",
+                    common + ["--providers", "compile,flex", "--stages", str(stage), "--skip-model-check"],
+                    60,
+                )
+            )
         return parts
 
     def plan_model(self) -> list[tuple[str, list[str], float]]:
         common = ["--ops", "model", "--dtypes", "bf16", "--modes", "train,inference", "--skip-model-check"]
-        return [("model_eager", common + ["--providers", "reference,fused"], 40),
-                ("model_compiled", common + ["--providers", "compile,fused+compile"], 90)]
+        return [
+            ("model_eager", common + ["--providers", "reference,fused"], 40),
+            ("model_compiled", common + ["--providers", "compile,fused+compile"], 90),
+        ]
 
     def _parts(self, parts, allot: float) -> dict:
         t_end = self.clock() + allot
@@ -226,7 +280,9 @@ class GpuCheck:
         for name, args, nominal in parts:
             left = t_end - self.clock()
             if left < min(nominal, 20):
-                done.append({"part": name, "status": "skipped", "reason": f"budget: {left:.0f} s left in the phase, needs ~{nominal} s"})
+                done.append(
+                    {"part": name, "status": "skipped", "reason": f"budget: {left:.0f} s left in the phase, needs ~{nominal} s"}
+                )
                 continue
             done.append(self._bench(name, args, left))
             self.write()
@@ -252,7 +308,9 @@ class GpuCheck:
             remaining = self.remaining()
             allot = allotment(remaining, phases[i:])
             if allot <= 0:
-                self.log_phase(ph.name, "skipped", 0.0, reason=f"budget: {remaining:.0f} s left, the phase needs at least {ph.min_s:.0f} s")
+                self.log_phase(
+                    ph.name, "skipped", 0.0, reason=f"budget: {remaining:.0f} s left, the phase needs at least {ph.min_s:.0f} s"
+                )
                 continue
             print(f"[gpu-check] {ph.name}: up to {allot:.0f} s ({remaining:.0f} s of the budget left)", flush=True)
             t = self.clock()
@@ -284,8 +342,9 @@ class GpuCheck:
 
 
 def _pytest_summary(output: str) -> Optional[str]:
-    m = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|error|errors|deselected|xfailed|xpassed)[^=\n]*?)\s*=*\s*$",
-                   output, re.MULTILINE)
+    m = re.findall(
+        r"^=*\s*(\d+ (?:passed|failed|skipped|error|errors|deselected|xfailed|xpassed)[^=\n]*?)\s*=*\s*$", output, re.MULTILINE
+    )
     return m[-1] if m else None
 
 
@@ -295,15 +354,32 @@ def summary_text(result: dict) -> str:
 
     meta = result["meta"]
     gc = meta.get("gpu_check", {})
-    rows = [[p["phase"], p["status"], f"{p['seconds']:.0f}", str(p.get("reason") or p.get("pytest") or "")[:90]]
-            for p in gc.get("phases", [])]
-    lines = ["=" * 100, f"gpu-check on {meta.get('device')}: {gc.get('elapsed_s')} s of a {gc.get('budget_s')} s budget",
-             format_table(["phase", "status", "s", "detail"], rows, right={2})]
+    rows = [
+        [p["phase"], p["status"], f"{p['seconds']:.0f}", str(p.get("reason") or p.get("pytest") or "")[:90]]
+        for p in gc.get("phases", [])
+    ]
+    lines = [
+        "=" * 100,
+        f"gpu-check on {meta.get('device')}: {gc.get('elapsed_s')} s of a {gc.get('budget_s')} s budget",
+        format_table(["phase", "status", "s", "detail"], rows, right={2}),
+    ]
     model = [r for r in result["records"] if r.get("op") == "model" and not r.get("skipped_reason")]
     if model:
-        mrows = [[r["mode"], str(r.get("batch")), r["provider"], f"{r.get('clips_per_s') or 0:.1f}",
-                  "-" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"] for r in model]
-        lines += ["", "whole model (bf16):", format_table(["mode", "B", "provider", "clips/s", "peak MB"], mrows, right={1, 3, 4})]
+        mrows = [
+            [
+                r["mode"],
+                str(r.get("batch")),
+                r["provider"],
+                f"{r.get('clips_per_s') or 0:.1f}",
+                "-" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}",
+            ]
+            for r in model
+        ]
+        lines += [
+            "",
+            "whole model (bf16):",
+            format_table(["mode", "B", "provider", "clips/s", "peak MB"], mrows, right={1, 3, 4}),
+        ]
     return "\n".join(lines)
 
 
@@ -324,7 +400,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, default=540.0, help="wall-time budget of the whole run in seconds (default 540)")
     p.add_argument("--out", type=Path, default=None, help="results directory (default: $OUT if set, else bench/results/)")
-    p.add_argument("--phases", default=None, help="comma list of phases to run (default: all: " + ",".join(x.name for x in PHASES) + ")")
+    p.add_argument(
+        "--phases", default=None, help="comma list of phases to run (default: all: " + ",".join(x.name for x in PHASES) + ")"
+    )
     args = p.parse_args(argv)
     if args.budget <= 0:
         print("gpu-check: error: --budget must be a positive number of seconds", file=sys.stderr)
@@ -334,8 +412,10 @@ def main(argv=None) -> int:
         names = [x.strip() for x in args.phases.split(",") if x.strip()]
         unknown = [n for n in names if n not in {x.name for x in PHASES}]
         if unknown:
-            print(f"gpu-check: error: unknown phase {', '.join(unknown)} (choose from {', '.join(x.name for x in PHASES)})",
-                  file=sys.stderr)
+            print(
+                f"gpu-check: error: unknown phase {', '.join(unknown)} (choose from {', '.join(x.name for x in PHASES)})",
+                file=sys.stderr,
+            )
             return 2
         phases = tuple(x for x in PHASES if x.name in names)
     device, why = detect_device()
@@ -343,8 +423,10 @@ def main(argv=None) -> int:
         print(f"gpu-check: error: {why}", file=sys.stderr)
         return 2
     out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "bench" / "results")
-    print(f"[gpu-check] {device['name']} (sm_{device['cc'].replace('.', '')}), budget {args.budget:.0f} s, results in {out}",
-          flush=True)
+    print(
+        f"[gpu-check] {device['name']} (sm_{device['cc'].replace('.', '')}), budget {args.budget:.0f} s, results in {out}",
+        flush=True,
+    )
     return GpuCheck(out_dir=out, budget=args.budget, device=device).run_all(phases)
 
 

@@ -45,7 +45,7 @@ ARCH_LIMITS = {
 
 
 def arch_name(arch) -> str:
-    """"sm_90" from 90, "90", "9.0", "sm_90a" or "sm_90"."""
+    """ "sm_90" from 90, "90", "9.0", "sm_90a" or "sm_90"."""
     s = str(arch).strip().lower().replace("sm_", "").replace("sm", "").rstrip("a")
     if "." in s:
         major, minor = s.split(".", 1)

@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Optional
 
 
-def ideal_ms(nbytes: Optional[float], flops: Optional[float], peak_gbps: Optional[float],
-             peak_tflops: Optional[float]) -> Optional[float]:
+def ideal_ms(
+    nbytes: Optional[float], flops: Optional[float], peak_gbps: Optional[float], peak_tflops: Optional[float]
+) -> Optional[float]:
     """max(bytes / bandwidth, flops / peak) in ms; a term with an unknown peak or count is left out."""
     terms = []
     if nbytes and peak_gbps:
@@ -53,18 +54,35 @@ def render_roofline(result: dict, providers=("fused", "reference", "compile", "s
 
     meta = result["meta"]
     recs = [r for r in result["records"] if r.get("ideal_ms") is not None and r.get("provider") in providers]
-    head = (f"#### Roofline on {meta.get('roofline_device') or meta.get('device')}: peak "
-            f"{meta.get('peak_gbps') or '?'} GB/s ({meta.get('peak_source', '?')}), "
-            f"dense bf16 {meta.get('peak_tflops') or '?'} TFLOP/s")
+    head = (
+        f"#### Roofline on {meta.get('roofline_device') or meta.get('device')}: peak "
+        f"{meta.get('peak_gbps') or '?'} GB/s ({meta.get('peak_source', '?')}), "
+        f"dense bf16 {meta.get('peak_tflops') or '?'} TFLOP/s"
+    )
     if not recs:
         return head + "\n  (no timed record with a byte count)"
     rows = []
     for r in sorted(recs, key=sort_key):
         pct = r.get("pct_roofline")
-        rows.append([r.get("op", ""), str(r.get("stage_label") or r.get("stage") or ""), str(r.get("batch") or ""),
-                     r.get("dtype", ""), r.get("mode", ""), r.get("provider", ""),
-                     f"{r['median_ms'] * 1e3:.1f}" if r.get("median_ms") else "-", f"{r['ideal_ms'] * 1e3:.1f}",
-                     "-" if pct is None else f"{pct:.0f}%"])
-    table = format_table(["op", "stage", "B", "dtype", "mode", "provider", "measured us", "ideal us", "% of roofline"], rows,
-                         right={2, 6, 7, 8})
-    return head + "\n" + table + "\n  ideal = max(bytes / peak bandwidth, flops / peak bf16 throughput); FLOPs where the record has them."
+        rows.append(
+            [
+                r.get("op", ""),
+                str(r.get("stage_label") or r.get("stage") or ""),
+                str(r.get("batch") or ""),
+                r.get("dtype", ""),
+                r.get("mode", ""),
+                r.get("provider", ""),
+                f"{r['median_ms'] * 1e3:.1f}" if r.get("median_ms") else "-",
+                f"{r['ideal_ms'] * 1e3:.1f}",
+                "-" if pct is None else f"{pct:.0f}%",
+            ]
+        )
+    table = format_table(
+        ["op", "stage", "B", "dtype", "mode", "provider", "measured us", "ideal us", "% of roofline"], rows, right={2, 6, 7, 8}
+    )
+    return (
+        head
+        + "\n"
+        + table
+        + "\n  ideal = max(bytes / peak bandwidth, flops / peak bf16 throughput); FLOPs where the record has them."
+    )

@@ -11,6 +11,8 @@ import pytest
 
 from bench import compile_report as cr
 from bench import gpu_limits
+from bench import static_cuda as sc
+from bench import static_triton as st
 
 triton = pytest.importorskip("triton")
 
@@ -20,7 +22,7 @@ DTYPES = ("bf16", "fp16")
 
 @pytest.fixture(scope="module")
 def report():
-    stage1 = [s for s in cr.preset_stages() if s.preset == "htsat-audioset" and s.stage == 1]
+    stage1 = [s for s in st.preset_stages() if s.preset == "htsat-audioset" and s.stage == 1]
     assert stage1 and stage1[0].shifted  # stage 1 has both block kinds: masked and unmasked variants
     return cr.build_report(archs=ARCHS, dtypes=DTYPES, stages=stage1, include_cuda=False)
 
@@ -35,8 +37,8 @@ def _ids(recs):
 
 
 def test_every_triton_kernel_has_a_launch_description_and_compiles(report):
-    names = set(cr._kernel_names("htsat_kernels.fused.window_attention"))
-    assert names == set(cr.TRITON_KERNELS)
+    names = set(st._kernel_names("htsat_kernels.fused.window_attention"))
+    assert names == set(st.TRITON_KERNELS)
     recs = _triton(report)
     errors = [r for r in report["records"] if r.get("error")]
     assert not errors, errors
@@ -78,10 +80,15 @@ def test_report_launches_what_the_launcher_launches(report):
 
     from htsat_kernels.fused import window_attention as wa
 
-    st = next(s for s in cr.preset_stages() if s.stage == 1)
+    stage = next(s for s in st.preset_stages() if s.stage == 1)
     for r in _triton(report):
-        want = wa.launch_config(r["direction"], st.window**2, st.C // st.heads, getattr(torch, {"bf16": "bfloat16"}.get(
-            r["dtype"], "float16")), r["has_mask"])
+        want = wa.launch_config(
+            r["direction"],
+            stage.window**2,
+            stage.C // stage.heads,
+            getattr(torch, {"bf16": "bfloat16"}.get(r["dtype"], "float16")),
+            r["has_mask"],
+        )
         want["PREC"] = "ieee"  # the launcher's choice when compiled (this process runs the interpreter)
         assert r["config"] == want
 
@@ -92,9 +99,9 @@ def test_report_launches_what_the_launcher_launches(report):
 
 @pytest.fixture(scope="module")
 def cuda_report():
-    if cr.find_tool("cuobjdump") is None:
+    if sc.find_tool("cuobjdump") is None:
         pytest.skip("cuobjdump not found")
-    recs, note = cr.cuda_records()
+    recs, note = sc.cuda_records()
     if not recs:
         pytest.skip(note or "the extension has no CUDA kernels")
     return recs
@@ -116,9 +123,16 @@ def test_cuda_kernels_do_not_spill(cuda_report):
 
 @pytest.mark.parametrize(
     "arch",
-    [pytest.param("sm_80", marks=pytest.mark.xfail(strict=True, reason=(
-        "issue #10: the fp64 PatchMergeRows LayerNorm forward spills 16 B/thread of 64-bit index math on sm_80"))),
-     "sm_90"],
+    [
+        pytest.param(
+            "sm_80",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=("issue #10: the fp64 PatchMergeRows LayerNorm forward spills 16 B/thread of 64-bit index math on sm_80"),
+            ),
+        ),
+        "sm_90",
+    ],
 )
 def test_cuda_fp64_kernels_do_not_spill(cuda_report, arch):
     recs = [r for r in cuda_report if r["arch"] == arch]
@@ -155,23 +169,34 @@ def test_occupancy_follows_the_register_file_and_shared_memory():
 
 
 def test_parsers_read_cuobjdump_and_nvdisasm_text():
-    usage = cr.parse_resource_usage(
+    usage = sc.parse_resource_usage(
         "arch = sm_90\n Function _Z3fooPf:\n  REG:40 STACK:16 SHARED:0 LOCAL:0 CONSTANT[0]:400\n"
-        " Function _Z3barPf:\n  REG:255 STACK:0 SHARED:1024 LOCAL:8 CONSTANT[0]:400\n")
-    assert usage == {"sm_90": {"_Z3fooPf": {"registers": 40, "stack": 16, "shared": 0, "local": 0},
-                               "_Z3barPf": {"registers": 255, "stack": 0, "shared": 1024, "local": 8}}}
-    sass = cr.parse_sass(
+        " Function _Z3barPf:\n  REG:255 STACK:0 SHARED:1024 LOCAL:8 CONSTANT[0]:400\n"
+    )
+    assert usage == {
+        "sm_90": {
+            "_Z3fooPf": {"registers": 40, "stack": 16, "shared": 0, "local": 0},
+            "_Z3barPf": {"registers": 255, "stack": 0, "shared": 1024, "local": 8},
+        }
+    }
+    sass = sc.parse_sass(
         '\t.section\t.text._Z3fooPf,"ax",@progbits\n'
         "        /*0000*/                   IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;\n"
         "        /*0140*/                   CALL.REL.NOINC `($__internal_0_$__cuda_sm20_div_s64) ;\n"
         "        /*0150*/                   CALL.REL.NOINC `($__internal_1_$__cuda_sm20_rem_u64) ;\n"
-        "        /*0160*/                   CALL.REL.NOINC `($__internal_2_$__cuda_sm3x_div_rn_noftz_f32_slowpath) ;\n")
+        "        /*0160*/                   CALL.REL.NOINC `($__internal_2_$__cuda_sm3x_div_rn_noftz_f32_slowpath) ;\n"
+    )
     assert sass == {"_Z3fooPf": {"int64_div_calls": 2, "sass_instructions": 4}}
-    name = cr.short_kernel_name("void htsat::(anonymous namespace)::window_copy_kernel<unsigned short, long, true>"
-                                "(unsigned short const*, unsigned short*, htsat::WindowGeometry, long, long)")
+    name = sc.short_kernel_name(
+        "void htsat::(anonymous namespace)::window_copy_kernel<unsigned short, long, true>"
+        "(unsigned short const*, unsigned short*, htsat::WindowGeometry, long, long)"
+    )
     assert name == "window_copy_kernel<unsigned short, long, true>"
-    assert cr.classify_cuda_kernel("gathered_layer_norm_forward_kernel<PatchMergeRows, BFloat16, float>") == {
-        "op": "patch_merge", "direction": "forward", "dtype": "bf16"}
+    assert sc.classify_cuda_kernel("gathered_layer_norm_forward_kernel<PatchMergeRows, BFloat16, float>") == {
+        "op": "patch_merge",
+        "direction": "forward",
+        "dtype": "bf16",
+    }
 
 
 def test_the_launchers_take_their_config_from_launch_config(monkeypatch):

@@ -26,18 +26,34 @@ def _bench_part(cmd, out_records):
 
     out = Path(cmd[cmd.index("--out") + 1])
     out.mkdir(parents=True, exist_ok=True)
-    recs = [{"section": "ops", "op": "window_attention", "provider": "fused", "mode": "forward", "dtype": "bf16",
-             "shape": "s", "stage": 1, "batch": 128, "median_ms": 0.2, "bytes": 4e8, "ideal_ms": 0.12, "pct_roofline": 60.0}]
+    recs = [
+        {
+            "section": "ops",
+            "op": "window_attention",
+            "provider": "fused",
+            "mode": "forward",
+            "dtype": "bf16",
+            "shape": "s",
+            "stage": 1,
+            "batch": 128,
+            "median_ms": 0.2,
+            "bytes": 4e8,
+            "ideal_ms": 0.12,
+            "pct_roofline": 60.0,
+        }
+    ]
     out_records += recs
     (out / "x.json").write_text(json.dumps({"meta": {"device": DEVICE["name"], "device_type": "cuda"}, "records": recs}))
 
 
 @pytest.fixture(autouse=True)
 def _sanitizer_present(monkeypatch):
-    from bench import compile_report
+    from bench import static_cuda
 
-    real = compile_report.find_tool
-    monkeypatch.setattr(compile_report, "find_tool", lambda name: "/fake/compute-sanitizer" if name == "compute-sanitizer" else real(name))
+    real = static_cuda.find_tool
+    monkeypatch.setattr(
+        static_cuda, "find_tool", lambda name: "/fake/compute-sanitizer" if name == "compute-sanitizer" else real(name)
+    )
 
 
 def make_check(tmp_path, cost, fail=()):
@@ -138,8 +154,9 @@ def test_cpu_machine_exits_at_once_with_a_message():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    res = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--budget", "5"], capture_output=True, text=True,
-                         timeout=120, cwd=gc.REPO)
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--budget", "5"], capture_output=True, text=True, timeout=120, cwd=gc.REPO
+    )
     assert res.returncode == 2
     assert res.stderr.strip().startswith("gpu-check: error: no CUDA device")
     assert "Traceback" not in res.stderr

@@ -28,8 +28,12 @@ def test_devices_table_matches_cuda_names():
 
 def test_unknown_device_falls_back_to_a_measured_copy():
     peaks = gpu_limits.device_peaks("Mystery GPU", measure=lambda: 1234.0)
-    assert peaks == {"roofline_device": "Mystery GPU", "peak_gbps": 1234.0, "peak_tflops": None,
-                     "peak_source": "measured device-to-device copy"}
+    assert peaks == {
+        "roofline_device": "Mystery GPU",
+        "peak_gbps": 1234.0,
+        "peak_tflops": None,
+        "peak_source": "measured device-to-device copy",
+    }
     assert gpu_limits.device_peaks("NVIDIA H200", measure=None)["peak_gbps"] == 4800.0
 
 
@@ -58,12 +62,25 @@ def test_annotate_records_reads_bytes_and_optional_flops():
 def test_compare_shows_roofline_columns():
     from bench.compare import compare
 
-    rec = {"section": "ops", "op": "window_attention", "provider": "fused", "mode": "forward", "dtype": "bf16",
-           "shape": "B=128", "median_ms": 0.2, "ideal_ms": 0.1, "pct_roofline": 50.0}
-    text, _ = compare({"meta": {}, "records": [rec]}, {"meta": {}, "records": [{**rec, "median_ms": 0.125, "pct_roofline": 80.0}]})
+    rec = {
+        "section": "ops",
+        "op": "window_attention",
+        "provider": "fused",
+        "mode": "forward",
+        "dtype": "bf16",
+        "shape": "B=128",
+        "median_ms": 0.2,
+        "ideal_ms": 0.1,
+        "pct_roofline": 50.0,
+    }
+    text, _ = compare(
+        {"meta": {}, "records": [rec]}, {"meta": {}, "records": [{**rec, "median_ms": 0.125, "pct_roofline": 80.0}]}
+    )
     assert "%roof" in text and "50%" in text and "80%" in text
-    text, _ = compare({"meta": {}, "records": [{k: v for k, v in rec.items() if "roof" not in k and k != "ideal_ms"}]},
-                      {"meta": {}, "records": [{k: v for k, v in rec.items() if "roof" not in k and k != "ideal_ms"}]})
+    text, _ = compare(
+        {"meta": {}, "records": [{k: v for k, v in rec.items() if "roof" not in k and k != "ideal_ms"}]},
+        {"meta": {}, "records": [{k: v for k, v in rec.items() if "roof" not in k and k != "ideal_ms"}]},
+    )
     assert "%roof" not in text  # CPU runs: no roofline columns
 
 
