@@ -167,6 +167,18 @@ def _worker_init() -> None:
 _COMPILED: dict = {}  # specialisation key -> metrics (per process)
 
 
+class _Pointer:
+    """A tensor argument as Triton's specialisation sees it: a dtype and a 16-byte aligned address
+    (the caching allocator's blocks are 512-byte aligned). Meta tensors would do on recent torch,
+    but not every torch version gives them a data_ptr."""
+
+    def __init__(self, dtype) -> None:
+        self.dtype = dtype
+
+    def data_ptr(self) -> int:
+        return 0
+
+
 def _specialise(fn, backend, args: dict, config: dict):
     """(signature, constexprs, attrs, options) a launch with ``args`` would compile, via Triton's binder."""
     from triton.runtime.jit import create_function_from_signature
@@ -178,6 +190,9 @@ def _specialise(fn, backend, args: dict, config: dict):
     missing = [p.name for p in fn.params if p.name not in args and p.name not in kwargs]
     if missing:
         raise TypeError(f"launch description lacks arguments {missing} of {fn.__name__}")
+    import torch
+
+    args = {k: _Pointer(v.dtype) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     bound, spec, _ = binder(**args, **kwargs)
     names = [p.name for p in fn.params]
     signature = {n: s[0] for n, s in zip(names, spec)}
