@@ -221,6 +221,8 @@ def _stage_span(labels: list[str]) -> str:
 
 def _triton_rows(records: list[dict]) -> list[list[str]]:
     """One row per distinct compiled kernel (stages and presets with identical results collapse)."""
+    order = {"fp16": 0, "bf16": 1, "fp32": 2, "fp64": 3}
+    records = sorted(records, key=lambda r: (order.get(r["dtype"], 9), r["has_mask"], r["arch"]))
     groups: dict = {}
     keys = (
         "registers",
@@ -383,13 +385,13 @@ def write_files(out_dir: Path, report: dict) -> dict:
 def main(out_dir: Path, archs=ARCHS, dtypes=DTYPES) -> int:
     import sys
 
+    tty = sys.stderr.isatty()
+
     def progress(done, total):
-        print(
-            f"\rcompile report: {done}/{total} kernel groups compiled",
-            end="" if done < total else "\n",
-            file=sys.stderr,
-            flush=True,
-        )
+        if tty:
+            print(f"\rcompile report: {done}/{total} kernel groups compiled", end="" if done < total else "\n", file=sys.stderr)
+        elif done == total or done % 8 == 0:  # a log file gets a few plain lines
+            print(f"compile report: {done}/{total} kernel groups compiled", file=sys.stderr, flush=True)
 
     report = build_report(archs=archs, dtypes=dtypes, progress=progress)
     print(render_text(report))
