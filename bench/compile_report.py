@@ -389,7 +389,12 @@ def main(out_dir: Path, archs=ARCHS, dtypes=DTYPES) -> int:
 
     def progress(done, total):
         if tty:
-            print(f"\rcompile report: {done}/{total} kernel groups compiled", end="" if done < total else "\n", file=sys.stderr, flush=True)
+            print(
+                f"\rcompile report: {done}/{total} kernel groups compiled",
+                end="" if done < total else "\n",
+                file=sys.stderr,
+                flush=True,
+            )
         elif done == total or done % 8 == 0:  # a log file gets a few plain lines
             print(f"compile report: {done}/{total} kernel groups compiled", file=sys.stderr, flush=True)
 
