@@ -167,3 +167,12 @@ def test_bad_arguments_are_one_line_errors(capsys):
     assert gc.main(["--phases", "build,nope"]) == 2
     err = capsys.readouterr().err
     assert "--budget must be a positive" in err and "unknown phase nope" in err
+
+
+def test_run_command_stops_a_command_at_its_time_limit(tmp_path):
+    # the child spawns a grandchild: the whole process group goes at the limit
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    res = gc.run_command([sys.executable, "-c", code], timeout=2, log=tmp_path / "x.log")
+    assert res.timed_out and res.seconds < 30
+    ok = gc.run_command([sys.executable, "-c", "print('hi')"], timeout=60, log=tmp_path / "y.log")
+    assert ok.rc == 0 and (tmp_path / "y.log").read_text().strip() == "hi"
