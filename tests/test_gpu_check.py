@@ -95,6 +95,8 @@ def test_all_phases_run_in_order_within_the_budget(tmp_path, monkeypatch):
     build = calls[0]
     assert build[0][1:] == ["setup.py", "build_ext", "--inplace"]
     assert build[2]["HTSAT_KERNELS_CUDA_ARCHS"] == "9.0" and build[2]["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    tests_cmd = next(c[0] for c in calls if "pytest" in c[0])
+    assert "tests/test_window_attention.py" in tests_cmd and "tests/test_train.py" not in tests_cmd  # CUDA test files only
     bench_args = [c[0] for c in calls if "bench" in c[0] and "--static" not in c[0]]
     first = bench_args[0]
     assert first[first.index("--batches") + 1] == "128" and first[first.index("--dtypes") + 1] == "bf16"
