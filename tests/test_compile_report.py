@@ -222,3 +222,12 @@ def test_the_launchers_take_their_config_from_launch_config(monkeypatch):
     out = hk.window_attention(qkv, table, None, h, (C // h) ** -0.5, backend="fused")
     out.sum().backward()
     assert calls == [("forward", 16, 8, torch.float32, False), ("backward", 16, 8, torch.float32, False)]
+
+
+def test_a_cpu_only_extension_gives_a_note_not_a_crash():
+    import _ctypes  # any shared library without CUDA device code
+
+    if sc.find_tool("cuobjdump") is None:
+        pytest.skip("cuobjdump not found")
+    recs, note = sc.cuda_records(_ctypes.__file__)
+    assert recs == [] and "no CUDA device code" in note
