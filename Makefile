@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: bench test lint install build clean
+.PHONY: bench test lint install build clean gpu-check
 
 bench: $(STAMP)
 	$(VPY) -m bench $(BENCH_ARGS)
@@ -37,6 +37,14 @@ $(STAMP): pyproject.toml setup.py
 
 build:
 	MAX_JOBS=$${MAX_JOBS:-2} $(VPY) setup.py build_ext --inplace
+
+# On a machine lent with one NVIDIA GPU (torch, Triton, nvcc, pytest in the system python3; no venv,
+# no network): build for that GPU only, CUDA tests, compute-sanitizer, the benchmark at B=128 and the
+# compile report, within GPU_CHECK_BUDGET seconds (30 s kept for the summary: 9 minutes in all).
+# Results: $$OUT if set, else bench/results/. On a machine without a GPU it stops at once (status 2).
+GPU_CHECK_BUDGET ?= 510
+gpu-check:
+	$(PY) -m bench.gpu_check --budget $(GPU_CHECK_BUDGET)
 
 clean:
 	rm -rf $(VENV) build htsat_kernels/*.so

@@ -8,6 +8,11 @@ Sections (each labelled in the report with what ran where):
 - ``interpreter`` (CPU only): the Triton window attention in the Triton interpreter at reduced
   shapes: numerics only, no timings.
 - ``model``: HTS-AT training step and inference per provider (tiny config in ``--quick``).
+
+``--static`` instead writes the compile report (``bench/compile_report.py``): registers, spills,
+shared memory, occupancy and tensor-core use of every Triton and CUDA kernel for sm_80 and sm_90,
+compiled ahead of time on any machine (no GPU needed), and the ideal time of each op at batch 128.
+On a GPU, the report also prints the roofline (ideal time and percent of it) of every timed record.
 """
 
 from __future__ import annotations
@@ -53,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rep-ms", type=float, default=None, help="timing budget per case in ms (default 100 on CUDA, 300 on CPU)")
     p.add_argument("--update-readme", choices=("auto", "yes", "no"), default="auto", help="refresh bench/results/README.md with the latest GPU run (auto: after a non-quick CUDA run written to bench/results/)")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--skip-model-check", action="store_true", help="do not run the model check that opens the report (gpu-check parts)")
+    p.add_argument(
+        "--static", action="store_true",
+        help="compile report instead of timings: every Triton and CUDA kernel compiled for --archs (no GPU needed; "
+        "--dtypes may include fp64)",
+    )
+    p.add_argument("--archs", type=_csv, default=None, help="--static: comma list of sm_80, sm_86, sm_89, sm_90 (default: sm_80,sm_90)")
     return p
 
 
@@ -128,6 +140,8 @@ def main(argv=None) -> int:
     from .runner import run_cases
 
     args = build_parser().parse_args(argv)
+    if args.static:
+        return _static(args)
     if args.device:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -138,6 +152,7 @@ def main(argv=None) -> int:
         device = torch.device("cuda", torch.cuda.current_device())
 
     cases, notes = plan(args, device)
+    peaks = _roofline_peaks(device)
     # On a CPU-only run, one thread by default: on a shared machine the OpenMP thread pool's
     # contention (10x swings) would drown the kernels being compared.
     threads = args.threads or (1 if device.type == "cpu" else None)
@@ -168,8 +183,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     from .verify import model_check, render
 
-    meta["model_check"] = model_check(device)
-    print(render(meta["model_check"]), flush=True)
+    if args.skip_model_check:
+        meta["model_check"] = {"ok": True, "skipped": "--skip-model-check"}
+    else:
+        meta["model_check"] = model_check(device)
+        print(render(meta["model_check"]), flush=True)
     records = []
     meta["section_wall_s"] = {}
     for section in ("ops", "interpreter", "model"):
@@ -185,9 +203,19 @@ def main(argv=None) -> int:
     meta["n_records"] = len(records)
     meta["n_skipped"] = sum(1 for r in records if r.get("skipped_reason"))
 
+    if peaks:
+        from .roofline import annotate_records
+
+        meta.update(peaks)
+        annotate_records(records, peaks)
     result = {"meta": meta, "records": sorted(records, key=report.sort_key)}
     paths = report.write_results(args.out, result, plots=not args.no_plots)
     print(report.render_text(result))
+    if peaks:
+        from .roofline import render_roofline
+
+        print()
+        print(render_roofline(result))
     print()
     print(f"results: {paths['json']}")
     print(f"         {paths['csv']}")
@@ -208,3 +236,28 @@ def main(argv=None) -> int:
         if readme:
             print(f"updated {readme}")
     return 0
+
+
+def _roofline_peaks(device) -> dict:
+    """Peak bandwidth and bf16 throughput of a CUDA device (table, else a measured copy); {} on CPU."""
+    if device.type != "cuda":
+        return {}
+    import torch
+
+    from .gpu_limits import device_peaks, measured_copy_gbps
+
+    return device_peaks(torch.cuda.get_device_properties(device).name, measure=lambda: measured_copy_gbps(device))
+
+
+def _static(args) -> int:
+    """``--static``: the compile report (no GPU needed)."""
+    from . import compile_report, gpu_limits
+
+    try:
+        archs = [gpu_limits.arch_name(a) for a in (args.archs or compile_report.ARCHS)]
+    except ValueError:
+        raise SystemExit(f"unknown arch in --archs {','.join(args.archs)} (choose from {', '.join(gpu_limits.ARCH_LIMITS)})") from None
+    _check(archs, list(gpu_limits.ARCH_LIMITS), "arch")
+    dtypes = args.dtypes or list(compile_report.DTYPES)
+    _check(dtypes, list(compile_report.DTYPES), "dtype")
+    return compile_report.main(args.out, archs=tuple(archs), dtypes=tuple(dtypes))

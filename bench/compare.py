@@ -3,7 +3,8 @@
 Records are matched on (section, op, provider, mode, dtype, shape). For each match: A and B
 median ms, the speedup of B over A (A_ms / B_ms: above 1 means B is faster), a REGRESSION flag
 when B is slower than A by more than ``--threshold`` (default 10%), and the error change (ERR+
-when B's max relative error grew past 2x A's and above 1e-6). Records that ran in one run and were
+when B's max relative error grew past 2x A's and above 1e-6), and for GPU runs the ideal time at the device's
+roofline with each run's percent of it (``ideal_ms``, ``pct_roofline``). Records that ran in one run and were
 skipped in the other, or exist in only one, are listed. Always exits 0 (a report, not a gate)
 unless ``--fail-on-regression`` is given.
 """
@@ -31,6 +32,10 @@ def _ms(x) -> str:
     return "-" if x is None else (f"{x:.4g}" if x < 1000 else f"{x:.0f}")
 
 
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.0f}%"
+
+
 def _err(x) -> str:
     if x is None:
         return "-"
@@ -49,6 +54,10 @@ def compare(a: dict, b: dict, threshold: float = 0.10, only_changes: bool = Fals
     only_b = [k for k in rb if k not in ra]
 
     headers = ["section", "op", "shape", "dtype", "mode", "provider", "A ms", "B ms", "B/A speedup", "A rel err", "B rel err", "flags"]
+    # roofline columns (GPU runs): the ideal time and each run's percent of it
+    roof = any(r.get("ideal_ms") is not None for r in list(ra.values()) + list(rb.values()))
+    if roof:
+        headers[-1:-1] = ["ideal ms", "A %roof", "B %roof"]
     rows = []
     stats = {"matched": len(order), "regressions": 0, "improvements": 0, "error_increases": 0, "status_changes": 0}
     for k in order:
@@ -83,6 +92,9 @@ def compare(a: dict, b: dict, threshold: float = 0.10, only_changes: bool = Fals
                 _err(ea), _err(eb), " ".join(flags),
             ]
         )
+        if roof:
+            ideal = y.get("ideal_ms") if y.get("ideal_ms") is not None else x.get("ideal_ms")
+            rows[-1][-1:-1] = [_ms(ideal), _pct(x.get("pct_roofline")), _pct(y.get("pct_roofline"))]
     ma, mb = a["meta"], b["meta"]
 
     def desc(m):
@@ -91,7 +103,8 @@ def compare(a: dict, b: dict, threshold: float = 0.10, only_changes: bool = Fals
     lines = [f"A: {desc(ma)}", f"B: {desc(mb)}"]
     if ma.get("device") != mb.get("device"):
         lines.append("note: the runs are on different devices; speedups compare the devices too.")
-    lines += ["", format_table(headers, rows, right={6, 7, 8, 9, 10}) if rows else "(no matched records to show)", ""]
+    right = {6, 7, 8, 9, 10} | ({11, 12, 13} if roof else set())
+    lines += ["", format_table(headers, rows, right=right) if rows else "(no matched records to show)", ""]
     if only_a:
         lines.append(f"only in A ({len(only_a)}): " + "; ".join(" ".join(map(str, k[1:5])) for k in only_a[:20]) + (" ..." if len(only_a) > 20 else ""))
     if only_b:

@@ -24,6 +24,25 @@ RECORD_FIELDS = (
     "skipped_reason",
 )
 
+# Records of the compile report (``python -m bench --static``, ``kind: "static"``), first columns
+# of its CSV; records also carry backend, preset, has_mask, shape, warps_per_sm, occupancy_limit,
+# wgmma, mma_sync, dots, dots_on_tensor_cores, ideal_us, int64_div_calls, config, error, ...
+STATIC_FIELDS = (
+    "kind",
+    "kernel",
+    "op",
+    "direction",
+    "dtype",
+    "stage",
+    "arch",
+    "registers",
+    "spill_bytes",
+    "shared_bytes",
+    "num_warps",
+    "blocks_per_sm",
+    "tensor_core_instructions",
+)
+
 META_FIELDS = ("device", "driver", "torch", "triton", "git_commit", "date", "quick")
 
 

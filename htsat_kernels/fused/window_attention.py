@@ -362,6 +362,19 @@ def _blocks(N: int, d: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
     return block_m, block_n, block_d, num_warps
 
 
+def launch_config(direction: str, N: int, d: int, dtype: torch.dtype, has_mask: bool) -> dict:
+    """Compile-time parameters (constexprs and num_warps) of the ``direction`` ("forward" or
+    "backward") kernel for one call. The launchers and the compile report (bench/compile_report.py)
+    both call this, so the report compiles exactly what a launch would."""
+    if direction not in ("forward", "backward"):
+        raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
+    block_m, block_n, block_d, num_warps = _blocks(N, d, dtype)
+    return dict(
+        WS=math.isqrt(N), D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        HAS_MASK=has_mask, FP64=dtype == torch.float64, PREC=_dot_precision(dtype), num_warps=num_warps,
+    )
+
+
 def _kernel(fn):
     """The launchable kernel: traceable through wrap_triton when compiled, raw when interpreted."""
     return fn if _INTERPRETED else torch.library.wrap_triton(fn)
@@ -397,25 +410,22 @@ def _fwd_impl(
     B_, N, C3 = qkv.shape
     C = C3 // 3
     d = C // num_heads
-    ws = math.isqrt(N)
     out = torch.empty((B_, N, C), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty((B_, num_heads, N), dtype=_acc_dtype(qkv.dtype), device=qkv.device)
     if B_ == 0:
         return out, lse
-    block_m, block_n, block_d, num_warps = _blocks(N, d, qkv.dtype)
     mask_t, s_mw, s_mi, s_mj, nW, has_mask = _mask_args(mask, qkv)
+    cfg = launch_config("forward", N, d, qkv.dtype, has_mask)
     hi, lo = _split_scale(scale)
     with _device_guard(qkv):
-        _kernel(_window_attention_fwd_kernel)[(B_, num_heads, triton.cdiv(N, block_m))](
+        _kernel(_window_attention_fwd_kernel)[(B_, num_heads, triton.cdiv(N, cfg["BLOCK_M"]))](
             qkv, table, mask_t, out, lse,
             qkv.stride(0), qkv.stride(1), qkv.stride(2),
             table.stride(0), table.stride(1),
             s_mw, s_mi, s_mj,
             out.stride(0), out.stride(1), out.stride(2),
             C, nW, hi, lo,
-            WS=ws, D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            HAS_MASK=has_mask, FP64=qkv.dtype == torch.float64, PREC=_dot_precision(qkv.dtype),
-            num_warps=num_warps,
+            **cfg,
         )
     return out, lse
 
@@ -469,8 +479,8 @@ def _bwd_impl(
     per_group = -(-B_ // groups)
     # zeroed: with several row blocks per window the kernel adds into its slot
     dbias_parts = torch.zeros((groups, num_heads, N, N), dtype=_acc_dtype(qkv.dtype), device=qkv.device)
-    block_m, block_n, block_d, num_warps = _blocks(N, d, qkv.dtype)
     mask_t, s_mw, s_mi, s_mj, nW, has_mask = _mask_args(mask, qkv)
+    cfg = launch_config("backward", N, d, qkv.dtype, has_mask)
     hi, lo = _split_scale(scale)
     with _device_guard(qkv):
         _kernel(_window_attention_bwd_kernel)[(groups, num_heads)](
@@ -481,9 +491,7 @@ def _bwd_impl(
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
             B_, C, nW, per_group, hi, lo,
-            WS=ws, D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            HAS_MASK=has_mask, FP64=qkv.dtype == torch.float64, PREC=_dot_precision(qkv.dtype),
-            num_warps=num_warps,
+            **cfg,
         )
     dtable = _bias_grad_to_table(dbias_parts.sum(dim=0), ws).to(table.dtype).contiguous()
     return dqkv, dtable

@@ -1,0 +1,405 @@
+"""``python -m bench --static``: what the GPU kernels compile to, on any machine (no GPU needed).
+
+Gathers ``bench.static_triton`` (every Triton kernel compiled ahead of time for sm_80 and sm_90 at
+the launcher's own configuration, per stage, preset, dtype and mask) and ``bench.static_cuda``
+(every kernel of the compiled extension, per arch in it) into records of the bench JSON family
+(``kind: "static"``, first fields ``bench.schema.STATIC_FIELDS``), adds the ideal time of each op
+at batch 128 on H100 SXM and H200 (``bench.roofline``), prints the tables and writes
+``static_<date>.json`` and ``.csv``. A kernel that fails to compile is a record with its error.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import csv
+import datetime as _dt
+import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from . import gpu_limits, roofline
+from .schema import STATIC_FIELDS
+from .static_cuda import cuda_records, extension_path, find_tool
+from .static_triton import (
+    ARCHS,
+    BATCH,
+    DTYPES,
+    TRITON_KERNELS,
+    StageShape,
+    _compile_group,
+    _worker_init,
+    preset_stages,
+    triton_jobs,
+)
+
+ROOFLINE_DEVICES = ("H100 SXM", "H200")
+
+# --------------------------------------------------------------------------------------------
+# Roofline at batch 128 (H100 SXM, H200)
+
+
+def placeholder_flops(op: str, st, batch: int, direction: str) -> int:
+    """FLOPs of one call. PLACEHOLDER until the op table (branch `optable`) supplies each op's
+    formula: the integrator replaces this with it. Attention: 2 matmuls (QK^T, PV) forward, 5
+    backward (recomputed QK^T, dV, dP, dQ, dK), 2·N·N·C FLOPs each per window; the data-movement
+    and LayerNorm ops do O(1) FLOPs per element, negligible against their bytes (0 here)."""
+    if op != "window_attention":
+        return 0
+    N = st.window**2
+    per_matmul = 2 * batch * st.nW * N * N * st.C
+    return (2 if direction == "forward" else 5) * per_matmul
+
+
+def _ops_stage(st: StageShape):
+    from . import ops
+
+    return ops.Stage(st.stage, st.H, st.W, st.C, st.heads, st.window // 2 if st.shifted else 0)
+
+
+def op_bytes(op: str, st: StageShape, batch: int, elem: int, direction: str) -> Optional[int]:
+    """Bytes moved per call from bench/ops.py's formula (None if it is unavailable)."""
+    try:
+        from . import ops
+
+        return ops.op_bytes(op, _ops_stage(st), batch, elem, direction)[0]
+    except Exception:  # the op table may rename it; the ideal time is then left out
+        return None
+
+
+def ideal_us(op: str, st: StageShape, direction: str, dtype: str, batch: int = BATCH) -> dict:
+    elem = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}.get(dtype, 2)
+    nbytes = op_bytes(op, st, batch, elem, direction)
+    flops = placeholder_flops(op, st, batch, direction)
+    out = {}
+    for name in ROOFLINE_DEVICES:
+        d = gpu_limits.DEVICE_BY_NAME[name]
+        ms = roofline.ideal_ms(nbytes, flops, d.hbm_gbps, d.bf16_tflops if dtype in ("bf16", "fp16") else None)
+        out[name] = None if ms is None else round(ms * 1e3, 2)
+    return out
+
+
+def roofline_rows(stages: list[StageShape], dtype: str = "bf16") -> list[dict]:
+    from . import ops
+
+    rows = []
+    seen = set()
+    for st in stages:
+        key = (st.stage, st.H, st.W, st.C, st.heads, st.window, st.shifted)
+        if key in seen:
+            continue
+        seen.add(key)
+        for op in ops.OPS:
+            if op == "patch_merge" and st.stage == max(s.stage for s in stages):
+                continue
+            for direction in ("forward", "backward"):
+                nbytes = op_bytes(op, st, BATCH, 2, direction)
+                rows.append(
+                    {
+                        "op": op,
+                        "stage": st.label,
+                        "direction": direction,
+                        "dtype": dtype,
+                        "batch": BATCH,
+                        "bytes": nbytes,
+                        "flops": placeholder_flops(op, st, BATCH, direction),
+                        "ideal_us": ideal_us(op, st, direction, dtype),
+                    }
+                )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+
+
+def build_report(
+    archs=ARCHS,
+    dtypes=DTYPES,
+    stages: Optional[list[StageShape]] = None,
+    workers: Optional[int] = None,
+    include_cuda: bool = True,
+    progress=None,
+) -> dict:
+    """Compile everything and return {"meta": ..., "records": [...], "roofline": [...]}."""
+    t0 = time.perf_counter()
+    stages = stages if stages is not None else preset_stages()
+    jobs, records = triton_jobs(stages, archs, dtypes)
+    workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
+    group_s = []
+    results: list = [None] * len(jobs)
+    if jobs:
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+            futures = {pool.submit(_compile_group, job): i for i, job in enumerate(jobs)}
+            cuda_recs, cuda_note = cuda_records() if include_cuda else ([], "CUDA kernels not requested")
+            for fut in cf.as_completed(futures):
+                i = futures[fut]
+                try:
+                    results[i] = fut.result()
+                except Exception as exc:  # a crashed worker: the whole group is an error
+                    results[i] = [
+                        {"stage_index": k, "error": f"{type(exc).__name__}: {exc}"} for k in range(len(jobs[i]["stages"]))
+                    ]
+                if progress:
+                    progress(sum(r is not None for r in results), len(jobs))
+    else:
+        cuda_recs, cuda_note = cuda_records() if include_cuda else ([], "CUDA kernels not requested")
+    for job, res in zip(jobs, results):
+        op, direction, _ = TRITON_KERNELS[job["kernel"]]
+        for r in res:
+            if "group_s" in r:
+                group_s.append(r["group_s"])
+                continue
+            st = job["stages"][r.pop("stage_index")]
+            rec = {
+                "kind": "static",
+                "backend": "triton",
+                "kernel": job["kernel"],
+                "op": op,
+                "direction": direction,
+                "dtype": job["dtype"],
+                "stage": st.label,
+                "preset": st.preset,
+                "arch": job["arch"],
+                "has_mask": job["has_mask"],
+                "shape": f"B={BATCH} H={st.H} W={st.W} C={st.C} h={st.heads} ws={st.window}",
+            }
+            rec.update(r)
+            rec["ideal_us"] = ideal_us(op, st, direction, job["dtype"])
+            records.append(rec)
+    records += cuda_recs
+    import triton
+
+    meta = {
+        "kind": "static",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "triton": triton.__version__,
+        "archs": list(archs),
+        "dtypes": list(dtypes),
+        "batch_for_ideal_time": BATCH,
+        "roofline_devices": {n: vars(gpu_limits.DEVICE_BY_NAME[n]) for n in ROOFLINE_DEVICES},
+        "cuobjdump": find_tool("cuobjdump"),
+        "nvdisasm": find_tool("nvdisasm"),
+        "extension": extension_path(),
+        "cuda_note": cuda_note,
+        "arch_limits": {k: vars(v) for k, v in gpu_limits.ARCH_LIMITS.items()},
+        "workers": workers,
+        "compile_wall_s": round(sum(group_s), 1),
+        "flops_note": "ideal_us uses bench.compile_report.placeholder_flops until the op table's FLOPs formula replaces it",
+        "definitions": {
+            "registers": "32-bit registers per thread (cuobjdump --dump-resource-usage REG)",
+            "spill_bytes": "stack frame + local memory per thread in bytes (cuobjdump STACK + LOCAL): ptxas puts spilled "
+            "registers in the stack frame; these kernels have no local arrays and no ABI calls that need one",
+            "shared_bytes": "shared memory per block (Triton metadata + static SHARED)",
+            "blocks_per_sm": "resident blocks per SM allowed by registers, shared memory, warp and block limits",
+            "tensor_core_instructions": "wgmma.mma_async + mma.sync instructions in the PTX (0: FMA path)",
+            "int64_div_calls": "SASS call sites of __cuda_sm20_{div,rem}_{s,u}64 (64-bit integer division helpers)",
+            "ideal_us": f"max(bytes / peak bandwidth, flops / dense bf16 peak) at batch {BATCH}, per device",
+        },
+    }
+    meta["wall_s"] = round(time.perf_counter() - t0, 1)
+    return {"meta": meta, "records": records, "roofline": roofline_rows(stages)}
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering and files
+
+
+def _kb(x) -> str:
+    return "-" if x is None else f"{x / 1024:.1f}"
+
+
+def _stage_span(labels: list[str]) -> str:
+    idx = sorted({int(s[1:]) for s in labels})
+    if len(idx) > 1 and idx == list(range(idx[0], idx[-1] + 1)):
+        return f"s{idx[0]}-s{idx[-1]}"
+    return ",".join(f"s{i}" for i in idx)
+
+
+def _triton_rows(records: list[dict]) -> list[list[str]]:
+    """One row per distinct compiled kernel (stages and presets with identical results collapse)."""
+    order = {"fp16": 0, "bf16": 1, "fp32": 2, "fp64": 3}
+    records = sorted(records, key=lambda r: (order.get(r["dtype"], 9), r["has_mask"], r["arch"]))
+    groups: dict = {}
+    keys = (
+        "registers",
+        "spill_bytes",
+        "shared_bytes",
+        "num_warps",
+        "blocks_per_sm",
+        "warps_per_sm",
+        "wgmma",
+        "mma_sync",
+        "dots",
+        "dots_on_tensor_cores",
+        "error",
+    )
+    for r in records:
+        g = (r["kernel"], r["direction"], r["dtype"], r["has_mask"], r["arch"]) + tuple(str(r.get(k)) for k in keys)
+        groups.setdefault(g, []).append(r)
+    rows = []
+    for recs in groups.values():
+        r = recs[0]
+        stages = _stage_span([x["stage"] for x in recs])
+        presets = sorted({x["preset"] for x in recs})
+        if r.get("error"):
+            rows.append(
+                [r["direction"], r["dtype"], "yes" if r["has_mask"] else "no", stages, r["arch"], "ERROR: " + r["error"][:90]]
+            )
+            continue
+        tc = f"{r['wgmma']} wgmma" if r.get("wgmma") else (f"{r['mma_sync']} mma" if r.get("mma_sync") else "none (FMA)")
+        rows.append(
+            [
+                r["direction"],
+                r["dtype"],
+                "yes" if r["has_mask"] else "no",
+                stages + ("" if len(presets) > 1 else f" ({presets[0]})"),
+                r["arch"],
+                str(r["registers"]),
+                str(r["spill_bytes"]),
+                _kb(r["shared_bytes"]),
+                str(r["num_warps"]),
+                f"{r['blocks_per_sm']} ({r['warps_per_sm']} warps, {r['occupancy_limit']})",
+                tc,
+                f"{r['dots_on_tensor_cores']}/{r['dots']}",
+            ]
+        )
+    return rows
+
+
+def render_text(report: dict) -> str:
+    from .report import format_table
+
+    meta, records = report["meta"], report["records"]
+    lines = [
+        "=" * 100,
+        "htsat-kernels compile report (static: no GPU used)",
+        f"triton {meta['triton']}   archs {', '.join(meta['archs'])}   cuobjdump {meta['cuobjdump'] or 'not found'}",
+        f"extension {meta['extension'] or 'not built'}",
+        "=" * 100,
+    ]
+    tri = [r for r in records if r.get("backend") == "triton"]
+    hdr = [
+        "dir",
+        "dtype",
+        "mask",
+        "stages",
+        "arch",
+        "regs",
+        "spill B",
+        "smem KB",
+        "warps",
+        "blocks/SM (warps/SM, limit)",
+        "tensor cores",
+        "TC dots",
+    ]
+    for title, sel in (
+        ("Triton kernels (fp16, bf16, fp32)", [r for r in tri if r.get("dtype") != "fp64"]),
+        ("Triton kernels in fp64 (meant for gradcheck)", [r for r in tri if r.get("dtype") == "fp64"]),
+    ):
+        by_kernel: dict = {}
+        for r in sel:
+            by_kernel.setdefault(r["kernel"], []).append(r)
+        if not by_kernel:
+            continue
+        lines += ["", f"#### {title}: batch {BATCH}, every stage of every preset (identical rows merged)"]
+        for kernel, recs in by_kernel.items():
+            rows = _triton_rows(recs)
+            lines += ["", f"-- {kernel}", format_table(hdr[: max(len(x) for x in rows)], rows, right={5, 6, 7, 8})]
+    cu = [r for r in records if r.get("backend") == "cuda"]
+    lines += ["", "#### CUDA kernels of the extension (block size is set by the host: warps/SM is the register limit)"]
+    if not cu:
+        lines.append(f"  none: {meta.get('cuda_note')}")
+    else:
+        rows = [
+            [
+                r["arch"],
+                r["kernel"][:78],
+                str(r["registers"]),
+                str(r["spill_bytes"]),
+                str(r["shared_bytes"]),
+                str(r["warps_per_sm"]),
+                "-" if r.get("int64_div_calls") is None else str(r["int64_div_calls"]),
+                "-" if r.get("sass_instructions") is None else str(r["sass_instructions"]),
+            ]
+            for r in cu
+        ]
+        lines.append(
+            format_table(
+                ["arch", "kernel", "regs", "spill B", "smem B", "warps/SM", "int64 div calls", "SASS instr"],
+                rows,
+                right={2, 3, 4, 5, 6, 7},
+            )
+        )
+    rl = report.get("roofline") or []
+    if rl:
+        devs = list(ROOFLINE_DEVICES)
+        lines += [
+            "",
+            f"#### Roofline: ideal time per call at batch {BATCH}, bf16 "
+            "(max of bytes / HBM bandwidth and FLOPs / dense bf16 peak)",
+        ]
+        rows = [
+            [r["op"], r["stage"], r["direction"], f"{(r['bytes'] or 0) / 1e6:.1f}", f"{r['flops'] / 1e9:.1f}"]
+            + ["-" if r["ideal_us"].get(d) is None else f"{r['ideal_us'][d]:.1f}" for d in devs]
+            for r in rl
+        ]
+        lines.append(format_table(["op", "stage", "dir", "MB", "GFLOP"] + [f"{d} us" for d in devs], rows, right={3, 4, 5, 6}))
+        lines.append("  FLOPs: placeholder formula (bench.compile_report.placeholder_flops) until the op table provides them.")
+    errors = [r for r in records if r.get("error")]
+    lines += [
+        "",
+        f"{len(records)} records, {len(errors)} with errors; Triton compile time {meta['compile_wall_s']} s "
+        f"in {meta['workers']} worker(s); wall {meta['wall_s']} s",
+    ]
+    if meta.get("cuda_note"):
+        lines.append(f"note: {meta['cuda_note']}")
+    return "\n".join(lines)
+
+
+def write_files(out_dir: Path, report: dict) -> dict:
+    from .report import write_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"static_{report['meta']['date'][:10]}"
+    json_path, csv_path = stem.with_suffix(".json"), stem.with_suffix(".csv")
+    write_json(json_path, report)
+    recs = report["records"]
+    extra = sorted({k for r in recs for k in r} - set(STATIC_FIELDS))
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(list(STATIC_FIELDS) + extra)
+        for r in recs:
+            w.writerow(
+                [
+                    "" if r.get(c) is None else (json.dumps(r[c], sort_keys=True) if isinstance(r.get(c), (dict, list)) else r[c])
+                    for c in list(STATIC_FIELDS) + extra
+                ]
+            )
+    return {"json": json_path, "csv": csv_path}
+
+
+def main(out_dir: Path, archs=ARCHS, dtypes=DTYPES) -> int:
+    import sys
+
+    tty = sys.stderr.isatty()
+
+    def progress(done, total):
+        if tty:
+            print(
+                f"\rcompile report: {done}/{total} kernel groups compiled",
+                end="" if done < total else "\n",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif done == total or done % 8 == 0:  # a log file gets a few plain lines
+            print(f"compile report: {done}/{total} kernel groups compiled", file=sys.stderr, flush=True)
+
+    report = build_report(archs=archs, dtypes=dtypes, progress=progress)
+    print(render_text(report))
+    paths = write_files(out_dir, report)
+    print(f"\nresults: {paths['json']}\n         {paths['csv']}")
+    return 0
