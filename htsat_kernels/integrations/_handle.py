@@ -8,7 +8,7 @@ added to its parameters or buffers, so its ``state_dict`` keys are unchanged.
 from __future__ import annotations
 
 import types
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -56,9 +56,9 @@ class PatchHandle:
             if previous is _MISSING:
                 module.__dict__.pop("forward", None)
             else:
-                module.forward = previous
+                setattr(module, "forward", previous)  # noqa: B010 (mypy: forward is a method)
 
-    def __enter__(self) -> "PatchHandle":
+    def __enter__(self) -> PatchHandle:
         return self
 
     def __exit__(self, *exc) -> None:

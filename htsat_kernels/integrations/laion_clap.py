@@ -21,6 +21,8 @@ them anyway); call ``undo()`` to get them back.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
@@ -35,7 +37,7 @@ def _drop_path_active(module: nn.Module) -> bool:
     return module.training and float(getattr(module, "drop_prob", 0.0) or 0.0) > 0.0
 
 
-def window_attention_of(attn: nn.Module, windows: Tensor, mask) -> Tensor:
+def window_attention_of(attn: Any, windows: Tensor, mask: Tensor | None) -> Tensor:
     """The original WindowAttention's output (without its attention map) through htsat_kernels."""
     qkv = attn.qkv(windows)
     table = attn.relative_position_bias_table

@@ -25,6 +25,7 @@ state_dict; the copy (3 C^2 values per block) is small next to the activations.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,7 @@ def _shift_mask(H: int, W: int, ws: int, shift: int, dtype: torch.dtype, device:
     return hk.reference.shifted_window_mask(H, W, ws, shift).to(device=device, dtype=dtype)
 
 
-def _qkv_projection(sa: nn.Module, windows: Tensor) -> Tensor:
+def _qkv_projection(sa: Any, windows: Tensor) -> Tensor:
     q, k, v = sa.query, sa.key, sa.value
     weight = torch.cat([q.weight, k.weight, v.weight], dim=0)
     biases = (q.bias, k.bias, v.bias)
@@ -54,9 +55,9 @@ def _qkv_projection(sa: nn.Module, windows: Tensor) -> Tensor:
     return F.linear(windows, weight, bias)
 
 
-def attention_of(attention: nn.Module, windows: Tensor, mask) -> Tensor:
+def attention_of(attention: Any, windows: Tensor, mask: Tensor | None) -> Tensor:
     """``ClapAudioAttention(windows, mask)[0]`` through htsat_kernels."""
-    sa = attention.self
+    sa: Any = attention.self
     qkv = _qkv_projection(sa, windows)
     table, heads = sa.relative_position_bias_table, sa.num_attention_heads
     scale = sa.attention_head_size**-0.5
