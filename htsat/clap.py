@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -185,7 +184,7 @@ def read_safetensors(path: str) -> dict:
     return load_file(os.fspath(path), device="cpu")
 
 
-def preset_for(sd: dict) -> Optional[str]:
+def preset_for(sd: dict) -> str | None:
     """The clap-htsat-* preset of a laion-clap / transformers state_dict (from its widths and depths), or None."""
     if not (is_laion_layout(sd) or is_transformers_layout(sd)):
         return None

@@ -2,16 +2,17 @@
 the joint embedding, and laion-clap's clip-length rule (repeatpad; deterministic windows past 10 s)."""
 
 import contextlib
+import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from original_htsat import load_original_module
 from torch import nn
 
 import htsat
 from htsat.clap import clap_embedding_from_features, repeat_pad
-from original_htsat import load_original_module
 
 with contextlib.suppress(ImportError):  # before original_htsat stubs torchvision (see test_integrations.py)
     import transformers  # noqa: F401
@@ -96,8 +97,8 @@ def test_laion_checkpoint_reproduces_laion_embeddings(size):
         torch.testing.assert_close(got["latent_output"], want_latent, **TOL, msg=f"embedding at {seconds} s")
         torch.testing.assert_close(got["clap_embedding"], want_embedding, **TOL, msg=f"CLAP embedding at {seconds} s")
         assert got["clap_embedding"].shape == (1, 512)
-        # framewise output covers the real clip (not its repeats): 10 / 1024 s frames
-        assert got["framewise_output"].shape[1] == round(seconds * 1024 / 10 + 0.5 - 1e-9) or seconds > 10
+        # framewise output covers the real clip (not its repeats) in frames of 10 / 1024 s
+        assert got["framewise_output"].shape[1] == math.ceil(seconds * 1024 / 10 - 1e-9)
 
 
 def test_repeat_pad():
