@@ -171,6 +171,7 @@ class _AudioFeatures(nn.Module):
         ),
         ("ClapAudioModelWithProjection", "reference", dict(window_size=3)),  # zero padding to the window
         ("ClapAudioModel", "reference", {}),
+        ("ClapAudioModel", "fused", dict(enable_patch_layer_norm=False)),  # blocks get a transposed view
         ("ClapAudioModelWithProjection", "fused", {}),
         ("ClapAudioModelWithProjection", "fused", dict(hidden_dropout_prob=0.1, drop_path_rate=0.2)),
     ],

@@ -55,6 +55,7 @@ def block_forward(self, x: Tensor):
     H, W = self.input_resolution
     B, L, C = x.shape
     ws, shift = self.window_size, self.shift_size
+    x = x.contiguous()  # no-op for the blocks' own outputs; the fused ops read (B, H, W, C) rows
     shortcut = x
     n1 = self.norm1
     if isinstance(n1, nn.LayerNorm) and n1.elementwise_affine and n1.bias is not None:

@@ -88,6 +88,7 @@ def layer_forward(self, hidden_states: Tensor, input_dimensions, output_attentio
     B, L, C = hidden_states.shape
     pad_h, pad_w = (ws - H % ws) % ws, (ws - W % ws) % ws
     Hp, Wp = H + pad_h, W + pad_w
+    hidden_states = hidden_states.contiguous()  # no-op unless the patch embedding has no norm (a transposed view)
     shortcut = hidden_states
     ln = self.layernorm_before
     if not (pad_h or pad_w) and ln.elementwise_affine and ln.bias is not None:
