@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import Tensor
 
+from . import clap
 from .config import HTSATConfig, load_config
 from .model import HTSAT
 
@@ -41,11 +42,13 @@ class LoadReport:
     derived_checked: list[str] = field(default_factory=list)
     skipped_head: list[str] = field(default_factory=list)
     source_format: str = ""
+    skipped_other: list[str] = field(default_factory=list)  # a CLAP checkpoint's text branch, logit scales, ...
 
     def __str__(self) -> str:
         return (
             f"{self.source_format}: loaded {len(self.loaded)} tensors, checked {len(self.derived_checked)} derived "
             f"constants, skipped {len(self.skipped_head)} head tensors"
+            + (f" and {len(self.skipped_other)} non-audio tensors" if self.skipped_other else "")
         )
 
 
@@ -104,6 +107,8 @@ def read_checkpoint(path_or_obj: Union[str, os.PathLike, Mapping]) -> Mapping:
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):  # transformers' model.safetensors
+        return clap.read_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -174,8 +179,10 @@ def _named(exc: CheckpointError, path_or_obj) -> CheckpointError:
 
 def _load_into(model: HTSAT, obj: Mapping, drop_head: bool) -> LoadReport:
     sd, kind = extract_state_dict(obj)
+    sd, kind, skipped_other, has_head = clap.convert_checkpoint(model, sd, kind)  # CLAP layouts -> ours
+    drop_head = drop_head or not has_head  # transformers' CLAP has no classification head
     ours = model.state_dict()
-    report = LoadReport(source_format=kind)
+    report = LoadReport(source_format=kind, skipped_other=skipped_other)
     to_load: dict[str, Tensor] = {}
     unexpected, bad_shape, bad_derived = [], [], []
     class_mismatch: Optional[str] = None
@@ -308,7 +315,8 @@ def model_from_checkpoint(
             config = saved_config(obj)
         else:
             sd, _ = extract_state_dict(obj)
-            w = sd.get("tscam_conv.weight")
+            w = sd.get("tscam_conv.weight", sd.get("audio_branch.tscam_conv.weight"))
+            name = name or clap.preset_for(sd)  # a laion-clap / transformers CLAP checkpoint: its clap-htsat-* size
             config = load_config(name or "htsat-audioset", num_classes=None if w is None or w.ndim == 0 else int(w.shape[0]))
         model = HTSAT(config, backend=backend)
         _load_into(model, obj, drop_head=False)

@@ -49,6 +49,11 @@ class HTSATConfig:
     cap_fmax: bool = True
     clip_seconds: float = 10.0
     long_hop_seconds: float = 5.0
+    # CLAP (htsat/clap.py): "repeatpad" tiles clips shorter than clip_seconds and zero-pads them to it and
+    # runs longer ones as sliding windows (laion-clap's rule; "stretch": one image up to max_frames);
+    # projection_dim > 0 adds audio_projection and the clap_embedding output.
+    clip_fill: str = "stretch"
+    projection_dim: int = 0
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +113,8 @@ class HTSATConfig:
             f"clip_seconds {self.clip_seconds} gives {clip_frames} frames, more than the {self.max_frames} one image holds",
         )
         need(0 < self.long_hop_seconds <= self.clip_seconds, "long_hop_seconds must be in (0, clip_seconds]")
+        need(self.clip_fill in ("stretch", "repeatpad"), f"clip_fill must be 'stretch' or 'repeatpad', got {self.clip_fill!r}")
+        need(self.projection_dim >= 0, "projection_dim must be >= 0 (0: no CLAP projection)")
 
     # (de)serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +136,12 @@ class HTSATConfig:
         return self.from_dict({**self.to_dict(), **overrides})
 
 
+def _clap_presets() -> dict[str, dict[str, Any]]:
+    from .clap import CLAP_PRESETS  # clap-htsat-tiny / -base / -large
+
+    return CLAP_PRESETS
+
+
 def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
@@ -138,6 +151,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "htsat-esc50": dict(name="htsat-esc50", num_classes=50, loss_type="clip_ce"),
     "htsat-scv2": dict(name="htsat-scv2", num_classes=35, sample_rate=16000, hop_length=160),
 }
+PRESETS.update(_clap_presets())
 
 # A small model with every structural feature (4 stages, shifted windows, patch merges, the
 # token-semantic head) for fast CPU tests and examples: 16 kHz, 32 mel bins, 128x128 image.

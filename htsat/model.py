@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .clap import audio_projection, repeat_pad
 from .config import HTSATConfig
 from .frontend import LogMel, Spectrogram
 from .layers import BasicLayer, PatchEmbed, PatchMerging, SwinTransformerBlock
@@ -70,6 +71,8 @@ class HTSAT(nn.Module):
         self.tscam_conv = nn.Conv2d(cfg.num_features, cfg.num_classes, kernel_size=(sf, 3), padding=(0, 1))
         self.head = nn.Linear(cfg.num_classes, cfg.num_classes)  # unused in forward; kept for checkpoints
         self.apply(_init_weights)
+        # CLAP's joint-embedding projection (htsat/clap.py): None for the classification presets
+        self.audio_projection = audio_projection(cfg.num_features, cfg.projection_dim) if cfg.projection_dim else None
         self.backend = backend
 
     # backend ----------------------------------------------------------------------------------
@@ -151,14 +154,20 @@ class HTSAT(nn.Module):
         framewise = framewise.repeat_interleave(cfg.max_frames // steps, dim=1)
         clip_logits = feats["clipwise_logits"]
         clipwise = torch.sigmoid(clip_logits) if cfg.loss_type == "clip_bce" else clip_logits
-        return {
+        out = {
             "clipwise_output": clipwise,
             "framewise_output": framewise,
             "latent_output": feats["latent_output"],
             "clipwise_logits": clip_logits,
         }
+        if self.audio_projection is not None:
+            out["clap_projection"] = proj = self.audio_projection(feats["latent_output"])
+            out["clap_embedding"] = F.normalize(proj, dim=-1)
+        return out
 
     def _forward_clip(self, waveform: Tensor, mixup_lambda: Optional[Tensor]) -> dict[str, Tensor]:
+        if self.config.clip_fill == "repeatpad":
+            waveform = repeat_pad(waveform, self._clip_samples())
         x = self.logmel(waveform)
         if self.training:
             if self.use_spec_augment:
@@ -172,8 +181,12 @@ class HTSAT(nn.Module):
         latent_output (B, D), clipwise_logits (B, C). mixup_lambda (B,) mixes with the reversed batch
         in training (the original's recipe, spec section 3.6)."""
         self._check_waveform(waveform, mixup_lambda)
-        if self.num_frames(waveform.shape[1]) <= self.config.max_frames:
-            return self._forward_clip(waveform, mixup_lambda)
+        if self._one_image(waveform.shape[1]):
+            out = self._forward_clip(waveform, mixup_lambda)
+            if self.config.clip_fill == "repeatpad":  # frames of the real clip, not of its repeats
+                keep = math.ceil(waveform.shape[1] / self.config.sample_rate / self.frame_seconds(waveform.shape[1]) - 1e-9)
+                out["framewise_output"] = out["framewise_output"][:, :keep]
+            return out
         if mixup_lambda is not None:
             raise ValueError("mixup_lambda applies to clips of one image; crop long audio to clip_seconds for training")
         return self._forward_long(waveform)
@@ -181,6 +194,15 @@ class HTSAT(nn.Module):
     # any length -------------------------------------------------------------------------------
     def num_frames(self, num_samples: int) -> int:
         return 1 + num_samples // self.config.hop_length
+
+    def _clip_samples(self) -> int:
+        return int(round(self.config.clip_seconds * self.config.sample_rate))
+
+    def _one_image(self, num_samples: int) -> bool:
+        """Whether a clip runs as one image; "repeatpad" (CLAP): up to clip_seconds, else up to max_frames."""
+        if self.config.clip_fill == "repeatpad":
+            return num_samples <= self._clip_samples()
+        return self.num_frames(num_samples) <= self.config.max_frames
 
     def window_starts(self, num_samples: int) -> list[int]:
         """Start samples of the sliding windows that cover a long clip (the last one ends at its end)."""
@@ -195,7 +217,7 @@ class HTSAT(nn.Module):
     def frame_seconds(self, num_samples: int) -> float:
         """Duration of one framewise_output frame for an input of num_samples samples."""
         cfg = self.config
-        if self.num_frames(num_samples) <= cfg.max_frames:
+        if self._one_image(num_samples) and cfg.clip_fill != "repeatpad":
             return num_samples / cfg.sample_rate / cfg.max_frames
         return cfg.clip_seconds / cfg.max_frames
 
@@ -218,12 +240,16 @@ class HTSAT(nn.Module):
             framewise[:, off : off + per_win] += out["framewise_output"][:, w]
             count[:, off : off + per_win] += 1
         clip_logits = out["clipwise_logits"].mean(dim=1)
-        return {
+        result = {
             "clipwise_output": out["clipwise_output"].mean(dim=1),
             "framewise_output": framewise / count.clamp(min=1),
             "latent_output": out["latent_output"].mean(dim=1),
             "clipwise_logits": clip_logits,
         }
+        if "clap_projection" in out:  # CLAP: window projections averaged, then normalised
+            result["clap_projection"] = proj = out["clap_projection"].mean(dim=1)
+            result["clap_embedding"] = F.normalize(proj, dim=-1)
+        return result
 
     def _check_waveform(self, waveform: Tensor, mixup_lambda: Optional[Tensor]) -> None:
         if not isinstance(waveform, Tensor):
