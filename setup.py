@@ -17,6 +17,7 @@ matches the CUDA version torch was built with (a CPU-only torch builds the CPU p
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -113,7 +114,7 @@ def _cuda_toolkit(torch_guess: str | None) -> tuple[str | None, str]:
 def _extensions():
     from torch.utils import cpp_extension
 
-    sources = [os.path.join(CSRC, "ops.cpp")]
+    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
     include_dirs = [os.path.join(ROOT, CSRC)]
     cxx_flags = ["-O3", "-fopenmp"]  # at::parallel_for needs OpenMP in this translation unit
     link_flags = ["-fopenmp"]
@@ -136,7 +137,7 @@ def _extensions():
     archs = os.environ.get("HTSAT_KERNELS_CUDA_ARCHS", "8.0;9.0")
     gencode = _gencode_flags(archs)
     print(f"htsat_kernels: building C++ CPU + CUDA kernels (CUDA_HOME={cuda_home}, archs {archs})")
-    sources += [os.path.join(CSRC, "window_process_cuda.cu"), os.path.join(CSRC, "patch_merge_cuda.cu")]
+    sources += sorted(glob.glob(os.path.join(CSRC, "*.cu")))
     nvcc_flags = ["-O3", "-DHTSAT_WITH_CUDA=1", *gencode]
     return [
         cpp_extension.CUDAExtension(
