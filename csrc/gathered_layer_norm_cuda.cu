@@ -34,48 +34,57 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 __device__ __forceinline__ float inv_sqrt(float v) { return rsqrtf(v); }
 __device__ __forceinline__ double inv_sqrt(double v) { return 1.0 / sqrt(v); }
 
+// One warp per output row (kWarpsPerBlock rows per block): this thread's row and lane, and the element
+// offsets in x of the row's segments.
+template <typename Rows>
+struct WarpRow {
+  int64_t row;
+  int lane;
+  int64_t seg[Rows::kSegments];
+  __device__ __forceinline__ WarpRow(const Rows& src, int64_t C)
+      : row(static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize), lane(threadIdx.x % kWarpSize) {
+    const int64_t base = src.base(row);
+#pragma unroll
+    for (int k = 0; k < Rows::kSegments; ++k) seg[k] = (base + src.offset(k)) * C;
+  }
+};
+
 template <typename Rows, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kRowThreads)
     gathered_layer_norm_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
                                        const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
                                        acc_t* __restrict__ mean_out, acc_t* __restrict__ rstd_out, Rows src,
                                        int64_t rows, int64_t C, acc_t eps) {
-  constexpr int S = Rows::kSegments;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  if (row >= rows) return;  // uniform per warp
-  const int64_t n = S * C;
-  const int64_t base = src.base(row);
-  const scalar_t* seg[S];
-#pragma unroll
-  for (int k = 0; k < S; ++k) seg[k] = x + (base + src.offset(k)) * C;
+  const WarpRow<Rows> w(src, C);
+  if (w.row >= rows) return;  // uniform per warp
+  const int64_t n = Rows::kSegments * C;
 
   acc_t sum = 0;
 #pragma unroll
-  for (int k = 0; k < S; ++k)
-    for (int64_t c = lane; c < C; c += kWarpSize) sum += static_cast<acc_t>(seg[k][c]);
+  for (int k = 0; k < Rows::kSegments; ++k)
+    for (int64_t c = w.lane; c < C; c += kWarpSize) sum += static_cast<acc_t>(x[w.seg[k] + c]);
   const acc_t mean = warp_sum(sum) / static_cast<acc_t>(n);
 
   acc_t sq = 0;
 #pragma unroll
-  for (int k = 0; k < S; ++k)
-    for (int64_t c = lane; c < C; c += kWarpSize) {
-      const acc_t d = static_cast<acc_t>(seg[k][c]) - mean;
+  for (int k = 0; k < Rows::kSegments; ++k)
+    for (int64_t c = w.lane; c < C; c += kWarpSize) {
+      const acc_t d = static_cast<acc_t>(x[w.seg[k] + c]) - mean;
       sq += d * d;
     }
   const acc_t rstd = inv_sqrt(warp_sum(sq) / static_cast<acc_t>(n) + eps);
 
-  scalar_t* y = out + row * n;
+  scalar_t* y = out + w.row * n;
 #pragma unroll
-  for (int k = 0; k < S; ++k)
-    for (int64_t c = lane; c < C; c += kWarpSize) {
+  for (int k = 0; k < Rows::kSegments; ++k)
+    for (int64_t c = w.lane; c < C; c += kWarpSize) {
       const int64_t i = k * C + c;
-      const acc_t v = (static_cast<acc_t>(seg[k][c]) - mean) * rstd;
+      const acc_t v = (static_cast<acc_t>(x[w.seg[k] + c]) - mean) * rstd;
       y[i] = static_cast<scalar_t>(v * static_cast<acc_t>(weight[i]) + static_cast<acc_t>(bias[i]));
     }
-  if (lane == 0) {
-    mean_out[row] = mean;
-    rstd_out[row] = rstd;
+  if (w.lane == 0) {
+    mean_out[w.row] = mean;
+    rstd_out[w.row] = rstd;
   }
 }
 
@@ -85,39 +94,34 @@ __global__ void __launch_bounds__(kRowThreads)
                                               const scalar_t* __restrict__ weight, const acc_t* __restrict__ mean,
                                               const acc_t* __restrict__ rstd, scalar_t* __restrict__ grad_x,
                                               Rows src, int64_t rows, int64_t C) {
-  constexpr int S = Rows::kSegments;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  if (row >= rows) return;  // uniform per warp
-  const int64_t n = S * C;
-  const int64_t base = src.base(row);
-  int64_t seg[S];
-#pragma unroll
-  for (int k = 0; k < S; ++k) seg[k] = (base + src.offset(k)) * C;
-  const acc_t mu = mean[row], rs = rstd[row];
-  const scalar_t* dy = grad_out + row * n;
+  const WarpRow<Rows> w(src, C);
+  if (w.row >= rows) return;  // uniform per warp
+  const int64_t n = Rows::kSegments * C;
+  const acc_t mu = mean[w.row], rs = rstd[w.row];
+  const scalar_t* dy = grad_out + w.row * n;
+
+  // g = dy * weight and xhat = (x - mean) * rstd of channel c of segment k, read again in the second pass
+  const auto g_at = [&](int k, int64_t c) {
+    return static_cast<acc_t>(dy[k * C + c]) * static_cast<acc_t>(weight[k * C + c]);
+  };
+  const auto xhat_at = [&](int k, int64_t c) { return (static_cast<acc_t>(x[w.seg[k] + c]) - mu) * rs; };
 
   acc_t sum_g = 0, sum_gx = 0;
 #pragma unroll
-  for (int k = 0; k < S; ++k)
-    for (int64_t c = lane; c < C; c += kWarpSize) {
-      const int64_t i = k * C + c;
-      const acc_t g = static_cast<acc_t>(dy[i]) * static_cast<acc_t>(weight[i]);
-      const acc_t xhat = (static_cast<acc_t>(x[seg[k] + c]) - mu) * rs;
+  for (int k = 0; k < Rows::kSegments; ++k)
+    for (int64_t c = w.lane; c < C; c += kWarpSize) {
+      const acc_t g = g_at(k, c);
       sum_g += g;
-      sum_gx += g * xhat;
+      sum_gx += g * xhat_at(k, c);
     }
   const acc_t mean_g = warp_sum(sum_g) / static_cast<acc_t>(n);
   const acc_t mean_gx = warp_sum(sum_gx) / static_cast<acc_t>(n);
 
 #pragma unroll
-  for (int k = 0; k < S; ++k)
-    for (int64_t c = lane; c < C; c += kWarpSize) {
-      const int64_t i = k * C + c;
-      const acc_t g = static_cast<acc_t>(dy[i]) * static_cast<acc_t>(weight[i]);
-      const acc_t xhat = (static_cast<acc_t>(x[seg[k] + c]) - mu) * rs;
-      grad_x[seg[k] + c] = static_cast<scalar_t>(layer_norm_grad_input<acc_t>(g, xhat, rs, mean_g, mean_gx));
-    }
+  for (int k = 0; k < Rows::kSegments; ++k)
+    for (int64_t c = w.lane; c < C; c += kWarpSize)
+      grad_x[w.seg[k] + c] =
+          static_cast<scalar_t>(layer_norm_grad_input<acc_t>(g_at(k, c), xhat_at(k, c), rs, mean_g, mean_gx));
 }
 
 // grid (ceil(n / kColThreads), n_chunks): partial sums of dy * xhat and dy over one chunk of rows.
