@@ -42,7 +42,6 @@ CSRC = "csrc"
 EXT_NAME = "htsat_kernels._C"
 BUILD_INFO = "_C_build.json"  # read by htsat_kernels/fused/extension.py
 DEFAULT_ARCHS = "8.0;9.0"  # A100, H100 / H200
-CUDA_LIBRARIES = ("cudart", "c10_cuda", "torch_cuda")
 
 
 def _flag(name: str) -> bool:
@@ -174,10 +173,19 @@ def _cpu_extension():
     return cpp_extension.CppExtension(
         EXT_NAME,
         sorted(glob.glob(os.path.join(CSRC, "*.cpp"))),
+        depends=sorted(glob.glob(os.path.join(CSRC, "*.h"))),  # rebuilt when a header changes; shipped in the sdist
         include_dirs=[os.path.join(ROOT, CSRC)],
         extra_compile_args={"cxx": ["-O3", "-fopenmp"]},  # at::parallel_for needs OpenMP in these translation units
         extra_link_args=["-fopenmp"],
     )
+
+
+def _make_cpu_only(ext) -> None:
+    """Turns the CUDA extension into the C++ CPU one in place: setuptools has finalised the object (a new
+    one would lack its private attributes), and BuildExtension adds its own flags again on the next run."""
+    cpu = _cpu_extension()
+    for attr in ("sources", "depends", "include_dirs", "library_dirs", "libraries", "extra_compile_args", "extra_link_args"):
+        setattr(ext, attr, getattr(cpu, attr))
 
 
 def _extensions():
@@ -207,6 +215,7 @@ def _extensions():
         cpp_extension.CUDAExtension(
             EXT_NAME,
             cpu.sources + sorted(glob.glob(os.path.join(CSRC, "*.cu"))),
+            depends=cpu.depends,
             include_dirs=cpu.include_dirs,
             extra_compile_args={
                 "cxx": cpu.extra_compile_args["cxx"] + ["-DHTSAT_WITH_CUDA=1"],
@@ -241,7 +250,8 @@ def _cmdclass():
                     info.update(cuda=False, cuda_error=f"the CUDA build failed: {_failure(exc)}")
                     _warn(f"{info['cuda_error']}\nRetrying with the C++ CPU kernels only (CUDA tensors will use the references).")
                     self.inplace, self.compiler = inplace, compiler
-                    self.extensions = [_cpu_extension()]
+                    for ext in self.extensions:
+                        _make_cpu_only(ext)
                     try:
                         super().run()
                     except Exception as cpu_exc:
