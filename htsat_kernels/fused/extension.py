@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -35,6 +36,7 @@ def _build_record() -> dict:
 build_record: dict = _build_record()
 load_error: str | None = None
 with_cuda: bool = False
+_C: ModuleType | None
 
 try:
     _C = importlib.import_module("htsat_kernels._C")  # registers the ops
