@@ -157,3 +157,25 @@ def test_bad_arch_list_is_a_clear_error_under_require_ext(tmp_path):
         pytest.skip("no CUDA toolkit here: the arch list is never read")
     assert proc.returncode != 0
     assert "HTSAT_KERNELS_CUDA_ARCHS: cannot parse 'sm90'" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"TORCH_CUDA_ARCH_LIST": "8.6"}, "8.6 (TORCH_CUDA_ARCH_LIST)"),
+        ({"TORCH_CUDA_ARCH_LIST": "8.6", "HTSAT_KERNELS_CUDA_ARCHS": "9.0"}, "9.0 (HTSAT_KERNELS_CUDA_ARCHS)"),
+        ({}, None),  # the GPUs visible now, else the documented default
+    ],
+    ids=["torch-list", "own-override", "default"],
+)
+def test_cuda_architectures_follow_the_documented_precedence(tmp_path, env, expected):
+    import torch
+
+    proc, lib = _build(tmp_path, CXX="false", CUDA_HOME=_broken_cuda_toolkit(tmp_path), **env)
+    if "building the C++ CPU kernels only" in proc.stdout:
+        pytest.skip("this torch has no CUDA: the CUDA part is never attempted")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if expected is None:
+        expected = "(the GPUs visible at build time)" if torch.cuda.device_count() else "8.0;9.0 (default: no GPU visible"
+    assert expected in _record(lib)["cuda_archs"]
+    assert f"archs {expected}" in proc.stdout
