@@ -1,34 +1,55 @@
 """Loads the compiled extension ``htsat_kernels._C`` (C++ CPU kernels, and CUDA kernels where built).
 
 Importing ``_C`` registers the ``torch.ops.htsat_kernels`` ops (window_partition, window_merge,
-patch_merge_forward, patch_merge_backward) with the dispatcher. ``load_error`` is None when it loaded,
-otherwise a message saying how to build it; the fused modules raise ImportError with it, which the
-dispatcher records as the reason the fused path is unavailable.
+patch_merge_forward, patch_merge_backward, layer_norm_window_partition(_backward), window_merge_add) with
+the dispatcher. ``load_error`` is None when it loaded, otherwise why not and how to build it; the fused
+modules raise ImportError with it, which the dispatcher records as the reason the fused path is
+unavailable (``htsat_kernels.fused_status()``). The build is optional (setup.py): it records its outcome
+in ``_C_build.json`` next to the extension, so a compile that failed at install time is reported as such.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+import json
+import os
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+BUILD_HINT = "`pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`"
 
-load_error: Optional[str] = None
+
+def _build_record() -> dict:
+    """What the last build of the extension recorded (setup.py writes it next to _C), or {}."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_C_build.json")
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+build_record: dict = _build_record()
+load_error: str | None = None
 with_cuda: bool = False
+_C: ModuleType | None
 
 try:
     _C = importlib.import_module("htsat_kernels._C")  # registers the ops
 
     with_cuda = bool(getattr(_C, "with_cuda", 0))
-except Exception as exc:  # not built, or built against another torch
+except Exception as exc:  # not built, the compile failed at install time, or built against another torch
     _C = None
-    load_error = (
-        "htsat_kernels._C is not built: run `pip install --no-build-isolation -e .` or "
-        f"`python setup.py build_ext --inplace` (error: {type(exc).__name__}: {exc})"
-    )
+    if build_record.get("error") and isinstance(exc, ModuleNotFoundError):
+        load_error = (
+            f"htsat_kernels._C is not installed: {build_record['error']}; see README 'Install', then rebuild with {BUILD_HINT}"
+        )
+    else:
+        load_error = f"htsat_kernels._C is not built: run {BUILD_HINT} (error: {type(exc).__name__}: {exc})"
 
 
 def require() -> None:
@@ -37,7 +58,7 @@ def require() -> None:
         raise ImportError(load_error)
 
 
-def tensor_reason(name: str, t, ndim: int) -> Optional[str]:
+def tensor_reason(name: str, t, ndim: int) -> str | None:
     """Why the compiled kernels cannot take tensor argument ``name`` (type, rank, dtype, device), or None."""
     if not isinstance(t, Tensor):
         return f"{name} must be a tensor, got {type(t).__name__}"
@@ -49,15 +70,13 @@ def tensor_reason(name: str, t, ndim: int) -> Optional[str]:
         return None
     if t.device.type == "cuda":
         if not with_cuda:
-            return (
-                f"{name} is a CUDA tensor but htsat_kernels._C was built without its CUDA part "
-                "(no nvcc at build time, or HTSAT_KERNELS_SKIP_CUDA=1)"
-            )
+            why = build_record.get("cuda_error") or "no nvcc at build time, or HTSAT_KERNELS_SKIP_CUDA=1"
+            return f"{name} is a CUDA tensor but htsat_kernels._C was built without its CUDA part ({why})"
         return None
     return f"{name} is on device {t.device.type!r}; the compiled kernels run on CPU and CUDA only"
 
 
-def layer_norm_affine_reason(x: Tensor, weight, bias, n: int) -> Optional[str]:
+def layer_norm_affine_reason(x: Tensor, weight, bias, n: int) -> str | None:
     """Why the compiled LayerNorm kernels cannot take this (weight, bias) of LayerNorm(n) with x, or None."""
     for name, t in (("weight", weight), ("bias", bias)):
         if not isinstance(t, Tensor):

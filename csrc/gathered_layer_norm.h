@@ -1,0 +1,84 @@
+// Gathered LayerNorm: output row r = LayerNorm over the concatenation of Rows::kSegments segments of C
+// channels read from pixel rows src.base(r) + src.offset(k) (index_maps.h). Patch merging (PatchMergeRows:
+// 2x2 gather + LayerNorm(4C)) and the fused norm1 + shifted window partition (WindowRows: LayerNorm(C) of
+// the pixel each windowed token maps to) are its two instances; the backward scatters grad_x through the
+// same map and reduces the weight/bias gradient deterministically.
+//
+// The launchers take raw pointers of contiguous, checked, non-empty tensors; the op entry points
+// (gathered_layer_norm.cpp) check, allocate and call the launcher of the input's device. Statistics are
+// in the accumulation type (floating_types.h). No ATen include (nvcc).
+#pragma once
+
+#include <cstdint>
+
+#include <c10/core/ScalarType.h>
+
+#include "index_maps.h"
+
+namespace htsat {
+
+// LayerNorm backward for one element: g = dy * weight, xhat = (x - mean) * rstd,
+// mean_g = mean(g), mean_gx = mean(g * xhat) over the row.
+template <typename acc_t>
+HOST_DEVICE inline acc_t layer_norm_grad_input(acc_t g, acc_t xhat, acc_t rstd, acc_t mean_g, acc_t mean_gx) {
+  return rstd * (g - mean_g - xhat * mean_gx);
+}
+
+// Deterministic split of the rows for the weight/bias gradient: depends on the row count only (never on
+// the thread count), each chunk reduced in row order, the chunks then summed in chunk order.
+inline int64_t gathered_layer_norm_rows_per_chunk(int64_t rows) {
+  constexpr int64_t kMaxChunks = 512;
+  constexpr int64_t kMinRows = 64;
+  int64_t n_chunks = (rows + kMinRows - 1) / kMinRows;
+  if (n_chunks > kMaxChunks) n_chunks = kMaxChunks;
+  if (n_chunks < 1) n_chunks = 1;
+  int64_t per = (rows + n_chunks - 1) / n_chunks;
+  return per < 1 ? 1 : per;
+}
+
+// x (pixels, C) of `dtype`; weight, bias (n = kSegments * C,); out (rows, n); mean, rstd (rows,) in the
+// accumulation type.
+template <typename Rows>
+struct GatheredLayerNormForward {
+  const void* x;
+  const void* weight;
+  const void* bias;
+  void* out;
+  void* mean;
+  void* rstd;
+  c10::ScalarType dtype;
+  double eps;
+  Rows src;
+  int64_t rows, C;
+};
+
+// grad_out (rows, n); grad_x like x; grad_weight, grad_bias (n,); partials (2, n_chunks, n) accumulation-type
+// scratch for the per-chunk weight/bias sums, chunks of per_chunk rows.
+template <typename Rows>
+struct GatheredLayerNormBackward {
+  const void* grad_out;
+  const void* x;
+  const void* weight;
+  const void* mean;
+  const void* rstd;
+  void* grad_x;
+  void* grad_weight;
+  void* grad_bias;
+  void* partials;
+  c10::ScalarType dtype;
+  Rows src;
+  int64_t rows, C, per_chunk, n_chunks;
+};
+
+// gathered_layer_norm_cpu.cpp, and gathered_layer_norm_cuda.cu (built with the CUDA part only); both
+// instantiated for PatchMergeRows and WindowRows.
+template <typename Rows>
+void gathered_layer_norm_forward_cpu(const GatheredLayerNormForward<Rows>& a);
+template <typename Rows>
+void gathered_layer_norm_backward_cpu(const GatheredLayerNormBackward<Rows>& a);
+template <typename Rows>
+void gathered_layer_norm_forward_cuda(const GatheredLayerNormForward<Rows>& a);
+template <typename Rows>
+void gathered_layer_norm_backward_cuda(const GatheredLayerNormBackward<Rows>& a);
+
+}  // namespace htsat

@@ -1,0 +1,229 @@
+// CUDA kernels of the gathered LayerNorm (gathered_layer_norm.h), forward and backward, for its two row
+// maps: patch merging (PatchMergeRows) and the fused norm1 + shifted window partition (WindowRows).
+//
+// Forward: one warp per output row (4 rows per 128-thread block): the warp reads the gathered segments
+// (coalesced along C), reduces the mean, then the centred variance (two passes; the re-reads hit L1/L2),
+// and writes the normalised row; mean and rstd are saved in the accumulation type (fp32, fp64 for fp64).
+// Backward: one warp per row for dx (scattered back through the same map; each input element belongs
+// to exactly one row), then the weight/bias gradient reduced deterministically: per-chunk partials in
+// row order, then a fixed-order sum over the chunks (no float atomics). The caller
+// (gathered_layer_norm.cpp) has checked the sizes, allocated the partials and made the device current.
+#include <cstdint>
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "floating_types.h"
+#include "gathered_layer_norm.h"
+
+namespace htsat {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kWarpsPerBlock = 4;
+constexpr int kRowThreads = kWarpSize * kWarpsPerBlock;
+constexpr int kColThreads = 128;
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float inv_sqrt(float v) { return rsqrtf(v); }
+__device__ __forceinline__ double inv_sqrt(double v) { return 1.0 / sqrt(v); }
+
+// One warp per output row (kWarpsPerBlock rows per block): this thread's row and lane, and the element
+// offsets in x of the row's segments.
+template <typename Rows>
+struct WarpRow {
+  int64_t row;
+  int lane;
+  int64_t seg[Rows::kSegments];
+  __device__ __forceinline__ WarpRow(const Rows& src, int64_t C)
+      : row(static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize), lane(threadIdx.x % kWarpSize) {
+    const int64_t base = src.base(row);
+#pragma unroll
+    for (int k = 0; k < Rows::kSegments; ++k) seg[k] = (base + src.offset(k)) * C;
+  }
+};
+
+template <typename Rows, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kRowThreads)
+    gathered_layer_norm_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
+                                       const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
+                                       acc_t* __restrict__ mean_out, acc_t* __restrict__ rstd_out, Rows src,
+                                       int64_t rows, int64_t C, acc_t eps) {
+  const WarpRow<Rows> w(src, C);
+  if (w.row >= rows) return;  // uniform per warp
+  const int64_t n = Rows::kSegments * C;
+
+  acc_t sum = 0;
+#pragma unroll
+  for (int k = 0; k < Rows::kSegments; ++k)
+    for (int64_t c = w.lane; c < C; c += kWarpSize) sum += static_cast<acc_t>(x[w.seg[k] + c]);
+  const acc_t mean = warp_sum(sum) / static_cast<acc_t>(n);
+
+  acc_t sq = 0;
+#pragma unroll
+  for (int k = 0; k < Rows::kSegments; ++k)
+    for (int64_t c = w.lane; c < C; c += kWarpSize) {
+      const acc_t d = static_cast<acc_t>(x[w.seg[k] + c]) - mean;
+      sq += d * d;
+    }
+  const acc_t rstd = inv_sqrt(warp_sum(sq) / static_cast<acc_t>(n) + eps);
+
+  scalar_t* y = out + w.row * n;
+#pragma unroll
+  for (int k = 0; k < Rows::kSegments; ++k)
+    for (int64_t c = w.lane; c < C; c += kWarpSize) {
+      const int64_t i = k * C + c;
+      const acc_t v = (static_cast<acc_t>(x[w.seg[k] + c]) - mean) * rstd;
+      y[i] = static_cast<scalar_t>(v * static_cast<acc_t>(weight[i]) + static_cast<acc_t>(bias[i]));
+    }
+  if (w.lane == 0) {
+    mean_out[w.row] = mean;
+    rstd_out[w.row] = rstd;
+  }
+}
+
+template <typename Rows, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kRowThreads)
+    gathered_layer_norm_backward_input_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
+                                              const scalar_t* __restrict__ weight, const acc_t* __restrict__ mean,
+                                              const acc_t* __restrict__ rstd, scalar_t* __restrict__ grad_x,
+                                              Rows src, int64_t rows, int64_t C) {
+  const WarpRow<Rows> w(src, C);
+  if (w.row >= rows) return;  // uniform per warp
+  const int64_t n = Rows::kSegments * C;
+  const acc_t mu = mean[w.row], rs = rstd[w.row];
+  const scalar_t* dy = grad_out + w.row * n;
+
+  // g = dy * weight and xhat = (x - mean) * rstd of channel c of segment k, read again in the second pass
+  const auto g_at = [&](int k, int64_t c) {
+    return static_cast<acc_t>(dy[k * C + c]) * static_cast<acc_t>(weight[k * C + c]);
+  };
+  const auto xhat_at = [&](int k, int64_t c) { return (static_cast<acc_t>(x[w.seg[k] + c]) - mu) * rs; };
+
+  acc_t sum_g = 0, sum_gx = 0;
+#pragma unroll
+  for (int k = 0; k < Rows::kSegments; ++k)
+    for (int64_t c = w.lane; c < C; c += kWarpSize) {
+      const acc_t g = g_at(k, c);
+      sum_g += g;
+      sum_gx += g * xhat_at(k, c);
+    }
+  const acc_t mean_g = warp_sum(sum_g) / static_cast<acc_t>(n);
+  const acc_t mean_gx = warp_sum(sum_gx) / static_cast<acc_t>(n);
+
+#pragma unroll
+  for (int k = 0; k < Rows::kSegments; ++k)
+    for (int64_t c = w.lane; c < C; c += kWarpSize)
+      grad_x[w.seg[k] + c] =
+          static_cast<scalar_t>(layer_norm_grad_input<acc_t>(g_at(k, c), xhat_at(k, c), rs, mean_g, mean_gx));
+}
+
+// grid (ceil(n / kColThreads), n_chunks): partial sums of dy * xhat and dy over one chunk of rows.
+template <typename Rows, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kColThreads)
+    gathered_layer_norm_param_partials_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
+                                              const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
+                                              acc_t* __restrict__ part_w, acc_t* __restrict__ part_b, Rows src,
+                                              int64_t rows, int64_t rows_per_chunk, int64_t C) {
+  const int64_t n = Rows::kSegments * C;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kColThreads + threadIdx.x;
+  if (col >= n) return;
+  const int64_t chunk = blockIdx.y;
+  const int k = static_cast<int>(col / C);
+  const int64_t c = col - k * C;
+  const int64_t offset = src.offset(k);
+  const int64_t r_begin = chunk * rows_per_chunk;
+  const int64_t r_end = r_begin + rows_per_chunk < rows ? r_begin + rows_per_chunk : rows;
+  acc_t dw = 0, db = 0;
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const int64_t pixel = src.base(r) + offset;
+    const acc_t xhat = (static_cast<acc_t>(x[pixel * C + c]) - mean[r]) * rstd[r];
+    const acc_t g = static_cast<acc_t>(grad_out[r * n + col]);
+    dw += g * xhat;
+    db += g;
+  }
+  part_w[chunk * n + col] = dw;
+  part_b[chunk * n + col] = db;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kColThreads)
+    param_reduce_kernel(const acc_t* __restrict__ part_w, const acc_t* __restrict__ part_b,
+                        scalar_t* __restrict__ grad_weight, scalar_t* __restrict__ grad_bias, int64_t n_chunks,
+                        int64_t n) {
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kColThreads + threadIdx.x;
+  if (col >= n) return;
+  acc_t sw = 0, sb = 0;
+  for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+    sw += part_w[chunk * n + col];
+    sb += part_b[chunk * n + col];
+  }
+  grad_weight[col] = static_cast<scalar_t>(sw);
+  grad_bias[col] = static_cast<scalar_t>(sb);
+}
+
+// ceil(count / per_block) blocks, or an error when one grid dimension cannot hold them.
+unsigned blocks_for(int64_t count, int64_t per_block) {
+  const int64_t blocks = (count + per_block - 1) / per_block;
+  TORCH_CHECK(blocks <= INT32_MAX, "gathered LayerNorm: tensor too large for one launch (", count, " rows or columns)");
+  return static_cast<unsigned>(blocks);
+}
+
+}  // namespace
+
+template <typename Rows>
+void gathered_layer_norm_forward_cuda(const GatheredLayerNormForward<Rows>& a) {
+  const unsigned blocks = blocks_for(a.rows, kWarpsPerBlock);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_floating(a.dtype, "gathered_layer_norm_forward_cuda", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
+    gathered_layer_norm_forward_kernel<Rows, scalar_t, acc_t><<<blocks, kRowThreads, 0, stream>>>(
+        static_cast<const scalar_t*>(a.x), static_cast<const scalar_t*>(a.weight), static_cast<const scalar_t*>(a.bias),
+        static_cast<scalar_t*>(a.out), static_cast<acc_t*>(a.mean), static_cast<acc_t*>(a.rstd), a.src, a.rows, a.C,
+        static_cast<acc_t>(a.eps));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename Rows>
+void gathered_layer_norm_backward_cuda(const GatheredLayerNormBackward<Rows>& a) {
+  const int64_t n = Rows::kSegments * a.C;
+  const unsigned row_blocks = blocks_for(a.rows, kWarpsPerBlock);
+  const unsigned col_blocks = blocks_for(n, kColThreads);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_floating(a.dtype, "gathered_layer_norm_backward_cuda", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* grad_out = static_cast<const scalar_t*>(a.grad_out);
+    const scalar_t* x = static_cast<const scalar_t*>(a.x);
+    const acc_t* mean = static_cast<const acc_t*>(a.mean);
+    const acc_t* rstd = static_cast<const acc_t*>(a.rstd);
+    acc_t* part_w = static_cast<acc_t*>(a.partials);
+    acc_t* part_b = part_w + a.n_chunks * n;
+    gathered_layer_norm_backward_input_kernel<Rows, scalar_t, acc_t><<<row_blocks, kRowThreads, 0, stream>>>(
+        grad_out, x, static_cast<const scalar_t*>(a.weight), mean, rstd, static_cast<scalar_t*>(a.grad_x), a.src,
+        a.rows, a.C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const dim3 grid(col_blocks, static_cast<unsigned>(a.n_chunks));  // n_chunks <= 512
+    gathered_layer_norm_param_partials_kernel<Rows, scalar_t, acc_t>
+        <<<grid, kColThreads, 0, stream>>>(grad_out, x, mean, rstd, part_w, part_b, a.src, a.rows, a.per_chunk, a.C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    param_reduce_kernel<scalar_t, acc_t><<<col_blocks, kColThreads, 0, stream>>>(
+        part_w, part_b, static_cast<scalar_t*>(a.grad_weight), static_cast<scalar_t*>(a.grad_bias), a.n_chunks, n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template void gathered_layer_norm_forward_cuda(const GatheredLayerNormForward<PatchMergeRows>&);
+template void gathered_layer_norm_forward_cuda(const GatheredLayerNormForward<WindowRows>&);
+template void gathered_layer_norm_backward_cuda(const GatheredLayerNormBackward<PatchMergeRows>&);
+template void gathered_layer_norm_backward_cuda(const GatheredLayerNormBackward<WindowRows>&);
+
+}  // namespace htsat
