@@ -81,7 +81,8 @@ class WindowAttention(nn.Module):
 
     def forward(self, windows: Tensor, mask: Optional[Tensor]) -> Tensor:
         dropout_p = self.attn_drop if self.training else 0.0
-        out = hk.window_attention(self.qkv(windows), self.relative_position_bias_table, mask, self.num_heads, self.scale, dropout_p)
+        table = self.relative_position_bias_table
+        out = hk.window_attention(self.qkv(windows), table, mask, self.num_heads, self.scale, dropout_p)
         return self.proj_drop(self.proj(out))
 
 
@@ -121,13 +122,14 @@ class SwinTransformerBlock(nn.Module):
         # norm1 + cyclic shift + partition is one op, so is merge + unshift + residual add (when
         # drop path is inactive): each a single pass over the activations on the fused backend
         n1 = self.norm1
-        windows = hk.layer_norm_window_partition(x.view(B, H, W, C), n1.weight, n1.bias, n1.eps, self.window_size, self.shift_size)
+        ws, shift = self.window_size, self.shift_size
+        windows = hk.layer_norm_window_partition(x.view(B, H, W, C), n1.weight, n1.bias, n1.eps, ws, shift)
         windows = self.attn(windows, self.attn_mask)
         if self.training and isinstance(self.drop_path, DropPath):
-            x = hk.window_merge(windows, H, W, self.shift_size).reshape(B, L, C)
+            x = hk.window_merge(windows, H, W, shift).reshape(B, L, C)
             x = shortcut + self.drop_path(x)
         else:
-            x = hk.window_merge_add(windows, shortcut, H, W, self.shift_size)
+            x = hk.window_merge_add(windows, shortcut, H, W, shift)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

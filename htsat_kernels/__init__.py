@@ -38,8 +38,8 @@ __all__ = [
     "reference",
     "register_fused",
     "use_backend",
-    *OPS,
 ]
+__all__.extend(OPS)  # the ops themselves, generated below
 
 
 def _bind(op: str, params: tuple, defaults: dict, args: tuple, kwargs: dict) -> tuple:

@@ -78,9 +78,7 @@ def check_window_partition(x, window_size, shift=0) -> None:
         raise ValueError(f"window_size must be positive, got {window_size}")
     _, H, W, _ = x.shape
     if H <= 0 or W <= 0 or H % window_size or W % window_size:
-        raise ValueError(
-            f"x: H and W (dims 1 and 2) must be positive multiples of window_size={window_size}, got H={H}, W={W}"
-        )
+        raise ValueError(f"x: H and W (dims 1 and 2) must be positive multiples of window_size={window_size}, got H={H}, W={W}")
 
 
 def check_window_merge(windows, H, W, shift=0) -> None:
@@ -149,8 +147,7 @@ def check_window_attention(qkv, table, mask: Optional[Tensor], num_heads, scale,
     rows = (2 * ws - 1) ** 2
     if tuple(table.shape) != (rows, num_heads):
         raise ValueError(
-            f"table must be ((2*ws-1)**2, num_heads) = ({rows}, {num_heads}) for window size {ws}, "
-            f"got {tuple(table.shape)}"
+            f"table must be ((2*ws-1)**2, num_heads) = ({rows}, {num_heads}) for window size {ws}, got {tuple(table.shape)}"
         )
     same_device("table", table, "qkv", qkv)
     if mask is None:

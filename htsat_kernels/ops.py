@@ -167,7 +167,7 @@ def _channels_last(shape) -> Tensor:
 
 def _attention_sample(st: Stage, B: int, device, g) -> dict:
     rnd = functools.partial(torch.randn, generator=g, device=device)
-    values = {"qkv": rnd(B * st.nW, st.N, 3 * st.C), "table": 0.5 * rnd(st.table_rows, st.heads)}
+    values: dict = {"qkv": rnd(B * st.nW, st.N, 3 * st.C), "table": 0.5 * rnd(st.table_rows, st.heads)}
     values["mask"] = reference.shifted_window_mask(st.H, st.W, st.window, st.shift).to(device) if st.shift else None
     return {**values, "num_heads": st.heads, "scale": st.head_dim**-0.5, "dropout_p": 0.0}
 
@@ -292,7 +292,10 @@ def _merge_add_sample(st: Stage, B: int, device, g) -> dict:
 def _merge_add_traffic(st: Stage, B: int) -> Cost:
     n = 3 * B * st.H * st.W * st.C
     return Cost(
-        n, n, "fwd 3·B·H·W·C·s [windows, shortcut, out]", "bwd 3·B·H·W·C·s [dout, dwindows, dshortcut]",
+        n,
+        n,
+        "fwd 3·B·H·W·C·s [windows, shortcut, out]",
+        "bwd 3·B·H·W·C·s [dout, dwindows, dshortcut]",
         _values(st, B),
     )
 
