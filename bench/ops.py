@@ -83,7 +83,7 @@ def call_op(op: str, fn: Callable, t: dict, const: dict):
 
 def op_bytes(op: str, st: Stage, B: int, elem: int, mode: str) -> tuple[int, str]:
     """Minimal DRAM traffic of one call and the formula it came from (s = bytes per element)."""
-    return OP_SPECS[op].bytes(st, B, elem, mode)
+    return OP_SPECS[op].bytes_moved(st, B, elem, mode)
 
 
 def op_flops(op: str, st: Stage, B: int, mode: str) -> tuple[int, str]:

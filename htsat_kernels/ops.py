@@ -110,7 +110,7 @@ class OpSpec:
         """The positional arguments of a call from values by name (defaults filled in)."""
         return tuple(values[p] if p in values else self.defaults[p] for p in self.params)
 
-    def bytes(self, st: Stage, B: int, elem: int, mode: str) -> tuple[int, str]:
+    def bytes_moved(self, st: Stage, B: int, elem: int, mode: str) -> tuple[int, str]:
         """(bytes, "formula; values") of one call; s = ``elem`` bytes per element."""
         n, formula = self.traffic(st, B).of(mode)
         return n * elem, f"{formula} s={elem}"
