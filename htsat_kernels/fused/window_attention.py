@@ -34,8 +34,9 @@ as broadcast-and-sum, meant for gradcheck); N = ws^2 <= 256 tokens; head dim <= 
 and mask may have any floating dtype (they are read and used in the compute precision); the
 table gradient comes back in the table's dtype. The mask gets no gradient (it is a buffer), and
 the backward is not itself differentiable (a second derivative raises; no double backward). No
-attention dropout: a call with dropout_p > 0 is declined (the reference implements it). The Triton interpreter's tl.dot
-misreads bf16 data, so interpreted bf16 dots upcast their operands to fp32 (exact products).
+attention dropout: a call with dropout_p > 0 is declined (the reference implements it). The
+Triton interpreter's tl.dot misreads bf16 data, so interpreted bf16 dots upcast their operands to
+fp32 (exact products).
 """
 
 from __future__ import annotations
