@@ -39,9 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default: bench/results/)")
     p.add_argument(
         "--ops", type=_csv, default=None,
-        help="comma list of window_attention, window_partition, window_merge, patch_merge, "
-        "layer_norm_window_partition, window_merge_add, model (aliases: attention, partition, merge, "
-        "ln_partition, merge_add; default: all)",
+        help="comma list of ops (the names or aliases of htsat_kernels.ops.OPS; --list shows the cases) "
+        "and model (default: all)",
     )
     p.add_argument("--providers", type=_csv, default=None, help="comma list of reference, fused, compile, sdpa, flex, fused+compile (default: all)")
     p.add_argument("--dtypes", type=_csv, default=None, help="comma list of fp32, bf16, fp16 (default: all; --quick: fp32, bf16)")

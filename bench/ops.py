@@ -25,60 +25,22 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from htsat_kernels.ops import ALIASES as OP_ALIASES
+from htsat_kernels.ops import OPS as OP_SPECS
+from htsat_kernels.shapes import STAGES, WINDOW, Stage
+
 from .context import QUICK_COMPILE_REASON, Case, RunContext
 from .harness import DTYPES, Prepared, Skip, combine_errors, memory_baseline, reason_of
 
-WINDOW = 8
-N_TOK = WINDOW * WINDOW
-TABLE_ROWS = (2 * WINDOW - 1) ** 2
-
-# The four public building blocks, then the further fusions (a block's norm1 + shift + partition,
-# and merge + unshift + residual add) measured against the same unfused reference composition.
-OPS = ("window_attention", "window_partition", "window_merge", "patch_merge", "layer_norm_window_partition", "window_merge_add")
-OP_ALIASES = {
-    "attention": "window_attention",
-    "attn": "window_attention",
-    "partition": "window_partition",
-    "merge": "window_merge",
-    "patchmerge": "patch_merge",
-    "pm": "patch_merge",
-    "ln_partition": "layer_norm_window_partition",
-    "merge_add": "window_merge_add",
-}
+# The ops, their aliases, inputs, shapes and byte / FLOP formulas come from the op table,
+# htsat_kernels.ops.OPS (declaration order: the four public building blocks, then the further
+# fusions measured against the same unfused reference composition).
+OPS = tuple(OP_SPECS)
 PROVIDERS = ("reference", "fused", "compile", "sdpa", "flex")
 ATTENTION_ONLY = ("sdpa", "flex")
 MODES = ("forward", "backward", "full")
 
-
-@dataclass(frozen=True)
-class Stage:
-    index: int
-    H: int
-    W: int
-    C: int
-    heads: int
-    shift: int
-    label: str = ""
-
-    @property
-    def nW(self) -> int:
-        return (self.H // WINDOW) * (self.W // WINDOW)
-
-    @property
-    def head_dim(self) -> int:
-        return self.C // self.heads
-
-    @property
-    def name(self) -> str:
-        return self.label or f"s{self.index}"
-
-
-STAGES = (
-    Stage(1, 64, 64, 96, 4, 4),
-    Stage(2, 32, 32, 192, 8, 4),
-    Stage(3, 16, 16, 384, 16, 4),
-    Stage(4, 8, 8, 768, 32, 0),
-)
+__all__ = ["OPS", "OP_ALIASES", "STAGES", "Stage", "INTERPRETER_STAGES", "build_op_cases", "build_interpreter_cases"]
 
 # Interpreter numerics (CPU only): each stage's channels and heads on a reduced map, one clip:
 # a 16x16 map with shift 4 gives 4 windows and the real mask structure; stage 4 keeps its 8x8.
@@ -86,16 +48,16 @@ INTERPRETER_STAGES = (
     Stage(1, 16, 16, 96, 4, 4, "s1r"),
     Stage(2, 16, 16, 192, 8, 4, "s2r"),
     Stage(3, 16, 16, 384, 16, 4, "s3r"),
-    Stage(4, 8, 8, 768, 32, 0, "s4"),
+    Stage(4, 8, 8, 768, 32, 0, "s4", downsample=False),
 )
 
 
-def stages_for(op: str, stages=STAGES):
-    return [s for s in stages if not (op == "patch_merge" and s.index == 4)]
+def stages_for(op: str, stages=STAGES) -> list[Stage]:
+    return OP_SPECS[op].stages(stages)
 
 
 # --------------------------------------------------------------------------------------------
-# Inputs, bytes and shapes of each op
+# Inputs, bytes, FLOPs and shapes of each op (from the op table)
 
 
 def _gen(device: torch.device, seed: int) -> torch.Generator:
@@ -105,104 +67,32 @@ def _gen(device: torch.device, seed: int) -> torch.Generator:
 
 
 def make_inputs(op: str, st: Stage, B: int, device: torch.device, seed: int = 0):
-    """fp32 master inputs: (differentiable tensors by name, constant tensors by name)."""
-    g = _gen(device, seed)
-    rnd = functools.partial(torch.randn, generator=g, device=device)
-    const: dict = {}
-    if op == "window_attention":
-        diff = {"qkv": rnd(B * st.nW, N_TOK, 3 * st.C), "table": 0.5 * rnd(TABLE_ROWS, st.heads)}
-        if st.shift:
-            import htsat_kernels as hk
-
-            const["mask"] = hk.reference.shifted_window_mask(st.H, st.W, WINDOW, st.shift).to(device)
-        else:
-            const["mask"] = None
-    elif op == "window_partition":
-        diff = {"x": rnd(B, st.H, st.W, st.C)}
-    elif op == "window_merge":
-        diff = {"windows": rnd(B * st.nW, N_TOK, st.C)}
-    elif op == "patch_merge":
-        diff = {"x": rnd(B, st.H, st.W, st.C), "weight": 1.0 + 0.1 * rnd(4 * st.C), "bias": 0.1 * rnd(4 * st.C)}
-    elif op == "layer_norm_window_partition":
-        diff = {"x": rnd(B, st.H, st.W, st.C), "weight": 1.0 + 0.1 * rnd(st.C), "bias": 0.1 * rnd(st.C)}
-    elif op == "window_merge_add":
-        diff = {"windows": rnd(B * st.nW, N_TOK, st.C), "shortcut": rnd(B, st.H * st.W, st.C)}
-    else:
+    """fp32 master inputs: (differentiable tensors by name, the other arguments by name)."""
+    if op not in OP_SPECS:
         raise ValueError(f"unknown op {op!r}")
-    return diff, const
+    spec = OP_SPECS[op]
+    values = spec.sample(st, B, device, _gen(device, seed))
+    diff = {k: values[k] for k in spec.grad_args}
+    return diff, {k: v for k, v in values.items() if k not in diff}
 
 
-def call_op(op: str, fn: Callable, st: Stage, t: dict, const: dict):
-    """Call ``fn`` (any provider, with the reference signature) on the tensors ``t``."""
-    if op == "window_attention":
-        return fn(t["qkv"], t["table"], const["mask"], st.heads, st.head_dim ** -0.5)
-    if op == "window_partition":
-        return fn(t["x"], WINDOW, st.shift)
-    if op == "window_merge":
-        return fn(t["windows"], st.H, st.W, st.shift)
-    if op == "patch_merge":
-        return fn(t["x"], t["weight"], t["bias"], 1e-5)
-    if op == "layer_norm_window_partition":
-        return fn(t["x"], t["weight"], t["bias"], 1e-5, WINDOW, st.shift)
-    if op == "window_merge_add":
-        return fn(t["windows"], t["shortcut"], st.H, st.W, st.shift)
-    raise ValueError(op)
+def call_op(op: str, fn: Callable, t: dict, const: dict):
+    """Call ``fn`` (any provider, with the reference signature) on the tensors ``t`` and arguments ``const``."""
+    return fn(*OP_SPECS[op].args({**const, **t}))
 
 
 def op_bytes(op: str, st: Stage, B: int, elem: int, mode: str) -> tuple[int, str]:
     """Minimal DRAM traffic of one call and the formula it came from (s = bytes per element)."""
-    N, C, h, nW, HW = N_TOK, st.C, st.heads, st.nW, st.H * st.W
-    Bw = B * nW
-    if op == "window_attention":
-        m = nW * N * N if st.shift else 0
-        mtxt = " + nW·N² [mask]" if st.shift else ""
-        fwd = Bw * N * 3 * C + Bw * N * C + TABLE_ROWS * h + m
-        bwd = 2 * Bw * N * 3 * C + Bw * N * C + 2 * TABLE_ROWS * h + m
-        f_fwd = f"fwd (B_·N·3C [qkv] + B_·N·C [out] + 225·h [table]{mtxt})·s"
-        f_bwd = f"bwd (B_·N·3C [qkv] + B_·N·C [dout] + B_·N·3C [dqkv] + 2·225·h [table, dtable]{mtxt})·s"
-        vals = f"B_={Bw} N={N} C={C} h={h}" + (f" nW={nW}" if st.shift else "") + f" s={elem}"
-    elif op in ("window_partition", "window_merge"):
-        fwd = 2 * B * HW * C
-        bwd = 2 * B * HW * C
-        f_fwd = "fwd 2·B·H·W·C·s [read + write]"
-        f_bwd = "bwd 2·B·H·W·C·s [read dout + write dx]"
-        vals = f"B={B} H={st.H} W={st.W} C={C} s={elem}"
-    elif op == "patch_merge":
-        fwd = 2 * B * HW * C + 2 * 4 * C
-        bwd = 3 * B * HW * C + 3 * 4 * C
-        f_fwd = "fwd (2·B·H·W·C [x, out] + 2·4C [weight, bias])·s"
-        f_bwd = "bwd (3·B·H·W·C [x, dout, dx] + 3·4C [weight, dweight, dbias])·s"
-        vals = f"B={B} H={st.H} W={st.W} C={C} s={elem}"
-    elif op == "layer_norm_window_partition":
-        fwd = 2 * B * HW * C + 2 * C
-        bwd = 3 * B * HW * C + 3 * C
-        f_fwd = "fwd (2·B·H·W·C [x, out] + 2·C [weight, bias])·s"
-        f_bwd = "bwd (3·B·H·W·C [x, dout, dx] + 3·C [weight, dweight, dbias])·s"
-        vals = f"B={B} H={st.H} W={st.W} C={C} s={elem}"
-    elif op == "window_merge_add":
-        fwd = 3 * B * HW * C
-        bwd = 3 * B * HW * C
-        f_fwd = "fwd 3·B·H·W·C·s [windows, shortcut, out]"
-        f_bwd = "bwd 3·B·H·W·C·s [dout, dwindows, dshortcut]"
-        vals = f"B={B} H={st.H} W={st.W} C={C} s={elem}"
-    else:
-        raise ValueError(op)
-    if mode == "forward":
-        n, formula = fwd, f_fwd
-    elif mode == "backward":
-        n, formula = bwd, f_bwd
-    else:
-        n, formula = fwd + bwd, f"{f_fwd} + {f_bwd}"
-    return n * elem, f"{formula}; {vals}"
+    return OP_SPECS[op].bytes_moved(st, B, elem, mode)
+
+
+def op_flops(op: str, st: Stage, B: int, mode: str) -> tuple[int, str]:
+    """Arithmetic of one call and the formula it came from (see htsat_kernels.ops)."""
+    return OP_SPECS[op].flop_count(st, B, mode)
 
 
 def shape_str(op: str, st: Stage, B: int) -> str:
-    if op == "window_attention":
-        mask = f" nW={st.nW} mask" if st.shift else " no mask"
-        return f"B={B} B_={B * st.nW} N={N_TOK} C={st.C} h={st.heads} d={st.head_dim}{mask}"
-    if op in ("window_partition", "window_merge", "layer_norm_window_partition", "window_merge_add"):
-        return f"B={B} H={st.H} W={st.W} C={st.C} ws={WINDOW} shift={st.shift}"
-    return f"B={B} H={st.H} W={st.W} C={st.C} -> ({B}, {st.H * st.W // 4}, {4 * st.C})"
+    return OP_SPECS[op].shape(st, B)
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,6 +230,7 @@ class OpCase(Case):
     def fields(self) -> dict:
         elem = DTYPES[self.dtype].itemsize
         nbytes, formula = op_bytes(self.op, self.stage, self.batch, elem, self.mode)
+        nflops, flops_formula = op_flops(self.op, self.stage, self.batch, self.mode)
         return {
             "section": self.section,
             "op": self.op,
@@ -352,6 +243,8 @@ class OpCase(Case):
             "batch": self.batch,
             "bytes": nbytes,
             "bytes_formula": formula,
+            "flops": nflops,
+            "flops_formula": flops_formula,
             "where": self.where,
         }
 
@@ -377,12 +270,12 @@ class OpCase(Case):
             # Inputs rounded to the case dtype; the reference sees the same values in fp32.
             diff_lp = {k: v.to(dtype) for k, v in diff32.items()}
             # The mask (exact in every dtype) is passed in the case dtype, like the activations.
-            const_lp = {k: (v.to(dtype) if v is not None else None) for k, v in const.items()}
+            const_lp = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in const.items()}
             import htsat_kernels as hk
 
             ref = getattr(hk.reference, self.op)
             gold_in = {k: v.detach().float().clone().requires_grad_(True) for k, v in diff_lp.items()}
-            gold_out = call_op(self.op, ref, self.stage, gold_in, const)
+            gold_out = call_op(self.op, ref, gold_in, const)
             g = _gen(ctx.device, 1)
             dout_lp = torch.randn(gold_out.shape, generator=g, device=ctx.device).to(dtype)
             gold_out.backward(dout_lp.float())
@@ -406,7 +299,7 @@ class OpCase(Case):
         const, dout = data["const"], data["dout"]
 
         def run():
-            return call_op(self.op, fn, self.stage, leaves, const)
+            return call_op(self.op, fn, leaves, const)
 
         # First call: compiles where needed, and gives the numbers the errors come from.
         try:

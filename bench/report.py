@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 from collections import OrderedDict
@@ -15,10 +16,21 @@ SECTION_ORDER = ("ops", "interpreter", "model")
 PROVIDER_ORDER = ("reference", "fused", "compile", "sdpa", "flex", "fused+compile")
 MODE_ORDER = ("forward", "backward", "full", "inference", "train")
 DTYPE_ORDER = ("fp32", "bf16", "fp16")
-OP_ORDER = (
-    "window_attention", "window_partition", "window_merge", "patch_merge",
-    "layer_norm_window_partition", "window_merge_add",
-)
+
+
+@functools.lru_cache(maxsize=None)
+def op_order() -> tuple[str, ...]:
+    """The ops in the order of their declarations (htsat_kernels.ops.OPS), imported on first use:
+    this module stays importable without torch (bench.compare uses its table formatting)."""
+    from htsat_kernels.ops import OPS
+
+    return tuple(OPS)
+
+
+def __getattr__(name: str):
+    if name == "OP_ORDER":  # the op order as a module constant, for `from .report import OP_ORDER`
+        return op_order()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,7 +77,7 @@ def _order(value, order) -> tuple:
 def sort_key(r: dict) -> tuple:
     return (
         _order(r.get("section"), SECTION_ORDER),
-        _order(r.get("op"), OP_ORDER),
+        _order(r.get("op"), op_order()),
         r.get("stage") or 0,
         str(r.get("stage_label") or ""),
         _order(r.get("mode"), MODE_ORDER),
@@ -255,8 +267,8 @@ def render_text(result: dict) -> str:
             lines.append(_model_table(recs, ref))
             continue
         present = {r["op"] for r in recs}
-        op_order = [o for o in OP_ORDER if o in present]
-        for op in op_order + sorted(present - set(op_order)):
+        ordered = [o for o in op_order() if o in present]
+        for op in ordered + sorted(present - set(ordered)):
             ops = [r for r in recs if r["op"] == op]
             lines += [f"-- {op}", _interp_table(ops) if section == "interpreter" else _op_table(ops, ref, meta), ""]
     if meta.get("section_wall_s"):
@@ -327,7 +339,7 @@ def write_plots(stem: Path, result: dict) -> list[Path]:
 
     # 1. Per-op speedups over the reference (largest batch), one panel per op and mode.
     ops_recs = [r for r in records if r.get("section") == "ops"]
-    ops = [op for op in OP_ORDER if any(r["op"] == op for r in ops_recs)]
+    ops = [op for op in op_order() if any(r["op"] == op for r in ops_recs)]
     modes = [m for m in ("forward", "backward", "full") if any(r["mode"] == m for r in ops_recs)]
     if ops and modes:
         fig, axes = plt.subplots(len(ops), len(modes), figsize=(5.2 * len(modes), 3.0 * len(ops)), squeeze=False)

@@ -7,6 +7,7 @@ checkpointing works, and patch_norm=False only removes the patch-embedding norm.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -73,18 +74,15 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(window_size).clone())
         self.qkv = nn.Linear(dim, dim * 3)
-        self.attn_drop = attn_drop  # the fused op has no dropout; nonzero falls back to the reference math
+        self.attn_drop = attn_drop  # the op's dropout_p in training (the fused kernel declines it: reference math)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def forward(self, windows: Tensor, mask: Optional[Tensor], backend: Optional[str] = None) -> Tensor:
-        qkv = self.qkv(windows)
-        if self.attn_drop > 0.0 and self.training:
-            table = self.relative_position_bias_table
-            out = hk.reference.window_attention(qkv, table, mask, self.num_heads, self.scale, self.attn_drop)
-        else:
-            out = hk.window_attention(qkv, self.relative_position_bias_table, mask, self.num_heads, self.scale, backend=backend)
+    def forward(self, windows: Tensor, mask: Optional[Tensor]) -> Tensor:
+        dropout_p = self.attn_drop if self.training else 0.0
+        table = self.relative_position_bias_table
+        out = hk.window_attention(self.qkv(windows), table, mask, self.num_heads, self.scale, dropout_p)
         return self.proj_drop(self.proj(out))
 
 
@@ -108,7 +106,6 @@ class SwinTransformerBlock(nn.Module):
         if min(input_resolution) <= window_size:  # the whole map is one window: no shift (spec 2)
             shift_size, window_size = 0, min(input_resolution)
         self.window_size, self.shift_size = window_size, shift_size
-        self.backend: Optional[str] = None
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, window_size, num_heads, attn_drop, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -125,15 +122,14 @@ class SwinTransformerBlock(nn.Module):
         # norm1 + cyclic shift + partition is one op, so is merge + unshift + residual add (when
         # drop path is inactive): each a single pass over the activations on the fused backend
         n1 = self.norm1
-        windows = hk.layer_norm_window_partition(
-            x.view(B, H, W, C), n1.weight, n1.bias, n1.eps, self.window_size, self.shift_size, backend=self.backend
-        )
-        windows = self.attn(windows, self.attn_mask, self.backend)
+        ws, shift = self.window_size, self.shift_size
+        windows = hk.layer_norm_window_partition(x.view(B, H, W, C), n1.weight, n1.bias, n1.eps, ws, shift)
+        windows = self.attn(windows, self.attn_mask)
         if self.training and isinstance(self.drop_path, DropPath):
-            x = hk.window_merge(windows, H, W, self.shift_size, backend=self.backend).reshape(B, L, C)
+            x = hk.window_merge(windows, H, W, shift).reshape(B, L, C)
             x = shortcut + self.drop_path(x)
         else:
-            x = hk.window_merge_add(windows, shortcut, H, W, self.shift_size, backend=self.backend)
+            x = hk.window_merge_add(windows, shortcut, H, W, shift)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -143,15 +139,20 @@ class PatchMerging(nn.Module):
     def __init__(self, input_resolution: tuple, dim: int):
         super().__init__()
         self.input_resolution, self.dim = input_resolution, dim
-        self.backend: Optional[str] = None
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(4 * dim)
 
     def forward(self, x: Tensor) -> Tensor:
         H, W = self.input_resolution
         B, L, C = x.shape
-        x = hk.patch_merge(x.view(B, H, W, C), self.norm.weight, self.norm.bias, self.norm.eps, backend=self.backend)
+        x = hk.patch_merge(x.view(B, H, W, C), self.norm.weight, self.norm.bias, self.norm.eps)
         return self.reduction(x)
+
+
+def _same_backend_on_recompute():
+    """Checkpointed blocks recompute in the backward pass, outside HTSAT.forward's use_backend():
+    run the recomputation on the backend in force now, so it saves what the forward saved."""
+    return contextlib.nullcontext(), hk.use_backend(hk.current_backend())
 
 
 class BasicLayer(nn.Module):
@@ -192,7 +193,7 @@ class BasicLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         for blk in self.blocks:
             if self.use_checkpoint and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False, context_fn=_same_backend_on_recompute)
             else:
                 x = blk(x)
         return self.downsample(x) if self.downsample is not None else x

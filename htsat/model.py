@@ -21,6 +21,7 @@ The underlying time resolution of the token-semantic map is 32x coarser (0.3125 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -28,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import htsat_kernels
+
 from .clap import audio_projection, repeat_pad
 from .config import HTSATConfig
 from .frontend import LogMel, Spectrogram
-from .layers import BasicLayer, PatchEmbed, PatchMerging, SwinTransformerBlock
+from .layers import BasicLayer, PatchEmbed
 
 
 class HTSAT(nn.Module):
@@ -82,15 +85,15 @@ class HTSAT(nn.Module):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        import htsat_kernels
-
         if name not in htsat_kernels.BACKENDS:
             raise ValueError(f"unknown backend {name!r}; expected one of {htsat_kernels.BACKENDS}")
         self._backend = name
-        per_call = None if name == "auto" else name  # "auto" defers to use_backend() / the env var
-        for m in self.modules():
-            if isinstance(m, (SwinTransformerBlock, PatchMerging)):
-                m.backend = per_call
+
+    def _backend_scope(self):
+        """The one place the model's backend takes effect: the Swin layers (where every op is called)
+        run inside ``use_backend(self.backend)``. "auto" pushes nothing, so an enclosing use_backend()
+        or $HTSAT_KERNELS_BACKEND still decides."""
+        return contextlib.nullcontext() if self._backend == "auto" else htsat_kernels.use_backend(self._backend)
 
     # front end --------------------------------------------------------------------------------
     def logmel(self, waveform: Tensor) -> Tensor:
@@ -131,8 +134,9 @@ class HTSAT(nn.Module):
         """(B, 1, S, S) image -> logits map (B, C, steps), clipwise logits (B, C), latent (B, D)."""
         cfg = self.config
         x = self.pos_drop(self.patch_embed(img))
-        for layer in self.layers:
-            x = layer(x)
+        with self._backend_scope():  # every htsat_kernels op of the model runs in these layers
+            for layer in self.layers:
+                x = layer(x)
         x = self.norm(x)
         B, N, D = x.shape
         rows = cfg.spec_size // 2 ** (len(cfg.depths) - 1) // cfg.patch_stride[0]

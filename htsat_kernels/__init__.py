@@ -2,16 +2,17 @@
 
 Public ops (contracts in DESIGN.md): ``window_partition``, ``window_merge``, ``patch_merge``,
 ``window_attention``, and the block-level fusions ``layer_norm_window_partition`` (norm1 + shift +
-partition) and ``window_merge_add`` (merge + unshift + residual add). Each takes ``backend=None | "auto" | "reference" | "fused"``; see
-``htsat_kernels.backends`` for how the choice is made.
+partition) and ``window_merge_add`` (merge + unshift + residual add). Each is declared once in
+``htsat_kernels.ops.OPS``; the functions here are generated from those declarations: the signature
+of the op's reference plus the keyword ``backend=None | "auto" | "reference" | "fused"`` (see
+``htsat_kernels.backends`` for how the choice is made). Each call checks its arguments once
+(``htsat_kernels.checks``), so every backend reports a bad argument with the same error.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
-from torch import Tensor
+import inspect
+from typing import Callable, Optional
 
 from . import reference
 from .backends import (
@@ -21,116 +22,77 @@ from .backends import (
     current_backend,
     fused_status,
     register_fused,
+    register_reference,
     use_backend,
 )
 from .backends import dispatch as _dispatch
+from .ops import OPS, OpSpec
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "FusedImpl",
+    "OPS",
     "current_backend",
     "fused_status",
-    "layer_norm_window_partition",
-    "patch_merge",
     "reference",
+    "register_fused",
     "use_backend",
-    "window_attention",
-    "window_merge",
-    "window_merge_add",
-    "window_partition",
 ]
+__all__.extend(OPS)  # the ops themselves, generated below
 
 
-def window_partition(x: Tensor, window_size: int, shift: int = 0, *, backend: Optional[str] = None) -> Tensor:
-    """(B, H, W, C) -> (B*nW, N, C) after a cyclic shift by -shift on H and W."""
-    args = (x, window_size, shift)
-    return _dispatch("window_partition", args, backend)(*args)
+def _bind(op: str, params: tuple, defaults: dict, args: tuple, kwargs: dict) -> tuple:
+    """All positional arguments of a call given partly by keyword (plain Python: torch.compile traces it)."""
+    if len(args) > len(params):
+        raise TypeError(f"{op}() takes {len(params)} positional arguments but {len(args)} were given")
+    values = dict(zip(params, args))
+    for k, v in kwargs.items():
+        if k not in params:
+            raise TypeError(f"{op}() got an unexpected keyword argument {k!r}")
+        if k in values:
+            raise TypeError(f"{op}() got multiple values for argument {k!r}")
+        values[k] = v
+    missing = [p for p in params if p not in values and p not in defaults]
+    if missing:
+        raise TypeError(f"{op}() missing required argument(s): {', '.join(missing)}")
+    return tuple(values[p] if p in values else defaults[p] for p in params)
 
 
-def window_merge(windows: Tensor, H: int, W: int, shift: int = 0, *, backend: Optional[str] = None) -> Tensor:
-    """(B*nW, N, C) -> (B, H, W, C): inverse of window_partition including the +shift roll."""
-    args = (windows, H, W, shift)
-    return _dispatch("window_merge", args, backend)(*args)
+def _public(spec: OpSpec) -> Callable:
+    """The public function of one op: bind, check the arguments, dispatch."""
+    name, params, defaults, check = spec.name, spec.params, spec.defaults, spec.check
+
+    def op(*args, backend: Optional[str] = None, **kwargs):
+        if kwargs or len(args) != len(params):
+            args = _bind(name, params, defaults, args, kwargs)
+        check(*args)
+        return _dispatch(name, args, backend)(*args)
+
+    backend_param = inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Optional[str]")
+    sig = spec.signature
+    op.__signature__ = sig.replace(parameters=[*sig.parameters.values(), backend_param])  # type: ignore[attr-defined]
+    op.__name__ = op.__qualname__ = name
+    op.__module__ = __name__
+    op.__doc__ = (
+        f"{spec.label}: {inspect.getdoc(spec.reference)}\n\n"
+        '``backend``: None (the ambient choice), "auto", "reference" or "fused"; see htsat_kernels.backends.'
+    )
+    return op
 
 
-def layer_norm_window_partition(
-    x: Tensor, weight: Tensor, bias: Tensor, eps: float, window_size: int, shift: int = 0, *, backend: Optional[str] = None
-) -> Tensor:
-    """A block's norm1 fused into window_partition: (B, H, W, C) -> (B*nW, N, C) of LayerNorm(C)(x)."""
-    args = (x, weight, bias, eps, window_size, shift)
-    return _dispatch("layer_norm_window_partition", args, backend)(*args)
-
-
-def window_merge_add(windows: Tensor, shortcut: Tensor, H: int, W: int, shift: int = 0, *, backend: Optional[str] = None) -> Tensor:
-    """A block's residual fused into window_merge: shortcut + window_merge(windows, H, W, shift)."""
-    args = (windows, shortcut, H, W, shift)
-    return _dispatch("window_merge_add", args, backend)(*args)
-
-
-def patch_merge(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, *, backend: Optional[str] = None) -> Tensor:
-    """(B, H, W, C) -> (B, H/2*W/2, 4C): 2x2 gather then LayerNorm(4C)."""
-    args = (x, weight, bias, eps)
-    return _dispatch("patch_merge", args, backend)(*args)
-
-
-def window_attention(
-    qkv: Tensor,
-    table: Tensor,
-    mask: Optional[Tensor],
-    num_heads: int,
-    scale: float,
-    *,
-    backend: Optional[str] = None,
-) -> Tensor:
-    """qkv (B_, N, 3C), table ((2ws-1)^2, h), mask (nW, N, N) or None -> (B_, N, C)."""
-    args = (qkv, table, mask, num_heads, scale)
-    return _dispatch("window_attention", args, backend)(*args)
-
-
-def _slower_on_cpu_in_fp16(x: Tensor, *args) -> Optional[str]:
-    """The C++ CPU LayerNorm twins convert fp16 element by element: eager PyTorch is faster there
-    (bench/results/cpu_*.json); fp32 and bf16 are faster fused at every HTS-AT shape."""
-    if x.device.type == "cpu" and x.dtype == torch.float16:
-        return "the reference is faster for float16 on CPU (use backend='fused' to force the C++ twin)"
-    return None
-
-
-def _register_fused_implementations() -> None:
-    """Load each fused module; one that cannot load records why instead of breaking the import."""
+def _register(spec: OpSpec) -> None:
+    """Register the reference and load the fused module; one that cannot load records why instead of
+    breaking the import (Triton or the compiled extension missing: the reference path still works)."""
+    register_reference(spec.name, spec.reference)
     try:
-        from .fused import window_attention as _wa
-
-        register_fused("window_attention", FusedImpl(_wa.fused_window_attention, _wa.unsupported_reason, auto_on_cpu=False))
-    except Exception as exc:  # triton missing or broken: the reference path still works
-        register_fused("window_attention", f"Triton window attention failed to load: {exc}")
-    try:
-        from .fused import window_process as _wp
-
-        register_fused("window_partition", FusedImpl(_wp.fused_window_partition, _wp.partition_unsupported_reason))
-        register_fused("window_merge", FusedImpl(_wp.fused_window_merge, _wp.merge_unsupported_reason))
-        register_fused(
-            "layer_norm_window_partition",
-            FusedImpl(
-                _wp.fused_layer_norm_window_partition,
-                _wp.layer_norm_partition_unsupported_reason,
-                auto_declines=_slower_on_cpu_in_fp16,
-            ),
-        )
-        register_fused(
-            "window_merge_add",
-            FusedImpl(_wp.fused_window_merge_add, _wp.merge_add_unsupported_reason, auto_declines=_slower_on_cpu_in_fp16),
-        )
-    except Exception as exc:  # the compiled extension is optional
-        for op in ("window_partition", "window_merge", "layer_norm_window_partition", "window_merge_add"):
-            register_fused(op, f"window_process failed to load: {exc}")
-    try:
-        from .fused import patch_merge as _pm
-
-        register_fused(
-            "patch_merge", FusedImpl(_pm.fused_patch_merge, _pm.unsupported_reason, auto_declines=_slower_on_cpu_in_fp16)
-        )
+        impl: FusedImpl | str = spec.fused.load()
     except Exception as exc:
-        register_fused("patch_merge", f"patch_merge failed to load: {exc}")
+        impl = f"htsat_kernels.fused.{spec.fused.module} failed to load: {exc}"
+    register_fused(spec.name, impl)
 
 
-_register_fused_implementations()
+for _spec in OPS.values():
+    _register(_spec)
+    globals()[_spec.name] = _public(_spec)
+del _spec

@@ -1,8 +1,8 @@
 """Backend choice and per-call dispatch between the reference ops and the fused kernels.
 
-Precedence of the choice: an explicit ``backend=`` argument (the model passes its own when it is
-not "auto") > the innermost ``use_backend(...)`` context > the env var ``HTSAT_KERNELS_BACKEND``
-> "auto". "auto" runs the fused kernel when its capability check accepts the call and the
+Precedence of the choice: an explicit ``backend=`` argument > the innermost ``use_backend(...)``
+context (the model runs its layers inside ``use_backend(model.backend)`` unless that is "auto")
+> the env var ``HTSAT_KERNELS_BACKEND`` > "auto". "auto" runs the fused kernel when its capability check accepts the call and the
 reference otherwise (the reason is logged at debug level). "fused" runs the fused kernel or
 raises ``BackendUnavailable`` with the reason: it never falls back silently.
 """
@@ -14,8 +14,6 @@ import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
-
-from . import reference
 
 logger = logging.getLogger("htsat_kernels")
 
@@ -69,10 +67,16 @@ class FusedImpl:
 
 # op name -> FusedImpl, or the reason the implementation could not be loaded at all.
 _fused: dict[str, FusedImpl | str] = {}
+# op name -> the reference implementation (filled from the op table, htsat_kernels.ops)
+_reference: dict[str, Callable] = {}
 
 
 def register_fused(op: str, impl: FusedImpl | str) -> None:
     _fused[op] = impl
+
+
+def register_reference(op: str, fn: Callable) -> None:
+    _reference[op] = fn
 
 
 def fused_status() -> dict[str, str]:
@@ -83,11 +87,15 @@ def fused_status() -> dict[str, str]:
 def dispatch(op: str, args: tuple, backend: Optional[str]) -> Callable:
     """Pick the function that runs ``op(*args)`` under ``backend`` (None: the ambient choice)."""
     choice = current_backend() if backend is None else _validate(backend, "the backend argument")
-    ref = getattr(reference, op)
+    ref = _reference.get(op)
+    if ref is None:
+        raise ValueError(f"unknown op {op!r}; registered: {sorted(_reference)}")
     if choice == "reference":
         return ref
     impl = _fused.get(op, f"no fused implementation of {op} is registered")
-    reason = impl if isinstance(impl, str) else impl.unsupported(*args)
+    if isinstance(impl, str):
+        return _unavailable(op, choice, impl, ref)
+    reason = impl.unsupported(*args)
     if reason is None and choice == "auto":
         if not impl.auto_on_cpu and args[0].device.type == "cpu":
             reason = "auto does not pick this kernel for CPU tensors (use backend='fused' to force it)"
@@ -95,6 +103,11 @@ def dispatch(op: str, args: tuple, backend: Optional[str]) -> Callable:
             reason = impl.auto_declines(*args)
     if reason is None:
         return impl.run
+    return _unavailable(op, choice, reason, ref)
+
+
+def _unavailable(op: str, choice: str, reason: str, ref: Callable) -> Callable:
+    """The fused kernel cannot (or, under "auto", should not) run: raise for "fused", else the reference."""
     if choice == "fused":
         raise BackendUnavailable(f"backend 'fused' was requested for {op} but cannot run: {reason}")
     logger.debug("%s: fused declined (%s); running the reference", op, reason)

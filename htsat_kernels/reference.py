@@ -68,8 +68,9 @@ def window_partition(x: Tensor, window_size: int, shift: int = 0) -> Tensor:
     B, H, W, C = x.shape
     if shift:
         x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-    x = x.view(B, H // window_size, window_size, W // window_size, window_size, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, C)
+    nh, nw = H // window_size, W // window_size
+    x = x.reshape(B, nh, window_size, nw, window_size, C)  # reshape: any strides (channels-last too)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B * nh * nw, window_size * window_size, C)
 
 
 def window_merge(windows: Tensor, H: int, W: int, shift: int = 0) -> Tensor:
@@ -77,7 +78,7 @@ def window_merge(windows: Tensor, H: int, W: int, shift: int = 0) -> Tensor:
     window_size = window_size_of(windows.shape[1])
     C = windows.shape[-1]
     B = windows.shape[0] // ((H // window_size) * (W // window_size))
-    x = windows.view(B, H // window_size, W // window_size, window_size, window_size, C)
+    x = windows.reshape(B, H // window_size, W // window_size, window_size, window_size, C)
     x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
     if shift:
         x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
@@ -93,32 +94,33 @@ def layer_norm_window_partition(
 
 def window_merge_add(windows: Tensor, shortcut: Tensor, H: int, W: int, shift: int = 0) -> Tensor:
     """A block's residual: shortcut + window_merge(windows); shortcut (B, H*W, C) or (B, H, W, C)."""
-    return shortcut + window_merge(windows, H, W, shift).view(shortcut.shape)
+    return shortcut + window_merge(windows, H, W, shift).reshape(shortcut.shape)
 
 
 def patch_merge(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
     """(B, H, W, C) -> (B, H/2 * W/2, 4C): 2x2 gather [x0, x1, x2, x3] then LayerNorm(4C) (spec 4.5)."""
     B, H, W, C = x.shape
     if H % 2 or W % 2:
-        raise ValueError(f"patch_merge needs even H and W, got H={H}, W={W}")
+        raise ValueError(f"x: patch_merge needs even H and W (dims 1 and 2), got H={H}, W={W}")
     x0 = x[:, 0::2, 0::2, :]  # even rows, even cols
     x1 = x[:, 1::2, 0::2, :]  # odd rows, even cols
     x2 = x[:, 0::2, 1::2, :]  # even rows, odd cols
     x3 = x[:, 1::2, 1::2, :]  # odd rows, odd cols
-    x = torch.cat([x0, x1, x2, x3], dim=-1).view(B, -1, 4 * C)
+    # reshape with explicit sizes: cat may keep a channels-last layout, and B = 0 or C = 0 leave -1 ambiguous
+    x = torch.cat([x0, x1, x2, x3], dim=-1).reshape(B, (H // 2) * (W // 2), 4 * C)
     return F.layer_norm(x, (4 * C,), weight, bias, eps)
 
 
 def window_attention(
-    qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, scale: float, attn_drop: float = 0.0
+    qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, scale: float, dropout_p: float = 0.0
 ) -> Tensor:
     """Window multi-head self-attention with relative-position bias and optional shift mask.
 
     qkv (B_, N, 3C) straight from the qkv Linear ([q | k | v], heads contiguous in each third);
     table ((2ws-1)^2, h); mask (nW, N, N) additive or None, window index = batch index mod nW.
     Returns (B_, N, C), heads concatenated. q is scaled before q @ k^T, as in the original.
-    ``attn_drop`` > 0 applies dropout to the probabilities (training with attn_drop_rate > 0; the
-    fused op has no dropout, so the model calls the reference for that).
+    ``dropout_p`` > 0 applies dropout to the probabilities (as F.scaled_dot_product_attention, whatever
+    the module's mode: the model passes its attn_drop_rate in training and 0 in eval).
     """
     B_, N, C3 = qkv.shape
     C = C3 // 3
@@ -135,6 +137,6 @@ def window_attention(
         attn = attn.view(B_ // nW, nW, num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
         attn = attn.view(-1, num_heads, N, N)
     attn = attn.softmax(dim=-1)
-    if attn_drop > 0.0:
-        attn = F.dropout(attn, attn_drop, training=True)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, dropout_p, training=True)
     return (attn @ v).transpose(1, 2).reshape(B_, N, C)

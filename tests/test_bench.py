@@ -70,6 +70,12 @@ def test_quick_json_has_every_field(quick_run):
             assert r["peak_mem_mb"] is None  # CPU: not measured
         if r["section"] == "ops" and r["skipped_reason"] is None:
             assert r["gbps"] > 0 and r["bytes_formula"], r
+        if r["section"] in ("ops", "interpreter"):  # every op record: bytes and FLOPs with their formulas
+            assert r["bytes"] > 0 and isinstance(r["flops"], int) and r["flops"] >= 0 and r["flops_formula"], r
+            if r["op"] in ("window_partition", "window_merge"):
+                assert r["flops"] == 0, r  # pure data movement
+            elif r["op"] != "window_merge_add" or r["mode"] != "backward":  # its backward only copies
+                assert r["flops"] > 0, r
 
     ops = {"window_attention", "window_partition", "window_merge", "patch_merge"}
     for op in ops:
@@ -174,6 +180,29 @@ def test_byte_formulas():
     bwd, _ = op_bytes("patch_merge", s1, B, s, "backward")
     full, _ = op_bytes("patch_merge", s1, B, s, "full")
     assert full == fwd + bwd
+
+
+def test_flop_formulas():
+    from bench.ops import STAGES, op_flops
+
+    s1, s4 = STAGES[0], STAGES[3]  # s1: 64x64, C=96, 4 heads, shift 4, nW=64; s4: one window, no mask
+    B = 32
+    Bw, N, C, h = B * 64, 64, 96, 4
+    fwd, formula = op_flops("window_attention", s1, B, "forward")
+    assert fwd == 4 * Bw * N * N * C + 7 * Bw * h * N * N + Bw * N * C
+    assert "4·B_·N²·C" in formula and f"B_={Bw}" in formula
+    bwd, _ = op_flops("window_attention", s1, B, "backward")
+    assert bwd == 10 * Bw * N * N * C + 9 * Bw * h * N * N + Bw * N * C
+    full, _ = op_flops("window_attention", s1, B, "full")
+    assert full == fwd + bwd
+    n4, _ = op_flops("window_attention", s4, B, "forward")  # no mask add
+    assert n4 == 4 * B * N * N * 768 + 6 * B * 32 * N * N + B * N * 768
+    for op in ("window_partition", "window_merge"):
+        assert op_flops(op, s1, B, "full")[0] == 0
+    elems = B * 64 * 64 * 96
+    assert op_flops("patch_merge", s1, B, "forward")[0] == 8 * elems
+    assert op_flops("layer_norm_window_partition", s1, B, "backward")[0] == 12 * elems
+    assert op_flops("window_merge_add", s1, B, "full")[0] == elems
 
 
 def test_sdpa_peer_matches_reference():

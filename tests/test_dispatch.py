@@ -1,7 +1,8 @@
 """Backend choice: per-call argument > use_backend() context > $HTSAT_KERNELS_BACKEND > "auto";
 forced "fused" never falls back; "auto" falls back when the fused kernel declines; the model's
-backend reaches every block. Fused implementations are replaced by recording fakes, so these tests
-do not depend on the compiled extension or Triton."""
+backend drives every op call (one use_backend() around its layers). Fused implementations are
+replaced by recording fakes, so these tests do not depend on the compiled extension or Triton.
+Every op of the table (htsat_kernels.ops.OPS) is covered."""
 
 from __future__ import annotations
 
@@ -10,35 +11,16 @@ import torch
 
 import htsat
 import htsat_kernels
-from htsat.layers import PatchMerging, SwinTransformerBlock
+from htsat.layers import BasicLayer, PatchMerging, SwinTransformerBlock, WindowAttention
 from htsat_kernels import BackendUnavailable, FusedImpl, backends, reference
 
 # every dispatched op: the four of DESIGN.md plus the block fusions (norm1 + partition, merge + residual)
-OPS = (
-    "layer_norm_window_partition",
-    "patch_merge",
-    "window_attention",
-    "window_merge",
-    "window_merge_add",
-    "window_partition",
-)
+OPS = tuple(htsat_kernels.OPS)
 
 
 def _args(op: str) -> tuple:
-    """Small valid CPU arguments for each op."""
-    if op == "window_partition":
-        return (torch.randn(2, 8, 8, 3), 4, 2)
-    if op == "window_merge":
-        return (torch.randn(8, 16, 3), 8, 8, 2)
-    if op == "layer_norm_window_partition":
-        return (torch.randn(2, 8, 8, 3), torch.rand(3) + 0.5, torch.randn(3), 1e-5, 4, 2)
-    if op == "window_merge_add":
-        return (torch.randn(8, 16, 3), torch.randn(2, 64, 3), 8, 8, 2)
-    if op == "patch_merge":
-        return (torch.randn(2, 4, 4, 3), torch.ones(12), torch.zeros(12), 1e-5)
-    if op == "window_attention":
-        return (torch.randn(4, 16, 3 * 8), torch.randn(49, 2), None, 2, 4**-0.5)
-    raise KeyError(op)
+    """Small valid CPU arguments for each op (declared with the op)."""
+    return htsat_kernels.OPS[op].example()
 
 
 class Recorder:
@@ -50,7 +32,7 @@ class Recorder:
 
     def run(self, *args):
         self.calls += 1
-        return getattr(reference, self.op)(*args)
+        return htsat_kernels.OPS[self.op].reference(*args)
 
     def unsupported(self, *args):
         return self.reason
@@ -242,20 +224,20 @@ def _op_modules(model):
     return mods
 
 
-def test_model_backend_reaches_every_block():
+def test_model_backend_is_validated_and_lives_only_on_the_model():
     model = _tiny("reference")
     assert model.backend == "reference"
-    assert all(m.backend == "reference" for m in _op_modules(model))
     model.backend = "fused"
-    assert all(m.backend == "fused" for m in _op_modules(model))
-    model.backend = "auto"
-    assert model.backend == "auto"
-    assert all(m.backend is None for m in _op_modules(model))  # auto defers to the context / env var
+    assert model.backend == "fused"
     with pytest.raises(ValueError, match="unknown backend 'gpu'"):
         model.backend = "gpu"
     with pytest.raises(ValueError, match="unknown backend"):
         _tiny("gpu")
-    assert model.backend == "auto"
+    assert model.backend == "fused"
+    # one place decides: no layer carries a backend of its own
+    mods = _op_modules(model)
+    assert not any(hasattr(m, "backend") for m in mods)
+    assert "backend" not in WindowAttention.forward.__code__.co_varnames
 
 
 def _count_dispatches(monkeypatch):
@@ -332,3 +314,191 @@ def test_auto_prefers_the_reference_where_the_fused_kernel_is_slower():
     assert backends.dispatch("patch_merge", half, "auto") is htsat_kernels.reference.patch_merge
     assert backends.dispatch("patch_merge", half, "fused") is not htsat_kernels.reference.patch_merge
     assert backends.dispatch("patch_merge", (x, w, b, 1e-5), "auto") is not htsat_kernels.reference.patch_merge
+
+
+def test_checkpointed_blocks_recompute_on_the_models_backend(fakes):
+    """Gradient checkpointing recomputes blocks in the backward pass, outside the model's
+    use_backend(): the recomputation must still run on the model's backend."""
+    model = htsat.create_model(backend="fused", **{**htsat.TINY_OVERRIDES, "num_classes": 3, "use_checkpoint": True})
+    model.train()
+    assert all(layer.use_checkpoint for layer in model.modules() if isinstance(layer, BasicLayer))
+    x = 0.1 * torch.randn(2, 16000)
+    with htsat_kernels.use_backend("reference"):
+        out = model(x)
+        forward_calls = {op: r.calls for op, r in fakes.items()}
+        out["clipwise_logits"].sum().backward()
+    assert forward_calls["window_attention"] == 8
+    # every block ran once more in the backward, again on the fused fakes
+    assert fakes["window_attention"].calls == 16
+    assert fakes["patch_merge"].calls == forward_calls["patch_merge"] == 3  # patch merges are not checkpointed
+
+
+# --------------------------------------------------------------------------------------------
+# the public wrappers: generated from the op table
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_public_signature_is_the_references_plus_backend(op):
+    import inspect
+
+    public = inspect.signature(getattr(htsat_kernels, op))
+    ref = inspect.signature(htsat_kernels.OPS[op].reference)
+    assert list(public.parameters)[:-1] == list(ref.parameters)
+    backend = public.parameters["backend"]
+    assert backend.kind is inspect.Parameter.KEYWORD_ONLY and backend.default is None
+    assert op in htsat_kernels.__all__ and getattr(htsat_kernels, op).__name__ == op
+
+
+def test_keyword_arguments_and_defaults_bind_like_the_reference():
+    x = torch.randn(2, 8, 8, 3)
+    want = reference.window_partition(x, 4, 0)
+    assert torch.equal(htsat_kernels.window_partition(x, 4, backend="reference"), want)
+    assert torch.equal(htsat_kernels.window_partition(window_size=4, x=x, backend="reference"), want)
+    with pytest.raises(TypeError, match=r"window_partition\(\) missing required argument\(s\): window_size"):
+        htsat_kernels.window_partition(x)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'size'"):
+        htsat_kernels.window_partition(x, size=4)
+    with pytest.raises(TypeError, match="multiple values for argument 'x'"):
+        htsat_kernels.window_partition(x, 4, x=x)
+    with pytest.raises(TypeError, match="takes 3 positional arguments but 4 were given"):
+        htsat_kernels.window_partition(x, 4, 0, 1)
+
+
+def test_bench_and_report_iterate_the_table():
+    from bench import ops as bench_ops
+    from bench.report import OP_ORDER
+
+    assert bench_ops.OPS == OP_ORDER == tuple(htsat_kernels.OPS)
+    for op, spec in htsat_kernels.OPS.items():
+        for alias in spec.aliases:
+            assert bench_ops.OP_ALIASES[alias] == op
+
+
+# --------------------------------------------------------------------------------------------
+# arguments are checked once, before dispatch: every backend gives the same error
+# --------------------------------------------------------------------------------------------
+
+
+def _swap(args: tuple, i: int, value) -> tuple:
+    return args[:i] + (value,) + args[i + 1 :]
+
+
+# op -> (argument index, bad value or function of the good value, exception, message regex)
+BAD_ARGS = {
+    "window_partition": [
+        (0, lambda x: x[0], ValueError, r"x must have 4 dimensions \(B, H, W, C\), got shape \(8, 8, 3\)"),
+        (0, lambda x: x.long(), TypeError, "x has dtype torch.int64"),
+        (0, lambda x: x.tolist(), TypeError, "x must be a tensor, got list"),
+        (1, 0, ValueError, "window_size must be positive, got 0"),
+        (1, 3, ValueError, r"x: H and W \(dims 1 and 2\) must be positive multiples of window_size=3, got H=8, W=8"),
+        (1, 4.0, TypeError, "window_size must be an int, got float"),
+        (2, "2", TypeError, "shift must be an int, got str"),
+    ],
+    "window_merge": [
+        (0, lambda w: w[:, :15], ValueError, r"windows: tokens per window \(dim 1\) must be a positive square number, got 15"),
+        (0, lambda w: w[:5], ValueError, r"windows: dim 0 \(5\) must be a multiple of the number of windows per image \(4"),
+        (0, lambda w: w[0], ValueError, "windows must have 3 dimensions"),
+        (1, 6, ValueError, "H and W must be positive multiples of the window size 4, got H=6, W=8"),
+        (2, 0, ValueError, "H and W must be positive multiples of the window size 4, got H=8, W=0"),
+        (3, None, TypeError, "shift must be an int, got NoneType"),
+    ],
+    "layer_norm_window_partition": [
+        (1, lambda w: torch.ones(4), ValueError, r"weight must have shape \(3,\) for C=3, got \(4,\)"),
+        (2, None, TypeError, "bias must be a tensor"),
+        (3, -1.0, ValueError, "eps must be a finite number >= 0, got -1.0"),
+        (4, 0, ValueError, "window_size must be positive, got 0"),
+        (4, 3, ValueError, "multiples of window_size=3"),
+    ],
+    "window_merge_add": [
+        (1, lambda s: s[:, :60], ValueError, r"shortcut must have shape \(2, 64, 3\) or \(2, 8, 8, 3\), got \(2, 60, 3\)"),
+        (1, lambda s: s.tolist(), TypeError, "shortcut must be a tensor, got list"),
+        (1, lambda s: s.int(), TypeError, "shortcut has dtype torch.int32"),
+        (0, lambda w: w[:5], ValueError, r"windows: dim 0 \(5\)"),
+        (2, 10, ValueError, "H and W must be positive multiples of the window size 4, got H=10, W=8"),
+    ],
+    "patch_merge": [
+        (0, lambda x: torch.randn(2, 3, 4, 3), ValueError, r"x: patch_merge needs even H and W \(dims 1 and 2\), got H=3, W=4"),
+        (0, lambda x: x[0], ValueError, "x must have 4 dimensions"),
+        (1, lambda w: w[:3], ValueError, r"weight must have shape \(12,\) for C=3, got \(3,\)"),
+        (2, lambda b: b.int(), TypeError, "bias has dtype torch.int32"),
+        (3, float("nan"), ValueError, "eps must be a finite number >= 0, got nan"),
+    ],
+    "window_attention": [
+        (0, lambda q: q[:, :15], ValueError, "tokens per window N = 15 must be a square number"),
+        (0, lambda q: q[..., :-1], ValueError, r"qkv: last dim must be 3C \(\[q \| k \| v\]\), got 23"),
+        (0, lambda q: q.long(), TypeError, "qkv has dtype torch.int64"),
+        (1, lambda t: t[:48], ValueError, r"table must be \(\(2\*ws-1\)\*\*2, num_heads\) = \(49, 2\) for window size 4"),
+        (2, lambda m: torch.zeros(3, 16, 16), ValueError, "mask: nW = 3 windows does not divide qkv's B\\*nW = 4"),
+        (2, lambda m: torch.zeros(4, 16, 8), ValueError, r"mask must be \(nW, N, N\) = \(nW, 16, 16\), got \(4, 16, 8\)"),
+        (3, 3, ValueError, "C = 8 channels are not divisible by num_heads = 3"),
+        (3, 0, ValueError, "num_heads must be a positive int, got 0"),
+        (4, float("inf"), ValueError, "scale must be a finite real number, got inf"),
+        (5, 1.5, ValueError, r"dropout_p must be a probability in \[0, 1\], got 1.5"),
+        (5, -0.1, ValueError, r"dropout_p must be a probability in \[0, 1\], got -0.1"),
+    ],
+}
+
+
+def test_every_op_declares_bad_argument_cases():
+    assert set(BAD_ARGS) == set(OPS)  # a new op adds its cases here
+
+
+@pytest.mark.parametrize("op,i,bad,exc,words", [(op, *case) for op, cases in BAD_ARGS.items() for case in cases])
+def test_bad_arguments_give_the_same_error_on_every_backend(op, i, bad, exc, words, monkeypatch):
+    """Checked before dispatch: the precise error, whatever the backend (and the real registry)."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    good = _args(op)
+    args = _swap(good, i, bad(good[i]) if callable(bad) else bad)
+    messages = set()
+    for backend in ("auto", "reference", "fused", None):
+        with pytest.raises(exc, match=words) as info:
+            getattr(htsat_kernels, op)(*args, backend=backend)
+        assert type(info.value) is exc, backend  # never BackendUnavailable or an incidental error
+        messages.add(str(info.value))
+    with htsat_kernels.use_backend("fused"):
+        with pytest.raises(exc, match=words):
+            getattr(htsat_kernels, op)(*args)
+    assert len(messages) == 1, messages
+
+
+# --------------------------------------------------------------------------------------------
+# attention dropout: an argument of the op, which the fused kernel declines
+# --------------------------------------------------------------------------------------------
+
+
+def test_attention_dropout_is_declined_by_the_fused_kernel(monkeypatch):
+    impl = backends._fused["window_attention"]
+    if not isinstance(impl, FusedImpl):
+        pytest.skip(f"fused window attention unavailable: {impl}")
+    calls = []
+
+    def run(*args):
+        calls.append(args)
+        return reference.window_attention(*args)
+
+    # the real capability check, with auto allowed on CPU so that only the dropout decides
+    monkeypatch.setitem(backends._fused, "window_attention", FusedImpl(run, impl.unsupported, auto_on_cpu=True))
+    qkv, table, mask, heads, scale, _ = _args("window_attention")
+    assert "dropout" in impl.unsupported(qkv, table, mask, heads, scale, 0.5)
+    with pytest.raises(BackendUnavailable, match=r"window_attention .*no attention dropout \(dropout_p=0.5\)"):
+        htsat_kernels.window_attention(qkv, table, mask, heads, scale, 0.5, backend="fused")
+    torch.manual_seed(1)
+    got = htsat_kernels.window_attention(qkv, table, mask, heads, scale, 0.5, backend="auto")
+    torch.manual_seed(1)
+    want = reference.window_attention(qkv, table, mask, heads, scale, 0.5)
+    assert not calls and torch.equal(got, want)  # auto fell back to the reference's dropout
+    assert not torch.equal(got, reference.window_attention(qkv, table, mask, heads, scale))
+    htsat_kernels.window_attention(qkv, table, mask, heads, scale, 0.0, backend="auto")
+    assert len(calls) == 1  # without dropout auto takes the fused kernel
+
+
+def test_window_attention_module_uses_the_public_op_with_dropout(fakes, monkeypatch):
+    seen = _count_dispatches(monkeypatch)
+    attn = WindowAttention(dim=8, window_size=4, num_heads=2, attn_drop=0.5)
+    x = torch.randn(4, 16, 8)
+    attn.train()
+    attn(x, None)
+    attn.eval()
+    attn(x, None)
+    assert seen == {"window_attention": 2}  # through dispatch in training too, no direct reference call

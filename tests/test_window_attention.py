@@ -425,3 +425,22 @@ class TestCUDA:
         comp = run(lambda q, t, m, h, s: compiled(q, t, m), qkv, table, mask, 8, 0.0, go)
         for a, b in zip(comp, eager):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_is_declined_with_a_reason():
+    qkv, table, mask, heads, scale = _good()
+    assert wa.unsupported_reason(qkv, table, mask, heads, scale) is None
+    assert "no attention dropout (dropout_p=0.1)" in wa.unsupported_reason(qkv, table, mask, heads, scale, 0.1)
+    with pytest.raises(RuntimeError, match="no attention dropout"):
+        wa.fused_window_attention(qkv, table, mask, heads, scale, 0.1)
+    with pytest.raises(BackendUnavailable, match="dropout_p=0.1"):
+        htsat_kernels.window_attention(qkv, table, mask, heads, scale, 0.1, backend="fused")
+
+
+def test_second_derivative_raises():
+    qkv, table, mask = make_inputs(1, 2, 4, 2, 8, torch.float64, True)
+    qkv.requires_grad_()
+    out = wa.fused_window_attention(qkv, table, mask, 2, 0.35)
+    (dqkv,) = torch.autograd.grad(out.pow(2).sum(), (qkv,), create_graph=True)
+    with pytest.raises(RuntimeError, match="fused window_attention has no second derivative"):
+        torch.autograd.grad(dqkv.sum(), (qkv,))

@@ -8,7 +8,8 @@ Ops (C++ in csrc/ops.cpp, CUDA in csrc/patch_merge_cuda.cu):
       grad_weight / grad_bias reduced deterministically (fixed chunks, fixed order, no atomics)
 The gather order is the original's [x0 even/even, x1 odd/even, x2 even/odd, x3 odd/odd] (rows = H axis);
 see ``htsat_kernels.reference.patch_merge``. The backward is attached with
-``torch.library.register_autograd``.
+``torch.library.register_autograd``; the backward op has no derivative of its own, so a second
+derivative raises (``first_order.first_order_only``) instead of silently being 0.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import extension
+from .first_order import first_order_only
 
 extension.require()  # ImportError with the build hint when htsat_kernels._C is missing
 
@@ -55,6 +57,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(mean, rstd)
 
 
+@first_order_only("patch_merge")
 def _backward(ctx, grad_out: Tensor, grad_mean, grad_rstd):
     x, weight, mean, rstd = ctx.saved_tensors
     grad_x, grad_weight, grad_bias = _ops.patch_merge_backward(grad_out.contiguous(), x, weight, mean, rstd)

@@ -33,8 +33,10 @@ Supported: fp16, bf16, fp32 (fp32 dots use ``input_precision="ieee"``, not TF32)
 as broadcast-and-sum, meant for gradcheck); N = ws^2 <= 256 tokens; head dim <= 64. The table
 and mask may have any floating dtype (they are read and used in the compute precision); the
 table gradient comes back in the table's dtype. The mask gets no gradient (it is a buffer), and
-the backward is not itself differentiable (no double backward). The Triton interpreter's tl.dot
-misreads bf16 data, so interpreted bf16 dots upcast their operands to fp32 (exact products).
+the backward is not itself differentiable (a second derivative raises; no double backward). No
+attention dropout: a call with dropout_p > 0 is declined (the reference implements it). The
+Triton interpreter's tl.dot misreads bf16 data, so interpreted bf16 dots upcast their operands to
+fp32 (exact products).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .first_order import first_order_only
 
 __all__ = ["fused_window_attention", "unsupported_reason", "MAX_TOKENS", "MAX_HEAD_DIM"]
 
@@ -338,8 +342,10 @@ def _device_reason(device: torch.device) -> Optional[str]:
     return f"qkv is on {device.type}; the Triton kernel runs on CUDA (or on CPU with TRITON_INTERPRET=1)"
 
 
-def unsupported_reason(qkv, table, mask, num_heads, scale) -> Optional[str]:
+def unsupported_reason(qkv, table, mask, num_heads, scale, dropout_p=0.0) -> Optional[str]:
     """None when the fused kernel can run this call, else why not (a human-readable sentence)."""
+    if dropout_p:
+        return f"the fused window attention has no attention dropout (dropout_p={dropout_p}); the reference has"
     try:
         _check_args(qkv, table, mask, num_heads, scale)
     except (TypeError, ValueError) as exc:
@@ -548,6 +554,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+@first_order_only("window_attention")
 def _backward(ctx, grad_out, grad_lse):
     # lse is an auxiliary output for the backward; it is marked non-differentiable.
     qkv, table, mask, lse = ctx.saved_tensors
@@ -565,12 +572,17 @@ torch.library.register_autograd("htsat_kernels::window_attention_fwd", _backward
 # ----------------------------------------------------------------------------------------------
 
 
-def fused_window_attention(qkv: Tensor, table: Tensor, mask: Optional[Tensor], num_heads: int, scale: float) -> Tensor:
+def fused_window_attention(
+    qkv: Tensor, table: Tensor, mask: Optional[Tensor], num_heads: int, scale: float, dropout_p: float = 0.0
+) -> Tensor:
     """Fused window attention; same contract as ``htsat_kernels.reference.window_attention``.
 
     qkv (B_, N, 3C) (any strides), table ((2ws-1)^2, h), mask (nW, N, N) or None -> (B_, N, C).
-    Raises TypeError / ValueError naming the bad argument, RuntimeError if the device cannot run it.
+    Raises TypeError / ValueError naming the bad argument, RuntimeError if the device cannot run it
+    or ``dropout_p`` is not 0 (no dropout in the kernel).
     """
+    if dropout_p:
+        raise RuntimeError(f"fused window attention cannot run: no attention dropout (dropout_p={dropout_p})")
     _check_args(qkv, table, mask, num_heads, scale)
     reason = _device_reason(qkv.device)
     if reason is not None:

@@ -12,7 +12,8 @@ Further fusions of the Swin block, built on the same map (optional building bloc
 unfused ops; their unfused equivalents are in ``htsat_kernels.reference``):
   ``htsat_kernels::layer_norm_window_partition(x, weight, bias, eps, window_size, shift)
       -> (windows, mean, rstd)``: norm1's LayerNorm(C) + cyclic shift + partition in one pass
-      (backward op ``layer_norm_window_partition_backward``, deterministic weight/bias gradient);
+      (backward op ``layer_norm_window_partition_backward``, deterministic weight/bias gradient; no
+      second derivative: double backward raises);
   ``htsat_kernels::window_merge_add(windows, shortcut, shift)``: shortcut + window_merge(windows),
       the merge + unshift + residual add in one pass (bit-exact against the unfused ops).
 """
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import extension
+from .first_order import first_order_only
 
 extension.require()  # ImportError with the build hint when htsat_kernels._C is missing
 
@@ -188,6 +190,7 @@ def _ln_partition_setup_context(ctx, inputs, output) -> None:
     ctx.window_size, ctx.shift = window_size, shift
 
 
+@first_order_only("layer_norm_window_partition")
 def _ln_partition_backward(ctx, grad_windows: Tensor, grad_mean, grad_rstd):
     x, weight, mean, rstd = ctx.saved_tensors
     grad_x, grad_weight, grad_bias = _ops.layer_norm_window_partition_backward(
