@@ -41,16 +41,11 @@ ROOFLINE_DEVICES = ("H100 SXM", "H200")
 # Roofline at batch 128 (H100 SXM, H200)
 
 
-def placeholder_flops(op: str, st, batch: int, direction: str) -> int:
-    """FLOPs of one call. PLACEHOLDER until the op table (branch `optable`) supplies each op's
-    formula: the integrator replaces this with it. Attention: 2 matmuls (QK^T, PV) forward, 5
-    backward (recomputed QK^T, dV, dP, dQ, dK), 2·N·N·C FLOPs each per window; the data-movement
-    and LayerNorm ops do O(1) FLOPs per element, negligible against their bytes (0 here)."""
-    if op != "window_attention":
-        return 0
-    N = st.window**2
-    per_matmul = 2 * batch * st.nW * N * N * st.C
-    return (2 if direction == "forward" else 5) * per_matmul
+def op_flops(op: str, st: StageShape, batch: int, direction: str) -> int:
+    """FLOPs of one call, from the op table's formula (htsat_kernels.ops)."""
+    from . import ops
+
+    return ops.op_flops(op, _ops_stage(st), batch, direction)[0]
 
 
 def _ops_stage(st: StageShape):
@@ -59,20 +54,17 @@ def _ops_stage(st: StageShape):
     return ops.Stage(st.stage, st.H, st.W, st.C, st.heads, st.window // 2 if st.shifted else 0)
 
 
-def op_bytes(op: str, st: StageShape, batch: int, elem: int, direction: str) -> Optional[int]:
-    """Bytes moved per call from bench/ops.py's formula (None if it is unavailable)."""
-    try:
-        from . import ops
+def op_bytes(op: str, st: StageShape, batch: int, elem: int, direction: str) -> int:
+    """Bytes moved per call, from the op table's formula (htsat_kernels.ops)."""
+    from . import ops
 
-        return ops.op_bytes(op, _ops_stage(st), batch, elem, direction)[0]
-    except Exception:  # the op table may rename it; the ideal time is then left out
-        return None
+    return ops.op_bytes(op, _ops_stage(st), batch, elem, direction)[0]
 
 
 def ideal_us(op: str, st: StageShape, direction: str, dtype: str, batch: int = BATCH) -> dict:
     elem = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}.get(dtype, 2)
     nbytes = op_bytes(op, st, batch, elem, direction)
-    flops = placeholder_flops(op, st, batch, direction)
+    flops = op_flops(op, st, batch, direction)
     out = {}
     for name in ROOFLINE_DEVICES:
         d = gpu_limits.DEVICE_BY_NAME[name]
@@ -104,7 +96,7 @@ def roofline_rows(stages: list[StageShape], dtype: str = "bf16") -> list[dict]:
                         "dtype": dtype,
                         "batch": BATCH,
                         "bytes": nbytes,
-                        "flops": placeholder_flops(op, st, BATCH, direction),
+                        "flops": op_flops(op, st, BATCH, direction),
                         "ideal_us": ideal_us(op, st, direction, dtype),
                     }
                 )
@@ -188,7 +180,7 @@ def build_report(
         "arch_limits": {k: vars(v) for k, v in gpu_limits.ARCH_LIMITS.items()},
         "workers": workers,
         "compile_wall_s": round(sum(group_s), 1),
-        "flops_note": "ideal_us uses bench.compile_report.placeholder_flops until the op table's FLOPs formula replaces it",
+        "flops_note": "bytes and FLOPs from the op table's formulas (htsat_kernels.ops)",
         "definitions": {
             "registers": "32-bit registers per thread (cuobjdump --dump-resource-usage REG)",
             "spill_bytes": "stack frame + local memory per thread in bytes (cuobjdump STACK + LOCAL): ptxas puts spilled "
@@ -348,7 +340,7 @@ def render_text(report: dict) -> str:
             for r in rl
         ]
         lines.append(format_table(["op", "stage", "dir", "MB", "GFLOP"] + [f"{d} us" for d in devs], rows, right={3, 4, 5, 6}))
-        lines.append("  FLOPs: placeholder formula (bench.compile_report.placeholder_flops) until the op table provides them.")
+        lines.append("  bytes and FLOPs: the op table's formulas (htsat_kernels.ops); ideal = max(bytes / HBM, FLOPs / bf16 peak).")
     errors = [r for r in records if r.get("error")]
     lines += [
         "",
