@@ -21,7 +21,6 @@ import gc
 import math
 import os
 import platform
-import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -35,25 +34,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 from .schema import RECORD_FIELDS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-# Peak DRAM bandwidth in GB/s (1e9 bytes/s) of known devices, matched on the CUDA device name.
-# Order matters: the first pattern that matches wins.
-PEAK_BANDWIDTH_GBPS = (
-    (r"H200", 4800.0),
-    (r"H100.*NVL", 3900.0),
-    (r"H100.*PCIe", 2000.0),
-    (r"H100", 3350.0),  # SXM5 (name "NVIDIA H100 80GB HBM3")
-    (r"GH200", 4000.0),
-    (r"A100.*80GB.*PCIe", 1935.0),
-    (r"A100.*SXM.*80GB|A100-SXM4-80GB", 2039.0),
-    (r"A100", 1555.0),
-    (r"L40S", 864.0),
-    (r"A10G", 600.0),
-    (r"\bL4\b", 300.0),
-    (r"V100", 900.0),
-    (r"T4", 320.0),
-)
-
 
 class Skip(Exception):
     """A case that cannot run here; the message becomes the record's ``skipped_reason``."""
@@ -75,10 +55,11 @@ def reason_of(exc: BaseException, limit: int = 400) -> str:
 
 
 def peak_bandwidth_gbps(device_name: str) -> Optional[float]:
-    for pattern, gbps in PEAK_BANDWIDTH_GBPS:
-        if re.search(pattern, device_name):
-            return gbps
-    return None
+    """Peak DRAM bandwidth of a known device (the one table: bench/gpu_limits.py), else None."""
+    from .gpu_limits import find_device
+
+    device = find_device(device_name)
+    return None if device is None else device.hbm_gbps
 
 
 def _cpu_name() -> str:
