@@ -96,3 +96,9 @@ for _spec in OPS.values():
     _register(_spec)
     globals()[_spec.name] = _public(_spec)
 del _spec
+
+
+def __getattr__(name: str) -> Callable:
+    """Only reached for names that do not exist (PEP 562). Declared so that type checkers accept the
+    ops generated above (``htsat_kernels.window_attention`` ...), which they cannot see."""
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -46,7 +46,7 @@ import math
 import os
 import struct
 from numbers import Real
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import triton
@@ -533,6 +533,8 @@ def _fake_bwd(grad_out, qkv, table, mask, lse, num_heads, scale):
     return qkv.new_empty(qkv.shape), table.new_empty(table.shape)
 
 
+_fwd_op: Any  # a CustomOpDef (interpreter) or the triton_op's function (GPU)
+_bwd_op: Any
 if _INTERPRETED:
     # Interpreted kernels are plain Python: register opaque custom ops with explicit fakes.
     _fwd_op = torch.library.custom_op("htsat_kernels::window_attention_fwd", window_attention_fwd, mutates_args=())
