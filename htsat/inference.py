@@ -48,6 +48,9 @@ def _audio_extensions() -> frozenset:
 
 AUDIO_EXTENSIONS = _audio_extensions()
 
+#: seconds of audio decoded at a time: memory per file stays at about a block and a window
+BLOCK_SECONDS = 30.0
+
 
 def _is_audio(name: str) -> bool:
     return os.path.splitext(name)[1][1:].lower() in AUDIO_EXTENSIONS
@@ -139,7 +142,7 @@ def _one_image(plan: dict, n: int) -> bool:
 
 def file_windows(
     path: str, index: int, plan: dict, *, short_clips: str = "tile", silence_db: Optional[float] = None,
-    block_seconds: float = 30.0,
+    block_seconds: Optional[float] = None,
 ) -> Iterator[dict]:
     """Items for one file: ``{"kind": "one"|"win", "file", "wave", "start", "last", ...}`` then
     ``{"kind": "end", "file", "samples", "windows", "warnings"}``, or ``{"kind": "error", ...}``.
@@ -156,7 +159,8 @@ def file_windows(
     peak = 0.0
     windowed = False
     try:
-        for block in stream_audio(path, plan["sample_rate"], block_seconds=block_seconds, warn=warnings.append):
+        blocks = stream_audio(path, plan["sample_rate"], block_seconds=block_seconds or BLOCK_SECONDS, warn=warnings.append)
+        for block in blocks:
             peak = max(peak, float(np.max(np.abs(block))))
             buf = np.concatenate([buf, block]) if buf.size else block
             total = offset + buf.shape[0]

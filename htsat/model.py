@@ -169,7 +169,7 @@ class HTSAT(nn.Module):
                 x = self.spec_augment(x)
             if mixup_lambda is not None:
                 x = mix_with_reversed(x, mixup_lambda)
-        return self._forward_image(x, framewise)
+        return self._forward_image(x) if framewise else self._forward_image(x, framewise=False)
 
     def forward(self, waveform: Tensor, mixup_lambda: Optional[Tensor] = None, *, framewise: bool = True) -> dict[str, Tensor]:
         """(B, samples) float waveform -> dict of clipwise_output (B, C), framewise_output (B, F, C),
