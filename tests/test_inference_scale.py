@@ -324,7 +324,9 @@ _RSS_SCRIPT = textwrap.dedent(
 
 
 def _rss_increase(ckpt_path, warm, path):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    # glibc's dynamic mmap threshold otherwise lets large freed buffers fragment the heap: a few MB of
+    # drift unrelated to the file's length (measured: 5 MB for 1 min, 10 MB for 60, flat at 4 MB with this)
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, ckpt_path, warm, path], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     kb, duration, _ = out.stdout.split()
@@ -341,14 +343,13 @@ def _long_file(path, minutes, sr=8000):
     return str(path)
 
 
-@pytest.mark.slow
 def test_memory_of_a_60_minute_file_stays_that_of_a_1_minute_file(tmp_path):
-    """Peak RSS increase (VmHWM) for 60 minutes within 1.5x that of 1 minute (tiny model, events on)."""
+    """Peak RSS increase (VmHWM) for 60 minutes within 1.5x that of 1 minute (tiny model, events on; ~15 s)."""
     cfg = tiny_model_json(tmp_path / "m.json", num_classes=3, long_hop_seconds=1.0)
     model = htsat.create_model(cfg, backend="reference").eval()
     htsat.save_checkpoint(model, tmp_path / "m.pt", classes=["a", "b", "c"])
-    warm = _write(tmp_path / "warm.wav", _tone(300, 3.0))
+    warm = _write(tmp_path / "warm.wav", _tone(300, 40.0, sr=8000), sr=8000)  # the same path as the measured runs
     one, d1 = _rss_increase(str(tmp_path / "m.pt"), warm, _long_file(tmp_path / "one.wav", 1))
     sixty, d60 = _rss_increase(str(tmp_path / "m.pt"), warm, _long_file(tmp_path / "sixty.wav", 60))
     assert d1 == pytest.approx(60.0) and d60 == pytest.approx(3600.0)
-    assert sixty <= 1.5 * max(one, 4096), (one, sixty)  # KiB; 4 MiB floor: below that it is allocator noise
+    assert sixty <= 1.5 * one, (one, sixty)  # KiB
