@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 
@@ -78,7 +78,7 @@ def resample(wave: np.ndarray, orig_rate: int, target_rate: int, *, quality: str
 
 def load_audio(
     path: PathLike,
-    sample_rate: Optional[int] = None,
+    sample_rate: int | None = None,
     *,
     quality: str = "HQ",
     return_rate: bool = False,
@@ -125,7 +125,7 @@ def load_audio(
     return (wave, int(rate)) if return_rate else wave
 
 
-def write_audio(path: PathLike, wave, sample_rate: int, *, subtype: Optional[str] = None) -> None:
+def write_audio(path: PathLike, wave, sample_rate: int, *, subtype: str | None = None) -> None:
     """Write a float signal, (samples,) or (samples, channels), with soundfile (format from the extension)."""
     _soundfile().write(os.fspath(path), np.asarray(wave, dtype=np.float32), int(sample_rate), subtype=subtype)
 
@@ -145,7 +145,7 @@ def is_silent(wave, threshold_db: float = DEFAULT_SILENCE_DB) -> bool:
 
 
 def check_audio(
-    wave, path: PathLike = "<array>", *, threshold_db: Optional[float] = DEFAULT_SILENCE_DB, max_peak: Optional[float] = MAX_PEAK
+    wave, path: PathLike = "<array>", *, threshold_db: float | None = DEFAULT_SILENCE_DB, max_peak: float | None = MAX_PEAK
 ) -> None:
     """Raise :class:`AudioError` for an empty or silent-only signal (``threshold_db=None``: no
     silence check), or one whose samples exceed ``max_peak`` (``None``: no check)."""
@@ -172,7 +172,7 @@ def fit_length(
     *,
     pad: str = "tile",
     crop: str = "random",
-    rng: Optional[np.random.Generator] = None,
+    rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """Bring a 1-D signal to exactly ``length`` samples.
 
@@ -223,7 +223,7 @@ def fit_length(
 # -------------------------------------------------------------------------------------------------
 
 
-def wav_declared_frames(path: PathLike) -> Optional[int]:
+def wav_declared_frames(path: PathLike) -> int | None:
     """Sample frames a RIFF/WAVE header declares (None: not a WAV, or a size left open for streaming).
 
     libsndfile quietly shortens a truncated WAV to what the file holds; comparing with the header

@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
 
 from .inference_output import EMBED_FORMATS, PREDICT_FORMATS, format_for
 from .training.config import HelpFormatter as TrainHelpFormatter
@@ -96,10 +95,6 @@ def _err(msg: str) -> None:
     print(f"htsat: error: {msg}", file=sys.stderr, flush=True)
 
 
-def _warn(msg: str) -> None:
-    print(f"htsat: warning: {msg}", file=sys.stderr, flush=True)
-
-
 def _run_train(args) -> int:
     from .training import train
     from .training.config import config_from_args
@@ -163,16 +158,22 @@ def _run_inference(args) -> int:
         from tqdm import tqdm
 
         bar = tqdm(total=len(inputs), unit="file", file=sys.stderr, dynamic_ncols=True)
+
+    def say(line: str) -> None:  # above the bar while there is one
+        if bar is not None:
+            bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
     failed = hours = 0
     threshold = args.threshold if predicting and framewise else None
     try:
         with open_writer(fmt, args.output, sys.stdout, threshold=threshold) as writer:
             for r in results:
                 for w in r.get("warnings", ()):
-                    _warn(w)
+                    say(f"htsat: warning: {w}")
                 if "error" in r:
                     failed += 1
-                    _err(f"{r['file']}: {r['error']}")
+                    say(f"htsat: error: {r['file']}: {r['error']}")
                 else:
                     hours += r["duration"] / 3600
                 writer.write(r)
@@ -189,12 +190,12 @@ def _run_inference(args) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from htsat_kernels.backends import BackendUnavailable
+
     from .audio import AudioError
     from .data import ManifestError
-
-    from htsat_kernels.backends import BackendUnavailable
 
     known = [AudioError, ManifestError, OSError, ValueError, BackendUnavailable]  # OSError messages name the file
     try:

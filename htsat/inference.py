@@ -17,14 +17,14 @@ from __future__ import annotations
 import glob
 import math
 import os
-from typing import Dict, Iterator, List, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .audio import AudioError, check_audio, fit_length, stream_audio
 
-__all__ = ["AUDIO_EXTENSIONS", "expand_inputs", "file_windows", "run_files"]
+__all__ = ["AUDIO_EXTENSIONS", "InputList", "expand_inputs", "file_windows", "run_files"]
 
 # extensions of the formats libsndfile reads (soundfile.available_formats()), with their usual aliases
 _FORMAT_EXTENSIONS = {
@@ -62,7 +62,7 @@ class InputList(list):
 
     def __init__(self):
         super().__init__()
-        self.problems: Dict[str, str] = {}
+        self.problems: dict[str, str] = {}
 
 
 def expand_inputs(specs: Sequence[str], *, _depth: int = 0) -> InputList:
@@ -72,7 +72,7 @@ def expand_inputs(specs: Sequence[str], *, _depth: int = 0) -> InputList:
     out = InputList()
     seen = set()
 
-    def add(path: str, reason: Optional[str] = None) -> None:
+    def add(path: str, reason: str | None = None) -> None:
         key = os.path.realpath(path)
         if key in seen:
             return
@@ -141,8 +141,8 @@ def _one_image(plan: dict, n: int) -> bool:
 
 
 def file_windows(
-    path: str, index: int, plan: dict, *, short_clips: str = "tile", silence_db: Optional[float] = None,
-    block_seconds: Optional[float] = None,
+    path: str, index: int, plan: dict, *, short_clips: str = "tile", silence_db: float | None = None,
+    block_seconds: float | None = None,
 ) -> Iterator[dict]:
     """Items for one file: ``{"kind": "one"|"win", "file", "wave", "start", "last", ...}`` then
     ``{"kind": "end", "file", "samples", "windows", "warnings"}``, or ``{"kind": "error", ...}``.
@@ -150,7 +150,7 @@ def file_windows(
     A window is sent once a sample past its end has been read (so it is known not to be the last);
     at the end the last window is the one ending at the file's end, as ``HTSAT.window_starts`` has it.
     """
-    warnings: List[str] = []
+    warnings: list[str] = []
     win, hop = plan["win"], plan["hop"]
     buf = np.zeros(0, np.float32)
     offset = 0  # sample index of buf[0]
@@ -234,20 +234,20 @@ class _FileState:
     def __init__(self, path, want_framewise, tracker, keep_framewise):
         self.path = path
         self.want_framewise, self.tracker, self.keep = want_framewise, tracker, keep_framewise
-        self.sums: Dict[str, np.ndarray] = {}
+        self.sums: dict[str, np.ndarray] = {}
         self.seen = 0  # rows through the model (with errors)
         self.read_error = False
         self.expected = None
         self.samples = None
-        self.warnings: List[str] = []
-        self.error: Optional[str] = None
+        self.warnings: list[str] = []
+        self.error: str | None = None
         self.frame_seconds = None
         self.fw_sum = None  # frames from fw_base on, not yet final
         self.fw_count = None
         self.fw_base = 0
-        self.kept: List[np.ndarray] = []
+        self.kept: list[np.ndarray] = []
 
-    def add(self, row: Dict[str, np.ndarray], item: dict, plan: dict) -> None:
+    def add(self, row: dict[str, np.ndarray], item: dict, plan: dict) -> None:
         for k, v in row.items():
             if k != "framewise_output":
                 self.sums[k] = self.sums.get(k, 0.0) + v.astype(np.float64)
@@ -306,7 +306,7 @@ class _FileState:
 def run_files(
     predictor, paths: Sequence[str], *, mode: str = "predict", top_k: int = 5, framewise: bool = False,
     threshold: float = 0.5, merge_gap: float = 0.0, min_duration: float = 0.0, embedding: str = "latent_output",
-    batch_size: int = 16, num_workers: int = 0, keep_framewise: bool = False, problems: Optional[Dict[str, str]] = None,
+    batch_size: int = 16, num_workers: int = 0, keep_framewise: bool = False, problems: dict[str, str] | None = None,
 ) -> Iterator[dict]:
     """One result per path, in order, each as soon as it and the ones before it are done.
 
@@ -332,8 +332,8 @@ def run_files(
     paths = [os.fspath(p) for p in paths]
     problems = dict(problems or {})
     skip = {i for i, p in enumerate(paths) if p in problems}
-    states: Dict[int, _FileState] = {}
-    done: Dict[int, dict] = {i: {"file": paths[i], "error": problems[paths[i]]} for i in skip}
+    states: dict[int, _FileState] = {}
+    done: dict[int, dict] = {i: {"file": paths[i], "error": problems[paths[i]]} for i in skip}
     next_out = 0
 
     def state(i) -> _FileState:
@@ -342,7 +342,7 @@ def run_files(
             states[i] = _FileState(paths[i], want_fw, tracker, keep_framewise)
         return states[i]
 
-    def forward(items: List[dict]) -> List[Dict[str, np.ndarray]]:
+    def forward(items: list[dict]) -> list[dict[str, np.ndarray]]:
         x = torch.from_numpy(np.stack([it["wave"] for it in items])).to(predictor.device, non_blocking=True)
         with torch.inference_mode(), predictor._autocast():
             out = model(x, framewise=want_fw)
@@ -352,7 +352,7 @@ def run_files(
     keys = ["clipwise_logits"] + (["framewise_output"] if want_fw else []) + (
         ["latent_output"] + (["clap_projection"] if model.audio_projection is not None else []) if mode == "embed" else [])
 
-    def run(items: List[dict]) -> None:
+    def run(items: list[dict]) -> None:
         rows = forward(items)
         bad = [r for r, row in enumerate(rows) if not all(np.isfinite(row[k]).all() for k in keys)]
         if bad and len({items[r]["file"] for r in range(len(items))}) > 1:
@@ -422,7 +422,7 @@ def run_files(
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False)
     else:
         loader = dataset
-    batch: List[dict] = []
+    batch: list[dict] = []
     it = iter(loader)
     try:
         yield from ready()

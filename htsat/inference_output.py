@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-from typing import List, Optional
 
 import numpy as np
 
@@ -23,7 +22,7 @@ EMBED_FORMATS = ("jsonl", "json", "npy", "npz")
 _BINARY = ("npy", "npz")
 
 
-def format_for(output: Optional[str], fmt: Optional[str], allowed, default: str) -> str:
+def format_for(output: str | None, fmt: str | None, allowed, default: str) -> str:
     """The format asked for, else the one the output file's extension names, else ``default``."""
     if fmt:
         if fmt not in allowed:
@@ -117,8 +116,8 @@ class _Matrix(_Writer):
     def __init__(self, path, fmt):
         super().__init__(None)
         self.path, self.fmt = path, fmt
-        self.files: List[str] = []
-        self.rows: List[np.ndarray] = []
+        self.files: list[str] = []
+        self.rows: list[np.ndarray] = []
 
     def _write(self, r):
         if "embedding" in r:
@@ -148,7 +147,7 @@ class open_writer:
     """``with open_writer(fmt, output, stdout) as w: w.write(result)``; the file is closed (and a JSON
     array ended) whatever happens, so what was written stays valid."""
 
-    def __init__(self, fmt: str, output: Optional[str], stdout, *, threshold=None):
+    def __init__(self, fmt: str, output: str | None, stdout, *, threshold=None):
         self.fmt, self.output, self.stdout, self.threshold = fmt, output, stdout, threshold
         self.file = None
 

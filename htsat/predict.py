@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .audio import DEFAULT_SILENCE_DB, AudioError, check_audio, fit_length, load_audio
+from .audio import DEFAULT_SILENCE_DB, AudioError, fit_length
 
 __all__ = ["NonFiniteOutputError", "Predictor", "detect_events", "format_results", "labels_for"]
 
@@ -44,7 +44,7 @@ def _check_finite(out: Mapping, wave: np.ndarray, keys: Sequence[str]) -> None:
     raise NonFiniteOutputError(f"the model output ({', '.join(bad)}) is NaN or infinite for audio with peak {peak:.3g}{why}")
 
 
-def labels_for(num_classes: int, checkpoint: Optional[Mapping] = None, labels_file: Optional[str] = None) -> List[str]:
+def labels_for(num_classes: int, checkpoint: Mapping | None = None, labels_file: str | None = None) -> list[str]:
     """Class names: an explicit file, else those saved in a training checkpoint, else AudioSet's
     527 names for a 527-class model, else ``class_<i>``."""
     if labels_file:
@@ -73,8 +73,8 @@ def detect_events(
     threshold: float = 0.5,
     merge_gap: float = 0.0,
     min_duration: float = 0.0,
-    duration: Optional[float] = None,
-) -> List[dict]:
+    duration: float | None = None,
+) -> list[dict]:
     """Events from a (frames, classes) probability map: runs of frames >= threshold per class.
 
     Runs separated by at most ``merge_gap`` seconds are merged; events shorter than
@@ -123,7 +123,7 @@ class EventTracker:
                 else:
                     runs.append([s, e, peak])
 
-    def events(self, duration: Optional[float] = None) -> List[dict]:
+    def events(self, duration: float | None = None) -> list[dict]:
         out = []
         for c, runs in self.runs.items():
             for s, e, peak in runs:
@@ -148,10 +148,10 @@ class Predictor:
     """
 
     model: torch.nn.Module
-    labels: List[str]
+    labels: list[str]
     device: torch.device
     short_clips: str = "tile"
-    silence_db: Optional[float] = DEFAULT_SILENCE_DB
+    silence_db: float | None = DEFAULT_SILENCE_DB
     precision: str = "fp32"  # "auto": bf16 (fp16 without bf16) autocast on CUDA, fp32 on CPU
     batch_size: int = 16  # windows of clip_seconds per forward, across files
     num_workers: int = 0  # DataLoader workers decoding and resampling
@@ -161,12 +161,12 @@ class Predictor:
         cls,
         path: str,
         *,
-        name: Optional[str] = None,
+        name: str | None = None,
         backend: str = "auto",
-        device: Optional[str] = None,
-        labels_file: Optional[str] = None,
+        device: str | None = None,
+        labels_file: str | None = None,
         **kwargs,
-    ) -> "Predictor":
+    ) -> Predictor:
         from .checkpoint import FORMAT, model_from_checkpoint, read_checkpoint, saved_config
         from .config import load_config
 
@@ -247,9 +247,9 @@ class Predictor:
         ``num_workers``). Keyword arguments: top_k, framewise, threshold, merge_gap, min_duration,
         keep_framewise (the whole framewise map as ``"framewise"``). A bad file gives
         ``{"file", "error"}`` and the others go on."""
-        from .inference import expand_inputs, run_files
+        from .inference import InputList, expand_inputs, run_files
 
-        paths = expand_inputs(inputs)
+        paths = inputs if isinstance(inputs, InputList) else expand_inputs(inputs)
         kwargs.setdefault("batch_size", self.batch_size)
         kwargs.setdefault("num_workers", self.num_workers)
         yield from run_files(self, paths, problems=paths.problems, **kwargs)
@@ -269,7 +269,7 @@ class Predictor:
             raise AudioError(path, res["error"])
         return res
 
-    def predict_files(self, paths: Sequence[str], on_error=None, **kwargs) -> List[dict]:
+    def predict_files(self, paths: Sequence[str], on_error=None, **kwargs) -> list[dict]:
         """Predictions for many files, as a list; a file that fails gives {"file", "error"} and the rest go on."""
         results = []
         for r in self.iter_files(paths, **kwargs):
@@ -279,7 +279,7 @@ class Predictor:
         return results
 
 
-def resolve_device(device: Optional[str]) -> torch.device:
+def resolve_device(device: str | None) -> torch.device:
     """A torch.device, or a one-line ValueError for a device this machine lacks or a bad name."""
     if not device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -295,9 +295,9 @@ def resolve_device(device: Optional[str]) -> torch.device:
     return dev
 
 
-def format_results(results: Sequence[dict], *, threshold: Optional[float] = None) -> str:
+def format_results(results: Sequence[dict], *, threshold: float | None = None) -> str:
     """A readable table per file: top-k scores, then events if present."""
-    lines: List[str] = []
+    lines: list[str] = []
     for r in results:
         if "error" in r:
             lines.append(f"{r['file']}: ERROR: {r['error']}")

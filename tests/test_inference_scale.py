@@ -11,13 +11,12 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from cli_helpers import SR, _one_thread, needs_audio, tiny_model_json  # noqa: F401 (_one_thread: autouse fixture)
 
 import htsat
 from htsat.cli import main
 from htsat.inference import expand_inputs
 from htsat.predict import Predictor, detect_events
-
-from cli_helpers import SR, _one_thread, needs_audio, tiny_model_json  # noqa: F401 (_one_thread: autouse fixture)
 
 pytestmark = needs_audio
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,6 +196,16 @@ def test_output_formats_json_csv_tsv(ckpt, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["file"] == good
     assert main(["predict", good, "-o", str(tmp_path / "r.xyz"), *base]) == 1
     assert "cannot tell the format from the extension .xyz" in capsys.readouterr().err
+
+
+def test_progress_bar_on_request(ckpt, tmp_path, capsys):
+    paths = [_write(tmp_path / f"{i}.wav", _tone(300, 1.0)) for i in range(3)]
+    base = ["--checkpoint", ckpt["path"], "--backend", "reference", "--num-workers", "0", "--format", "jsonl"]
+    assert main(["predict", *paths, str(tmp_path / "gone.wav"), "--progress", *base]) == 1
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 4 and "4/4" in err and "1 failed" in err and "gone.wav: file not found" in err
+    assert main(["predict", *paths, *base]) == 0  # not a terminal: no bar
+    assert capsys.readouterr().err == ""
 
 
 def test_embed_npz_npy_jsonl(ckpt, tmp_path, capsys):
