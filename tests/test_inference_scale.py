@@ -145,6 +145,16 @@ def test_batch_size_and_workers_do_not_change_results(ckpt, tmp_path):
         assert len(a["events"]) == len(b["events"])
 
 
+def test_autocast_precision_runs_the_batched_path(ckpt, tmp_path):
+    """--precision bf16 (autocast; on CPU here, the same code path as AMP on GPU) gives the fp32 ranking."""
+    paths = [_write(tmp_path / f"{i}.wav", _tone(300 * (i + 1), 2.7, seed=i)) for i in range(3)]
+    full = list(_predictor(ckpt).iter_files(paths, top_k=3, framewise=True))
+    low = list(_predictor(ckpt, precision="bf16").iter_files(paths, top_k=3, framewise=True))
+    for a, b in zip(full, low):
+        assert [t["score"] for t in b["top"]] == pytest.approx([t["score"] for t in a["top"]], abs=0.05)
+        assert all(np.isfinite(t["score"]) for t in b["top"])
+
+
 def test_results_come_as_each_file_is_done(ckpt, tmp_path):
     """The iterator yields the first file before the later ones are read."""
     import htsat.inference as inference
@@ -200,7 +210,7 @@ def test_output_formats_json_csv_tsv(ckpt, tmp_path, capsys):
 
 def test_progress_bar_on_request(ckpt, tmp_path, capsys):
     paths = [_write(tmp_path / f"{i}.wav", _tone(300, 1.0)) for i in range(3)]
-    base = ["--checkpoint", ckpt["path"], "--backend", "reference", "--num-workers", "0", "--format", "jsonl"]
+    base = ["--checkpoint", ckpt["path"], "--backend", "reference", "--num-workers", "2", "--format", "jsonl"]
     assert main(["predict", *paths, str(tmp_path / "gone.wav"), "--progress", *base]) == 1
     out, err = capsys.readouterr()
     assert len(out.splitlines()) == 4 and "4/4" in err and "1 failed" in err and "gone.wav: file not found" in err
