@@ -335,6 +335,7 @@ def run_files(
     states: dict[int, _FileState] = {}
     done: dict[int, dict] = {i: {"file": paths[i], "error": problems[paths[i]]} for i in skip}
     next_out = 0
+    finished: set = set()
 
     def state(i) -> _FileState:
         if i not in states:
@@ -353,6 +354,9 @@ def run_files(
         ["latent_output"] + (["clap_projection"] if model.audio_projection is not None else []) if mode == "embed" else [])
 
     def run(items: list[dict]) -> None:
+        items = [it for it in items if it["file"] not in finished]  # a file may fail while its windows wait
+        if not items:
+            return
         rows = forward(items)
         bad = [r for r, row in enumerate(rows) if not all(np.isfinite(row[k]).all() for k in keys)]
         if bad and len({items[r]["file"] for r in range(len(items))}) > 1:
@@ -376,6 +380,7 @@ def run_files(
 
     def finish(i: int) -> dict:
         st = states.pop(i)
+        finished.add(i)
         res: dict = {"file": paths[i]}
         if st.error is not None:
             res["error"] = st.error
@@ -428,6 +433,8 @@ def run_files(
         yield from ready()
         for item in it:
             item = _to_numpy(item)
+            if item["file"] in finished:
+                continue
             st = state(item["file"])
             kind = item["kind"]
             if kind == "error":

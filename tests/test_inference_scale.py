@@ -289,6 +289,26 @@ def test_bad_arguments_are_one_line(ckpt, tmp_path, capsys, monkeypatch):
     _one_line(capsys, main(["predict", *base, "--backend", "fused"]), "backend 'fused' was requested", "cannot run")
 
 
+def test_a_long_file_failing_part_way_does_not_disturb_the_others(ckpt, tmp_path, monkeypatch):
+    """Errors found after some windows were sent (silence at the end, huge samples in block 5): the
+    file gets one error, its waiting windows are dropped, the files around it are unchanged."""
+    import htsat.inference as inference
+
+    monkeypatch.setattr(inference, "BLOCK_SECONDS", 0.5)
+    silent = _write(tmp_path / "silent.wav", np.zeros(5 * SR, np.float32))
+    wave = _tone(500, 6.0)
+    wave[int(2.6 * SR) :] *= 1e17
+    huge = _write(tmp_path / "huge.wav", wave, subtype="FLOAT")
+    good = [_write(tmp_path / f"g{i}.wav", _tone(400 * (i + 1), 3.2)) for i in range(2)]
+    pred = _predictor(ckpt, batch_size=16)
+    res = list(pred.iter_files([good[0], silent, huge, good[1]]))
+    assert [r["file"] for r in res] == [good[0], silent, huge, good[1]]
+    assert "silent-only" in res[1]["error"] and "far beyond full scale" in res[2]["error"]
+    alone = [list(pred.iter_files([g]))[0] for g in good]
+    for a, b in zip(alone, (res[0], res[3])):
+        assert [t["score"] for t in a["top"]] == pytest.approx([t["score"] for t in b["top"]], abs=1e-6)
+
+
 def test_truncated_file_is_read_as_far_as_it_goes_with_a_warning(ckpt, tmp_path, capsys):
     full = _write(tmp_path / "full.wav", _tone(600, 4.0), subtype="PCM_16")
     data = open(full, "rb").read()
