@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_input_arguments(q) -> None:
     q.add_argument("files", nargs="+", help="audio files, folders (searched recursively), glob patterns or @list.txt files")
     q.add_argument("--checkpoint", required=True, help="our checkpoint (from htsat train), an original HTS-AT .ckpt or a CLAP one")
-    q.add_argument("--model", help="preset or JSON config for checkpoints without a saved config (default htsat-audioset)")
+    q.add_argument("--model", help="preset or JSON config for checkpoints without a saved config (htsat-audioset when left out; "
+                   "must agree with a saved one)")
 
 
 def _add_run_arguments(q) -> None:
