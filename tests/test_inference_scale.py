@@ -240,7 +240,7 @@ def test_embed_npz_npy_jsonl(ckpt, tmp_path, capsys):
     assert "write it to a file with -o" in capsys.readouterr().err
 
 
-def test_clap_embedding_of_a_clap_model_equals_its_forward(tmp_path):
+def test_clap_embedding_of_a_clap_model_equals_its_forward(tmp_path, capsys):
     """A small CLAP-style model (repeatpad, projection): short clips repeat-padded, long ones windowed,
     projections averaged then normalised, as HTSAT.forward does."""
     cfg = tiny_model_json(tmp_path / "clap.json", clip_fill="repeatpad", projection_dim=16, num_classes=5)
@@ -255,6 +255,11 @@ def test_clap_embedding_of_a_clap_model_equals_its_forward(tmp_path):
             want = model(torch.from_numpy(wave)[None])["clap_embedding"][0].numpy()
         np.testing.assert_allclose(res["embedding"], want, atol=1e-5)
         assert np.linalg.norm(res["embedding"]) == pytest.approx(1.0, abs=1e-5)
+    # the commands accept it: tags from its head, CLAP embeddings to a file
+    base = ["--checkpoint", str(tmp_path / "clap.pt"), "--backend", "reference", "--num-workers", "0"]
+    assert main(["predict", path, "--format", "jsonl", "--framewise", *base]) == 0
+    assert main(["embed", path, "--embedding", "clap_embedding", "-o", str(tmp_path / "c.npz"), *base]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "c.npz")["embeddings"][0], res["embedding"], atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
