@@ -397,3 +397,16 @@ def test_memory_of_a_60_minute_file_stays_that_of_a_1_minute_file(tmp_path):
     sixty, d60 = _rss_increase(str(tmp_path / "m.pt"), warm, _long_file(tmp_path / "sixty.wav", 60))
     assert d1 == pytest.approx(60.0) and d60 == pytest.approx(3600.0)
     assert sixty <= 1.5 * one, (one, sixty)  # KiB
+
+
+def test_streamed_decode_matches_whole_file_decode(tmp_path):
+    """Block reading + soxr's ResampleStream give the samples load_audio gives (stereo 44.1 kHz -> 16 kHz)."""
+    from htsat.audio import load_audio, stream_audio
+
+    rng = np.random.default_rng(0)
+    x = np.stack([_tone(440, 7.3, sr=44100), 0.1 * rng.standard_normal(int(round(7.3 * 44100))).astype(np.float32)], axis=1)
+    path = _write(tmp_path / "s.flac", x, sr=44100)
+    whole = load_audio(path, SR)
+    streamed = np.concatenate(list(stream_audio(path, SR, block_seconds=0.77)))
+    assert streamed.shape == whole.shape
+    np.testing.assert_allclose(streamed, whole, atol=1e-4)
