@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtypes may include fp64)",
     )
     p.add_argument("--archs", type=_csv, default=None, help="--static: comma list of sm_80, sm_86, sm_89, sm_90 (default: sm_80,sm_90)")
+    p.add_argument(
+        "--inference-files", type=int, nargs="?", const=100, default=None, metavar="N",
+        help="file throughput of htsat predict instead of the report: N (100) files of 10 s, tiny model, batched vs one at a time",
+    )
     return p
 
 
@@ -141,6 +145,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.static:
         return _static(args)
+    if args.inference_files:
+        from . import inference
+
+        dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        inference.run(args.out, n_files=args.inference_files, device=dev, threads=args.threads)
+        return 0
     if args.device:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():

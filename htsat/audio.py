@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 
@@ -26,6 +26,8 @@ __all__ = [
     "check_audio",
     "fit_length",
     "write_audio",
+    "stream_audio",
+    "wav_declared_frames",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -76,7 +78,7 @@ def resample(wave: np.ndarray, orig_rate: int, target_rate: int, *, quality: str
 
 def load_audio(
     path: PathLike,
-    sample_rate: Optional[int] = None,
+    sample_rate: int | None = None,
     *,
     quality: str = "HQ",
     return_rate: bool = False,
@@ -123,7 +125,7 @@ def load_audio(
     return (wave, int(rate)) if return_rate else wave
 
 
-def write_audio(path: PathLike, wave, sample_rate: int, *, subtype: Optional[str] = None) -> None:
+def write_audio(path: PathLike, wave, sample_rate: int, *, subtype: str | None = None) -> None:
     """Write a float signal, (samples,) or (samples, channels), with soundfile (format from the extension)."""
     _soundfile().write(os.fspath(path), np.asarray(wave, dtype=np.float32), int(sample_rate), subtype=subtype)
 
@@ -143,7 +145,7 @@ def is_silent(wave, threshold_db: float = DEFAULT_SILENCE_DB) -> bool:
 
 
 def check_audio(
-    wave, path: PathLike = "<array>", *, threshold_db: Optional[float] = DEFAULT_SILENCE_DB, max_peak: Optional[float] = MAX_PEAK
+    wave, path: PathLike = "<array>", *, threshold_db: float | None = DEFAULT_SILENCE_DB, max_peak: float | None = MAX_PEAK
 ) -> None:
     """Raise :class:`AudioError` for an empty or silent-only signal (``threshold_db=None``: no
     silence check), or one whose samples exceed ``max_peak`` (``None``: no check)."""
@@ -170,7 +172,7 @@ def fit_length(
     *,
     pad: str = "tile",
     crop: str = "random",
-    rng: Optional[np.random.Generator] = None,
+    rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """Bring a 1-D signal to exactly ``length`` samples.
 
@@ -214,3 +216,101 @@ def fit_length(
         out[: reps * n] = np.tile(wave, reps)
         return out
     raise ValueError(f"unknown pad mode {pad!r} (tile, zeros, repeatpad)")
+
+
+# -------------------------------------------------------------------------------------------------
+# streaming decode: bounded memory for files of any length (issue 12)
+# -------------------------------------------------------------------------------------------------
+
+
+def wav_declared_frames(path: PathLike) -> int | None:
+    """Sample frames a RIFF/WAVE header declares (None: not a WAV, or a size left open for streaming).
+
+    libsndfile quietly shortens a truncated WAV to what the file holds; comparing with the header
+    is how a truncated file is noticed."""
+    try:
+        with open(os.fspath(path), "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            block_align = None
+            while True:
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                cid, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+                if cid == b"fmt ":
+                    fmt = f.read(size)
+                    if len(fmt) < 14:
+                        return None
+                    block_align = int.from_bytes(fmt[12:14], "little")
+                    if size % 2:
+                        f.seek(1, 1)
+                elif cid == b"data":
+                    if not block_align or size in (0, 0xFFFFFFFF):
+                        return None
+                    return size // block_align
+                else:
+                    f.seek(size + (size % 2), 1)
+    except OSError:
+        return None
+
+
+def stream_audio(path: PathLike, sample_rate: int, *, block_seconds: float = 30.0, quality: str = "HQ", warn=None):
+    """Yield a file as float32 mono blocks at ``sample_rate`` Hz, decoded and resampled block by block.
+
+    Memory stays at a block whatever the file's length (soundfile's block reading, soxr's
+    ``ResampleStream``). Each block is checked as it comes: non-finite samples and samples beyond
+    ``MAX_PEAK`` raise :class:`AudioError`. A file that ends before its header says, or whose decoding
+    fails part way, is read as far as it goes: ``warn(message)`` is called with a line naming it.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise AudioError(path, "file not found")
+    if os.path.isdir(path):
+        raise AudioError(path, "is a directory, not an audio file")
+    if os.path.getsize(path) == 0:
+        raise AudioError(path, "empty file (0 bytes)")
+    sf = _soundfile()
+    try:
+        f = sf.SoundFile(path)
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+        raise AudioError(path, f"cannot read audio ({type(e).__name__}: {e})") from e
+    with f:
+        rate = int(f.samplerate)
+        declared = wav_declared_frames(path)
+        if declared is not None and declared > f.frames and warn is not None:
+            warn(f"{path}: truncated: the header declares {declared} samples, the file holds {f.frames} "
+                 f"({f.frames / rate:.2f} of {declared / rate:.2f} s); read as far as it goes")
+        stream = None
+        if rate != int(sample_rate):
+            stream = _soxr().ResampleStream(rate, int(sample_rate), 1, dtype="float32", quality=quality)
+        block = max(1, int(block_seconds * rate))
+        read = 0
+        while True:
+            try:
+                data = f.read(block, dtype="float32", always_2d=True)
+            except Exception as e:
+                if read == 0:
+                    raise AudioError(path, f"cannot read audio ({type(e).__name__}: {e})") from e
+                if warn is not None:
+                    warn(f"{path}: decoding stopped at {read / rate:.2f} s ({type(e).__name__}: {e}); using the audio read so far")
+                data = np.zeros((0, 1), np.float32)
+            last = data.shape[0] < block
+            read += data.shape[0]
+            wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+            if not np.all(np.isfinite(wave)):
+                raise AudioError(path, "contains NaN or infinite samples (corrupt file?)")
+            if wave.size:
+                check_audio(wave, path, threshold_db=None)
+            if stream is not None:
+                try:
+                    wave = stream.resample_chunk(np.ascontiguousarray(wave, dtype=np.float32), last=last)
+                except Exception as e:
+                    raise AudioError(path, f"cannot resample from {rate} Hz to {sample_rate} Hz ({e})") from e
+            if wave.size:
+                yield np.ascontiguousarray(wave, dtype=np.float32)
+            if last:
+                break
+        if read == 0:
+            raise AudioError(path, "no audio samples (empty file)")

@@ -1,4 +1,4 @@
-"""The ``htsat`` command: ``htsat train ...`` and ``htsat predict ...`` (also ``python -m htsat``).
+"""The ``htsat`` command: ``htsat train ...``, ``htsat predict ...`` and ``htsat embed ...`` (also ``python -m htsat``).
 
 Multi-GPU: ``torchrun --nproc_per_node N -m htsat train ...`` runs the same command under DDP.
 """
@@ -9,8 +9,8 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
 
+from .inference_output import EMBED_FORMATS, PREDICT_FORMATS, format_for
 from .training.config import HelpFormatter as TrainHelpFormatter
 from .training.config import add_arguments as add_train_arguments
 
@@ -19,7 +19,7 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="htsat", description="HTS-AT audio tagging and sound event detection: training and inference.")
-    sub = p.add_subparsers(dest="command", metavar="{train,predict}")
+    sub = p.add_subparsers(dest="command", metavar="{train,predict,embed}")
     sub.required = True
 
     # ------------------------------------------------------------------ train
@@ -31,30 +31,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_train_arguments(t)  # one option per TrainConfig field: flags, help and defaults live there
 
-    # ------------------------------------------------------------------ predict
+    # ------------------------------------------------------------------ predict / embed
     q = sub.add_parser(
         "predict",
         help="tag audio files (top-k labels) and detect events (--framewise)",
-        description="Top-k labels of audio files of any length, and with --framewise the detected events.",
+        description="Top-k labels of audio files of any length, and with --framewise the detected events. Inputs: files, "
+        "folders (recursive), glob patterns, @list.txt files. Results are written one file at a time as they are done.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    q.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, ...)")
-    q.add_argument("--checkpoint", required=True, help="our checkpoint (from htsat train) or an original HTS-AT .ckpt")
-    q.add_argument("--model", help="preset or JSON config for original checkpoints (default htsat-audioset)")
+    _add_input_arguments(q)
     q.add_argument("--labels", help="class names file (default: saved in the checkpoint, or AudioSet's 527)")
     q.add_argument("--top-k", type=int, default=5)
     q.add_argument("--framewise", action="store_true", help="also report events (onset, offset, label, score)")
     q.add_argument("--threshold", type=float, default=0.5, help="framewise probability threshold for events")
     q.add_argument("--merge-gap", type=float, default=0.0, help="merge events of one class separated by at most this many seconds")
     q.add_argument("--min-duration", type=float, default=0.0, help="drop events shorter than this (seconds)")
+    q.add_argument("-o", "--output", help="write results to this file (format from its extension) instead of stdout")
+    q.add_argument("--format", choices=PREDICT_FORMATS,
+                   help="table, jsonl, json, csv (file, rank, label, score) or tsv (DCASE events; implies --framewise); "
+                   "default: from -o's extension, else table")
+    q.add_argument("--json", action="store_true", help="same as --format json")
+    _add_run_arguments(q)
+
+    e = sub.add_parser(
+        "embed",
+        help="embeddings of audio files (latent_output, or clap_embedding for CLAP presets)",
+        description="One embedding per audio file (any length: windows averaged) for a retrieval index. Inputs: files, "
+        "folders (recursive), glob patterns, @list.txt files.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_input_arguments(e)
+    e.add_argument("--embedding", choices=("latent_output", "clap_embedding"), default="latent_output",
+                   help="the pooled HTS-AT features, or the normalised CLAP joint-space embedding (clap-htsat-* checkpoints)")
+    e.add_argument("-o", "--output", help="write to this file: .npy (+ .files.txt), .npz (embeddings, files), .jsonl, .json")
+    e.add_argument("--format", choices=EMBED_FORMATS, help="default: from -o's extension, else jsonl")
+    _add_run_arguments(e)
+    return p
+
+
+def _add_input_arguments(q) -> None:
+    q.add_argument("files", nargs="+", help="audio files, folders (searched recursively), glob patterns or @list.txt files")
+    q.add_argument("--checkpoint", required=True, help="our checkpoint (from htsat train), an original HTS-AT .ckpt or a CLAP one")
+    q.add_argument("--model", help="preset or JSON config for checkpoints without a saved config (htsat-audioset when left out; "
+                   "must agree with a saved one)")
+
+
+def _add_run_arguments(q) -> None:
     q.add_argument("--short-clips", choices=("tile", "stretch", "zeros"), default="tile",
-                   help="clips shorter than clip_seconds: tile them (as in training), stretch (the original) or zero-pad")
-    q.add_argument("--allow-silent", action="store_true", help="predict silent-only files instead of reporting them")
-    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+                   help="clips shorter than clip_seconds: tile them (as in training), stretch (the original) or zero-pad "
+                   "(CLAP presets always repeat-pad, their own rule)")
+    q.add_argument("--allow-silent", action="store_true", help="process silent-only files instead of reporting them")
+    q.add_argument("--batch-size", type=int, default=16, help="windows of clip_seconds per forward, across files")
+    q.add_argument("--num-workers", type=int, default=min(4, max(0, (os.cpu_count() or 1) - 1)),
+                   help="processes decoding and resampling audio (0: in the main process)")
     q.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     q.add_argument("--backend", default="auto", choices=("auto", "reference", "fused"))
-    q.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    return p
+    q.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU")
+    q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: when stderr is a terminal)")
 
 
 def _err(msg: str) -> None:
@@ -85,34 +120,85 @@ def _run_train(args) -> int:
     return 0
 
 
-def _run_predict(args) -> int:
-    from .predict import Predictor, format_results
+def _check_run_args(args) -> None:
+    for name in ("batch_size", "num_workers") + (("top_k",) if args.command == "predict" else ()):
+        low = 0 if name == "num_workers" else 1
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
 
-    predictor = Predictor.from_checkpoint(
-        args.checkpoint, name=args.model, backend=args.backend, device=args.device, labels_file=args.labels,
-        short_clips=args.short_clips, silence_db=None if args.allow_silent else -80.0, precision=args.precision,
-    )
-    results = predictor.predict_files(
-        args.files, on_error=lambda p, e: _err(str(e)), top_k=args.top_k, framewise=args.framewise, threshold=args.threshold,
-        merge_gap=args.merge_gap, min_duration=args.min_duration,
-    )
-    if args.json:
-        print(json.dumps(results, indent=2, allow_nan=False))  # NaN is not JSON; the predictor never yields one
+
+def _run_inference(args) -> int:
+    from .inference import expand_inputs
+    from .inference_output import open_writer
+    from .predict import Predictor
+
+    _check_run_args(args)
+    predicting = args.command == "predict"
+    if predicting:
+        fmt = format_for(args.output, "json" if args.json and not args.format else args.format, PREDICT_FORMATS, "table")
+        framewise = args.framewise or fmt == "tsv"
     else:
-        print(format_results(results, threshold=args.threshold if args.framewise else None))
-    failed = sum("error" in r for r in results)
+        fmt = format_for(args.output, args.format, EMBED_FORMATS, "jsonl")
+    inputs = expand_inputs(args.files)
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, name=args.model, backend=args.backend, device=args.device,
+        labels_file=getattr(args, "labels", None), short_clips=args.short_clips,
+        silence_db=None if args.allow_silent else -80.0, precision=args.precision, batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
+    if predicting:
+        results = predictor.iter_files(
+            inputs, top_k=args.top_k, framewise=framewise, threshold=args.threshold, merge_gap=args.merge_gap,
+            min_duration=args.min_duration,
+        )
+    else:
+        results = predictor.embed_files(inputs, embedding=args.embedding)
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(inputs), unit="file", file=sys.stderr, dynamic_ncols=True)
+
+    def say(line: str) -> None:  # above the bar while there is one
+        if bar is not None:
+            bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+    failed = hours = 0
+    threshold = args.threshold if predicting and framewise else None
+    try:
+        with open_writer(fmt, args.output, sys.stdout, threshold=threshold) as writer:
+            for r in results:
+                for w in r.get("warnings", ()):
+                    say(f"htsat: warning: {w}")
+                if "error" in r:
+                    failed += 1
+                    say(f"htsat: error: {r['file']}: {r['error']}")
+                else:
+                    hours += r["duration"] / 3600
+                writer.write(r)
+                if bar is not None:
+                    bar.set_postfix_str(f"{hours:.2f} h audio, {failed} failed", refresh=False)
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        results.close() if hasattr(results, "close") else None
     if failed:
-        _err(f"{failed} of {len(results)} file(s) failed")
+        _err(f"{failed} of {len(inputs)} file(s) failed")
         return 1
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from htsat_kernels.backends import BackendUnavailable
+
     from .audio import AudioError
     from .data import ManifestError
 
-    known = [AudioError, ManifestError, OSError, ValueError]  # OSError messages name the file
+    known = [AudioError, ManifestError, OSError, ValueError, BackendUnavailable]  # OSError messages name the file
     try:
         from .training import TrainingError
 
@@ -122,7 +208,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "train":
             return _run_train(args)
-        return _run_predict(args)
+        return _run_inference(args)
+    except BrokenPipeError:
+        # the reader went away (| head): say so once; stdout now points nowhere so the exit flush is quiet
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        _err("output closed by the reader (broken pipe); stopped")
+        return 141
     except KeyboardInterrupt:
         _err("interrupted")
         return 130

@@ -149,27 +149,22 @@ class HTSAT(nn.Module):
         logits_map = self.tscam_conv(x).flatten(2)  # (B, classes, steps)
         return {"logits_map": logits_map, "clipwise_logits": logits_map.mean(dim=2), "latent_output": latent}
 
-    def _forward_image(self, x: Tensor) -> dict[str, Tensor]:
+    def _forward_image(self, x: Tensor, framewise: bool = True) -> dict[str, Tensor]:
         cfg = self.config
         feats = self.forward_features(self.reshape_wav2img(x))
-        logits_map = feats["logits_map"]
-        steps = logits_map.shape[2]
-        framewise = torch.sigmoid(logits_map).transpose(1, 2)  # (B, steps, classes)
-        framewise = framewise.repeat_interleave(cfg.max_frames // steps, dim=1)
         clip_logits = feats["clipwise_logits"]
         clipwise = torch.sigmoid(clip_logits) if cfg.loss_type == "clip_bce" else clip_logits
-        out = {
-            "clipwise_output": clipwise,
-            "framewise_output": framewise,
-            "latent_output": feats["latent_output"],
-            "clipwise_logits": clip_logits,
-        }
+        out = {"clipwise_output": clipwise, "latent_output": feats["latent_output"], "clipwise_logits": clip_logits}
+        if framewise:
+            logits_map = feats["logits_map"]
+            fw = torch.sigmoid(logits_map).transpose(1, 2)  # (B, steps, classes)
+            out["framewise_output"] = fw.repeat_interleave(cfg.max_frames // logits_map.shape[2], dim=1)
         if self.audio_projection is not None:
             out["clap_projection"] = proj = self.audio_projection(feats["latent_output"])
             out["clap_embedding"] = F.normalize(proj, dim=-1)
         return out
 
-    def _forward_clip(self, waveform: Tensor, mixup_lambda: Optional[Tensor]) -> dict[str, Tensor]:
+    def _forward_clip(self, waveform: Tensor, mixup_lambda: Optional[Tensor], framewise: bool = True) -> dict[str, Tensor]:
         if self.config.clip_fill == "repeatpad":
             waveform = repeat_pad(waveform, self._clip_samples())
         x = self.logmel(waveform)
@@ -178,22 +173,23 @@ class HTSAT(nn.Module):
                 x = self.spec_augment(x)
             if mixup_lambda is not None:
                 x = mix_with_reversed(x, mixup_lambda)
-        return self._forward_image(x)
+        return self._forward_image(x, framewise)
 
-    def forward(self, waveform: Tensor, mixup_lambda: Optional[Tensor] = None) -> dict[str, Tensor]:
+    def forward(self, waveform: Tensor, mixup_lambda: Optional[Tensor] = None, *, framewise: bool = True) -> dict[str, Tensor]:
         """(B, samples) float waveform -> dict of clipwise_output (B, C), framewise_output (B, F, C),
         latent_output (B, D), clipwise_logits (B, C). mixup_lambda (B,) mixes with the reversed batch
-        in training (the original's recipe, spec section 3.6)."""
+        in training (the original's recipe, spec section 3.6). ``framewise=False`` leaves
+        framewise_output out (for an hour of audio it is the largest thing the model would keep)."""
         self._check_waveform(waveform, mixup_lambda)
         if self._one_image(waveform.shape[1]):
-            out = self._forward_clip(waveform, mixup_lambda)
-            if self.config.clip_fill == "repeatpad":  # frames of the real clip, not of its repeats
+            out = self._forward_clip(waveform, mixup_lambda, framewise)
+            if framewise and self.config.clip_fill == "repeatpad":  # frames of the real clip, not of its repeats
                 keep = math.ceil(waveform.shape[1] / self.config.sample_rate / self.frame_seconds(waveform.shape[1]) - 1e-9)
                 out["framewise_output"] = out["framewise_output"][:, :keep]
             return out
         if mixup_lambda is not None:
             raise ValueError("mixup_lambda applies to clips of one image; crop long audio to clip_seconds for training")
-        return self._forward_long(waveform)
+        return self._forward_long(waveform, framewise=framewise)
 
     # any length -------------------------------------------------------------------------------
     def num_frames(self, num_samples: int) -> int:
@@ -225,35 +221,42 @@ class HTSAT(nn.Module):
             return num_samples / cfg.sample_rate / cfg.max_frames
         return cfg.clip_seconds / cfg.max_frames
 
-    def _forward_long(self, waveform: Tensor, windows_per_batch: int = 64) -> dict[str, Tensor]:
+    def _forward_long(self, waveform: Tensor, windows_per_batch: int = 64, framewise: bool = True) -> dict[str, Tensor]:
         cfg = self.config
         B, S = waveform.shape
         win = int(round(cfg.clip_seconds * cfg.sample_rate))
         starts = self.window_starts(S)
-        chunks = torch.stack([waveform[:, s : s + win] for s in starts], dim=1).reshape(B * len(starts), win)
-        outs = [self._forward_clip(c, None) for c in chunks.split(windows_per_batch)]
-        out = {k: torch.cat([o[k] for o in outs]).unflatten(0, (B, len(starts))) for k in outs[0]}
-        frame_sec = self.frame_seconds(S)
-        total = math.ceil(S / cfg.sample_rate / frame_sec - 1e-9)
-        per_win = cfg.max_frames
-        framewise = waveform.new_zeros(B, total, cfg.num_classes, dtype=out["framewise_output"].dtype)
-        count = waveform.new_zeros(1, total, 1, dtype=framewise.dtype)
-        for w, s in enumerate(starts):
-            # the last window ends where the clip ends: align it with the end of the frame grid
-            off = total - per_win if w == len(starts) - 1 else min(round(s / cfg.sample_rate / frame_sec), total - per_win)
-            framewise[:, off : off + per_win] += out["framewise_output"][:, w]
-            count[:, off : off + per_win] += 1
-        clip_logits = out["clipwise_logits"].mean(dim=1)
-        result = {
-            "clipwise_output": out["clipwise_output"].mean(dim=1),
-            "framewise_output": framewise / count.clamp(min=1),
-            "latent_output": out["latent_output"].mean(dim=1),
-            "clipwise_logits": clip_logits,
-        }
+        # windows are cut a group at a time: never a copy of the whole input per window
+        per = max(1, windows_per_batch // B)
+        outs = []
+        for g in range(0, len(starts), per):
+            group = starts[g : g + per]
+            chunk = torch.stack([waveform[:, s : s + win] for s in group], dim=1).reshape(B * len(group), win)
+            outs.append({k: v.unflatten(0, (B, len(group))) for k, v in self._forward_clip(chunk, None, framewise).items()})
+        out = {k: torch.cat([o[k] for o in outs], dim=1) for k in outs[0]}
+        result = {k: out[k].mean(dim=1) for k in ("clipwise_output", "latent_output", "clipwise_logits")}
         if "clap_projection" in out:  # CLAP: window projections averaged, then normalised
             result["clap_projection"] = proj = out["clap_projection"].mean(dim=1)
             result["clap_embedding"] = F.normalize(proj, dim=-1)
+        if framewise:
+            result["framewise_output"] = self._lay_windows(out["framewise_output"], starts, S)
         return result
+
+    def _lay_windows(self, per_window: Tensor, starts: list[int], num_samples: int) -> Tensor:
+        """(B, windows, max_frames, C) framewise maps -> (B, frames, C) on the clip's time axis,
+        overlaps averaged."""
+        cfg = self.config
+        frame_sec = self.frame_seconds(num_samples)
+        total = math.ceil(num_samples / cfg.sample_rate / frame_sec - 1e-9)
+        per_win = cfg.max_frames
+        framewise = per_window.new_zeros(per_window.shape[0], total, per_window.shape[-1])
+        count = per_window.new_zeros(1, total, 1)
+        for w, s in enumerate(starts):
+            # the last window ends where the clip ends: align it with the end of the frame grid
+            off = total - per_win if w == len(starts) - 1 else min(round(s / cfg.sample_rate / frame_sec), total - per_win)
+            framewise[:, off : off + per_win] += per_window[:, w]
+            count[:, off : off + per_win] += 1
+        return framewise / count.clamp(min=1)
 
     def _check_waveform(self, waveform: Tensor, mixup_lambda: Optional[Tensor]) -> None:
         if not isinstance(waveform, Tensor):

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .audio import DEFAULT_SILENCE_DB, AudioError, check_audio, fit_length, load_audio
+from .audio import DEFAULT_SILENCE_DB, AudioError, fit_length
 
 __all__ = ["NonFiniteOutputError", "Predictor", "detect_events", "format_results", "labels_for"]
 
@@ -44,7 +44,7 @@ def _check_finite(out: Mapping, wave: np.ndarray, keys: Sequence[str]) -> None:
     raise NonFiniteOutputError(f"the model output ({', '.join(bad)}) is NaN or infinite for audio with peak {peak:.3g}{why}")
 
 
-def labels_for(num_classes: int, checkpoint: Optional[Mapping] = None, labels_file: Optional[str] = None) -> List[str]:
+def labels_for(num_classes: int, checkpoint: Mapping | None = None, labels_file: str | None = None) -> list[str]:
     """Class names: an explicit file, else those saved in a training checkpoint, else AudioSet's
     527 names for a 527-class model, else ``class_<i>``."""
     if labels_file:
@@ -73,8 +73,8 @@ def detect_events(
     threshold: float = 0.5,
     merge_gap: float = 0.0,
     min_duration: float = 0.0,
-    duration: Optional[float] = None,
-) -> List[dict]:
+    duration: float | None = None,
+) -> list[dict]:
     """Events from a (frames, classes) probability map: runs of frames >= threshold per class.
 
     Runs separated by at most ``merge_gap`` seconds are merged; events shorter than
@@ -84,35 +84,59 @@ def detect_events(
     probs = np.asarray(framewise, dtype=np.float32)
     if probs.ndim != 2:
         raise ValueError(f"framewise must be (frames, classes), got {probs.shape}")
-    active = probs >= threshold
-    events = []
-    gap_frames = merge_gap / frame_seconds if frame_seconds > 0 else 0.0
-    for c in np.nonzero(active.any(axis=0))[0]:
-        edges = np.diff(np.concatenate([[0], active[:, c].astype(np.int8), [0]]))
-        starts = np.nonzero(edges == 1)[0]
-        ends = np.nonzero(edges == -1)[0]  # exclusive
-        runs: List[List[int]] = []
-        for s, e in zip(starts.tolist(), ends.tolist()):
-            if runs and s - runs[-1][1] <= gap_frames + 1e-9:
-                runs[-1][1] = e
-            else:
-                runs.append([s, e])
-        for s, e in runs:
-            onset, offset = s * frame_seconds, e * frame_seconds
-            if duration is not None:
-                if onset >= duration:
+    tracker = EventTracker(frame_seconds, labels, threshold=threshold, merge_gap=merge_gap, min_duration=min_duration)
+    tracker.add(probs)
+    return tracker.events(duration)
+
+
+class EventTracker:
+    """Events from a framewise map fed a chunk of frames at a time (an hour of audio never has its
+    whole map in memory): per class, runs of frames >= threshold, merged across chunk edges and
+    across gaps up to ``merge_gap``; ``events(duration)`` gives what :func:`detect_events` gives."""
+
+    def __init__(self, frame_seconds: float, labels: Sequence[str], *, threshold=0.5, merge_gap=0.0, min_duration=0.0):
+        self.frame_seconds, self.labels = frame_seconds, labels
+        self.threshold, self.min_duration = threshold, min_duration
+        self.merge_gap = merge_gap
+        self.set_frame_seconds(frame_seconds)
+        self.runs: dict = {}  # class -> [[start, end (exclusive), peak], ...]
+        self.frames = 0
+
+    def set_frame_seconds(self, frame_seconds: float) -> None:
+        self.frame_seconds = frame_seconds
+        self.gap_frames = self.merge_gap / frame_seconds if frame_seconds > 0 else 0.0
+
+    def add(self, probs: np.ndarray) -> None:
+        probs = np.asarray(probs, dtype=np.float32)
+        active = probs >= self.threshold
+        f0 = self.frames
+        self.frames += probs.shape[0]
+        for c in np.nonzero(active.any(axis=0))[0]:
+            edges = np.diff(np.concatenate([[0], active[:, c].astype(np.int8), [0]]))
+            runs = self.runs.setdefault(int(c), [])
+            for s, e in zip(np.nonzero(edges == 1)[0].tolist(), np.nonzero(edges == -1)[0].tolist()):
+                peak = float(probs[s:e, c].max())
+                s, e = s + f0, e + f0
+                if runs and s - runs[-1][1] <= self.gap_frames + 1e-9:
+                    runs[-1][1] = e
+                    runs[-1][2] = max(runs[-1][2], peak)
+                else:
+                    runs.append([s, e, peak])
+
+    def events(self, duration: float | None = None) -> list[dict]:
+        out = []
+        for c, runs in self.runs.items():
+            for s, e, peak in runs:
+                onset, offset = s * self.frame_seconds, e * self.frame_seconds
+                if duration is not None:
+                    if onset >= duration:
+                        continue
+                    offset = min(offset, duration)
+                if offset - onset < self.min_duration:
                     continue
-                offset = min(offset, duration)
-            if offset - onset < min_duration:
-                continue
-            events.append(
-                {
-                    "onset": round(onset, 4), "offset": round(offset, 4), "label": labels[c], "index": int(c),
-                    "score": float(probs[s:e, c].max()),
-                }
-            )
-    events.sort(key=lambda ev: (ev["onset"], -ev["score"]))
-    return events
+                out.append({"onset": round(onset, 4), "offset": round(offset, 4), "label": self.labels[c], "index": c, "score": peak})
+        out.sort(key=lambda ev: (ev["onset"], -ev["score"]))
+        return out
 
 
 @dataclass
@@ -124,32 +148,50 @@ class Predictor:
     """
 
     model: torch.nn.Module
-    labels: List[str]
+    labels: list[str]
     device: torch.device
     short_clips: str = "tile"
-    silence_db: Optional[float] = DEFAULT_SILENCE_DB
-    precision: str = "fp32"
+    silence_db: float | None = DEFAULT_SILENCE_DB
+    precision: str = "fp32"  # "auto": bf16 (fp16 without bf16) autocast on CUDA, fp32 on CPU
+    batch_size: int = 16  # windows of clip_seconds per forward, across files
+    num_workers: int = 0  # DataLoader workers decoding and resampling
 
     @classmethod
     def from_checkpoint(
         cls,
         path: str,
         *,
-        name: Optional[str] = None,
+        name: str | None = None,
         backend: str = "auto",
-        device: Optional[str] = None,
-        labels_file: Optional[str] = None,
+        device: str | None = None,
+        labels_file: str | None = None,
         **kwargs,
-    ) -> "Predictor":
-        from .checkpoint import read_checkpoint, model_from_checkpoint
+    ) -> Predictor:
+        from .checkpoint import FORMAT, model_from_checkpoint, read_checkpoint, saved_config
+        from .config import load_config
 
+        dev = resolve_device(device)
         obj = read_checkpoint(path)
+        if name is not None and obj.get("format") == FORMAT:
+            # our checkpoints carry their config: a --model that says otherwise is a mistake, not an override
+            saved = saved_config(obj).to_dict()
+            asked = load_config(name, num_classes=saved["num_classes"]).to_dict()
+            diff = [f"{k} {asked[k]!r} vs {saved[k]!r}" for k in saved if k != "name" and asked.get(k) != saved[k]]
+            if diff:
+                raise ValueError(
+                    f"--model {name} disagrees with the config saved in {os.fspath(path)} ({'; '.join(diff[:4])}"
+                    f"{'; ...' if len(diff) > 4 else ''}); leave --model out to use the saved one"
+                )
         model = model_from_checkpoint(obj, name=name, backend=backend, source=os.fspath(path))
-        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model.to(dev).eval()
         return cls(model, labels_for(model.config.num_classes, obj, labels_file), dev, **kwargs)
 
     def _autocast(self):
+        if self.precision == "auto":
+            if self.device.type != "cuda":
+                return contextlib.nullcontext()
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         if self.precision == "fp16":
@@ -199,31 +241,63 @@ class Predictor:
             )
         return res
 
+    def iter_files(self, inputs: Sequence[str], **kwargs) -> Iterator[dict]:
+        """Results for files, folders (recursive), glob patterns and ``@list.txt`` files, one per file in
+        order, each as soon as it is done (windows of many files batched together, ``batch_size`` /
+        ``num_workers``). Keyword arguments: top_k, framewise, threshold, merge_gap, min_duration,
+        keep_framewise (the whole framewise map as ``"framewise"``). A bad file gives
+        ``{"file", "error"}`` and the others go on."""
+        from .inference import InputList, expand_inputs, run_files
+
+        paths = inputs if isinstance(inputs, InputList) else expand_inputs(inputs)
+        kwargs.setdefault("batch_size", self.batch_size)
+        kwargs.setdefault("num_workers", self.num_workers)
+        yield from run_files(self, paths, problems=paths.problems, **kwargs)
+
+    def embed_files(self, inputs: Sequence[str], embedding: str = "latent_output", **kwargs) -> Iterator[dict]:
+        """Embeddings ``{"file", "duration", "embedding"}`` (float32 numpy) for files, folders, patterns and
+        @lists, as :meth:`iter_files`; ``embedding``: "latent_output" (the pooled HTS-AT features) or
+        "clap_embedding" (CLAP presets: the normalised joint-space projection, windows averaged first)."""
+        return self.iter_files(inputs, mode="embed", embedding=embedding, **kwargs)
+
     def predict_file(self, path: str, **kwargs) -> dict:
         """Predictions for one file; raises AudioError naming the file when it cannot be used."""
-        wave = load_audio(path, self.model.config.sample_rate)
-        check_audio(wave, path, threshold_db=self.silence_db)
-        try:
-            return {"file": os.fspath(path), **self.predict_waveform(wave, **kwargs)}
-        except NonFiniteOutputError as e:
-            raise AudioError(path, str(e)) from e
+        from .inference import run_files
 
-    def predict_files(self, paths: Sequence[str], on_error=None, **kwargs) -> List[dict]:
-        """Predictions for many files; a file that fails gives {"file", "error"} and the rest go on."""
+        (res,) = list(run_files(self, [os.fspath(path)], batch_size=self.batch_size, **kwargs))
+        if "error" in res:
+            raise AudioError(path, res["error"])
+        return res
+
+    def predict_files(self, paths: Sequence[str], on_error=None, **kwargs) -> list[dict]:
+        """Predictions for many files, as a list; a file that fails gives {"file", "error"} and the rest go on."""
         results = []
-        for p in paths:
-            try:
-                results.append(self.predict_file(p, **kwargs))
-            except AudioError as e:
-                results.append({"file": os.fspath(p), "error": e.reason})
-                if on_error is not None:
-                    on_error(p, e)
+        for r in self.iter_files(paths, **kwargs):
+            results.append(r)
+            if "error" in r and on_error is not None:
+                on_error(r["file"], AudioError(r["file"], r["error"]))
         return results
 
 
-def format_results(results: Sequence[dict], *, threshold: Optional[float] = None) -> str:
+def resolve_device(device: str | None) -> torch.device:
+    """A torch.device, or a one-line ValueError for a device this machine lacks or a bad name."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is available here (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def format_results(results: Sequence[dict], *, threshold: float | None = None) -> str:
     """A readable table per file: top-k scores, then events if present."""
-    lines: List[str] = []
+    lines: list[str] = []
     for r in results:
         if "error" in r:
             lines.append(f"{r['file']}: ERROR: {r['error']}")

@@ -1,0 +1,108 @@
+"""File throughput of ``htsat predict`` (issue 12): many 10 s files through the tiny model.
+
+``python -m bench --inference-files`` writes ``inference_<device>_<date>.json`` to ``--out``: files/s
+of the batched path (``Predictor.iter_files``: windows of many files per forward, DataLoader workers
+decoding and resampling while the model runs) against a loop that reads each file and calls the
+model on it alone (what ``htsat predict`` did before), and their ratio. Files are 44.1 kHz mono
+PCM, so both paths resample to the model's 16 kHz. Both use the same torch thread count, measured
+at 1 thread and at torch's default (all cores): on CPU, batching pays mostly through fewer, larger
+ops per thread team, while a 1-thread tiny model is compute-bound per clip either way.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _write_files(folder: str, n: int, seconds: float, rate: int) -> list:
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    paths = []
+    t = np.arange(int(seconds * rate)) / rate
+    for i in range(n):
+        x = 0.2 * np.sin(2 * np.pi * rng.uniform(100, 4000) * t) + 0.02 * rng.standard_normal(len(t))
+        p = os.path.join(folder, f"{i:04d}.wav")
+        sf.write(p, x.astype(np.float32), rate, subtype="PCM_16")
+        paths.append(p)
+    return paths
+
+
+def run(out: Path, *, n_files: int = 100, seconds: float = 10.0, batch_size: int = 16, num_workers: int = 1,
+        threads=None, device: str = "cpu", repeats: int = 2) -> dict:
+    import torch
+
+    import htsat
+    from htsat.audio import load_audio
+    from htsat.predict import Predictor
+
+    default_threads = torch.get_num_threads()
+    thread_counts = [threads] if threads else sorted({1, default_threads})
+    torch.manual_seed(0)
+    model = htsat.create_model("htsat-audioset", backend="auto", **htsat.TINY_OVERRIDES).eval().to(device)
+    sr = model.config.sample_rate
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _write_files(tmp, n_files, seconds, 44100)
+        pred = Predictor(model, htsat.audioset_labels(), torch.device(device), batch_size=batch_size, num_workers=num_workers)
+
+        def loop():
+            with torch.inference_mode():
+                for p in paths:
+                    model(torch.from_numpy(load_audio(p, sr))[None].to(device))
+
+        def batched():
+            for r in pred.iter_files(paths):
+                assert "error" not in r, r
+
+        runs = []
+        for th in thread_counts:
+            torch.set_num_threads(th)
+            timings = {}
+            for name, fn in (("loop", loop), ("batched", batched)):
+                fn() if name == "loop" else list(pred.iter_files(paths[: min(8, n_files)]))  # warm-up
+                timings[name] = min(_timed(fn) for _ in range(repeats))
+            runs.append({
+                "torch_threads": th,
+                "loop_files_per_s": round(n_files / timings["loop"], 2),
+                "batched_files_per_s": round(n_files / timings["batched"], 2),
+                "speedup": round(timings["loop"] / timings["batched"], 2),
+            })
+        torch.set_num_threads(default_threads)
+    rec = {
+        "case": "inference_files",
+        "device": device,
+        "model": "htsat-audioset + TINY_OVERRIDES",
+        "files": n_files,
+        "seconds_per_file": seconds,
+        "file_rate_hz": 44100,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "cpu_count": os.cpu_count(),
+        "runs": runs,
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"inference_{device}_{rec['date']}.json"
+    path.write_text(json.dumps(rec, indent=2) + "\n")
+    for r in runs:
+        print(
+            f"inference: {n_files} files of {seconds:g} s, tiny model on {device}, {r['torch_threads']} thread(s): loop "
+            f"{r['loop_files_per_s']} files/s, batched (batch {batch_size}, {num_workers} worker(s)) "
+            f"{r['batched_files_per_s']} files/s, x{r['speedup']}"
+        )
+    print(f"results: {path}")
+    return rec
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
