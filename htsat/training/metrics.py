@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any
 
 import numpy as np
 
@@ -75,7 +75,7 @@ def _nanmean(values: np.ndarray) -> float:
     return float(finite.mean()) if len(finite) else float("nan")
 
 
-def multilabel_metrics(scores: np.ndarray, targets: np.ndarray, drop_unlabelled: bool = True) -> Dict[str, Any]:
+def multilabel_metrics(scores: np.ndarray, targets: np.ndarray, drop_unlabelled: bool = True) -> dict[str, Any]:
     """mAP, mAUC, d-prime and per-class AP/AUC of (N, C) scores against (N, C) 0/1 targets.
 
     ``drop_unlabelled``: score only the clips with at least one label, as the original does.
@@ -115,7 +115,7 @@ def multilabel_metrics(scores: np.ndarray, targets: np.ndarray, drop_unlabelled:
     }
 
 
-def singlelabel_metrics(scores: np.ndarray, targets: np.ndarray, num_classes: Optional[int] = None) -> Dict[str, Any]:
+def singlelabel_metrics(scores: np.ndarray, targets: np.ndarray, num_classes: int | None = None) -> dict[str, Any]:
     """Accuracy of the argmax and the confusion matrix; targets are class indices (N,) or one-hot (N, C)."""
     scores = np.asarray(scores)
     t = np.asarray(targets)
