@@ -54,7 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     q.add_argument("--backend", default="auto", choices=("auto", "reference", "fused"))
     q.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    _add_protocol_parsers(sub)
+    sub.metavar = "{" + ",".join(sub.choices) + "}"
     return p
+
+
+def _add_protocol_parsers(sub) -> None:
+    """htsat average / htsat evaluate (issue 15): their parsers live with their code."""
+    from . import average
+
+    average.add_parser(sub)
+
+
+def _run_protocol(args) -> int:
+    from . import average
+
+    return {"average": average.run}[args.command](args)
 
 
 def _err(msg: str) -> None:
@@ -120,6 +135,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ImportError:  # pragma: no cover
         pass
     try:
+        if args.command in ("average", "evaluate"):
+            return _run_protocol(args)
         if args.command == "train":
             return _run_train(args)
         return _run_predict(args)

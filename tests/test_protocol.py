@@ -98,3 +98,158 @@ def test_singlelabel_metrics_equal_sklearn():
     assert m["confusion_matrix"] == skm.confusion_matrix(y, scores.argmax(1), labels=range(4)).tolist()
     hand = singlelabel_metrics(np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), np.array([0, 1, 1]))
     assert hand["accuracy"] == pytest.approx(2 / 3) and hand["confusion_matrix"] == [[1, 0], [1, 1]]
+
+
+# ----------------------------------------------------------------------------------------------
+# weight averaging and --keep-top
+# ----------------------------------------------------------------------------------------------
+
+import os  # noqa: E402
+
+import torch  # noqa: E402
+from cli_helpers import HAVE_AUDIO, _one_thread, tiny_model_json  # noqa: E402, F401 (_one_thread: autouse fixture)
+
+import htsat  # noqa: E402
+from htsat.average import average_checkpoints, average_state_dicts  # noqa: E402
+from htsat.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from htsat.cli import main  # noqa: E402
+from htsat.training import (  # noqa: E402
+    TrainConfig,
+    outputs,  # noqa: E402
+    train,
+)
+
+
+def _tiny(tmp_path, seed):
+    torch.manual_seed(seed)
+    model = htsat.create_model(tiny_model_json(tmp_path / "tiny.json"), num_classes=3, backend="reference")
+    with torch.no_grad():  # make the BatchNorm statistics differ too
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_()
+            elif name.endswith("num_batches_tracked"):
+                buf.fill_(seed + 1)
+    return model
+
+
+def test_average_equals_manual_average(tmp_path, capsys):
+    models = [_tiny(tmp_path, s) for s in range(3)]
+    paths = []
+    for i, m in enumerate(models):
+        paths.append(str(tmp_path / f"m{i}.pt"))
+        save_checkpoint(m, paths[-1], classes=["a", "b", "c"])
+    out = tmp_path / "avg.pt"
+    assert main(["average", *paths, "-o", str(out)]) == 0
+    assert "averaged 3 checkpoint(s)" in capsys.readouterr().out
+    avg = torch.load(out, weights_only=True)
+    assert avg["classes"] == ["a", "b", "c"] and avg["averaged_from"] == paths
+    sds = [m.state_dict() for m in models]
+    assert set(avg["state_dict"]) == set(sds[0])
+    for key, value in avg["state_dict"].items():
+        stack = torch.stack([sd[key] for sd in sds])
+        if value.is_floating_point():
+            torch.testing.assert_close(value, stack.double().mean(0).to(value.dtype), rtol=0, atol=1e-7)
+        else:
+            assert torch.equal(value, stack.sum(0) // 3), key
+    counts = [k for k in avg["state_dict"] if k.endswith("num_batches_tracked")]
+    assert counts and all(int(avg["state_dict"][k]) == 2 for k in counts)  # (1 + 2 + 3) // 3
+    # loadable for inference; a folder stands for its checkpoints
+    model = htsat.model_from_checkpoint(str(out), backend="reference")
+    assert model.config.num_classes == 3
+    folder = tmp_path / "top"
+    folder.mkdir()
+    for i, p in enumerate(paths):
+        os.link(p, folder / f"m{i}.pt")
+    again = average_checkpoints([str(folder)])
+    for key, value in avg["state_dict"].items():
+        assert torch.equal(again["state_dict"][key], value)
+
+
+def test_average_is_strict(tmp_path, capsys):
+    a = {"w": torch.ones(2, 2), "b": torch.zeros(2)}
+    with pytest.raises(CheckpointError, match="missing"):
+        average_state_dicts([a, {"w": torch.ones(2, 2)}])
+    with pytest.raises(CheckpointError, match=r"w is \(2, 3\)"):
+        average_state_dicts([a, {"w": torch.ones(2, 3), "b": torch.zeros(2)}])
+    with pytest.raises(CheckpointError, match="float64"):
+        average_state_dicts([a, {"w": torch.ones(2, 2, dtype=torch.float64), "b": torch.zeros(2)}])
+    m1, m2 = _tiny(tmp_path, 0), _tiny(tmp_path, 1)
+    save_checkpoint(m1, tmp_path / "a.pt", classes=["a", "b", "c"])
+    save_checkpoint(m2, tmp_path / "b.pt", classes=["a", "b", "x"])
+    assert main(["average", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "-o", str(tmp_path / "o.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("htsat: error: ") and "classes differs" in err and err.count("\n") == 1
+    assert not (tmp_path / "o.pt").exists()
+    assert main(["average", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "o.pt")]) == 1
+    assert "missing.pt" in capsys.readouterr().err
+
+
+needs_audio = pytest.mark.skipif(not HAVE_AUDIO, reason="needs soundfile and soxr")
+
+
+@pytest.fixture(scope="module")
+def tones(tmp_path_factory):
+    if not HAVE_AUDIO:
+        pytest.skip("needs soundfile and soxr")
+    from test_train import make_tones
+
+    folder = tmp_path_factory.mktemp("tones")
+    return {"manifest": make_tones(str(folder), per_class=8), "model": tiny_model_json(folder / "tiny.json"), "folder": str(folder)}
+
+
+def _cfg(tones, out, **kw):
+    base = dict(
+        manifest=tones["manifest"], val_fold="0", model=tones["model"], out=str(out), epochs=3, batch_size=8, num_workers=0,
+        backend="reference", progress=False, cache_audio=True, log=lambda msg: None, lr_schedule="constant", lr=3e-3,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _top_files(out):
+    folder = os.path.join(out, "top")
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+class Killed(BaseException):
+    """A simulated kill -9 (not an Exception: nothing in the run handles it)."""
+
+
+def test_keep_top_keeps_the_k_best_and_survives_a_kill(tones, tmp_path):
+    ref = train(_cfg(tones, tmp_path / "ref", keep_top=2, epochs=4))
+    hist = ref["history"]
+    best2 = sorted(hist, key=lambda r: (-r["val_accuracy"], r["epoch"]))[:2]
+    want = sorted(f"epoch-{r['epoch']:03d}_val_accuracy-{r['val_accuracy']:.4f}.pt" for r in best2)
+    assert _top_files(ref["out"]) == want
+    for name in want:
+        ck = torch.load(os.path.join(ref["out"], "top", name), weights_only=True)
+        assert ck["metrics"]["epoch"] == int(name[6:9]) and ck["classes"] == ["high", "low", "mid", "top"]
+    # killed right after last.pt of an epoch that entered the top list, before its file: resume rebuilds it
+    seen = []
+
+    def hook(point):
+        if point == "done:last.pt":
+            seen.append(point)
+            if len(seen) == 2:
+                raise Killed()
+
+    outputs.fault_hook = hook
+    try:
+        with pytest.raises(Killed):
+            train(_cfg(tones, tmp_path / "run", keep_top=2, epochs=4))
+    finally:
+        outputs.fault_hook = None
+    resumed = train(_cfg(tones, tmp_path / "run", keep_top=2, epochs=4, resume=True))
+    assert [(r["val_accuracy"], r["train_loss"]) for r in resumed["history"]] == [(r["val_accuracy"], r["train_loss"]) for r in hist]
+    assert _top_files(resumed["out"]) == want
+    for name in want:
+        a = torch.load(os.path.join(ref["out"], "top", name), weights_only=True)["state_dict"]
+        b = torch.load(os.path.join(resumed["out"], "top", name), weights_only=True)["state_dict"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keep_top_needs_validation(tones, tmp_path):
+    from htsat.training import TrainingError
+
+    with pytest.raises(TrainingError, match="--keep-top needs validation"):
+        train(_cfg(tones, tmp_path / "run", keep_top=2, val_fold=None, epochs=1))

@@ -153,6 +153,13 @@ class TrainConfig:
     checkpoint_every: int = option(
         0, "also write last.pt every STEPS steps (0: epoch ends only)", group="runtime", metavar="STEPS"
     )
+    keep_top: int = option(
+        0,
+        "keep the K best epochs by the validation metric as <out>/top/epoch-E_METRIC-V.pt (the original keeps 20; "
+        "average them with htsat average <out>/top -o avg.pt); 0: off",
+        group="runtime",
+        metavar="K",
+    )
     resume: bool = option(False, "continue from <out>/last.pt (starts fresh when there is none)", group="runtime", record=False)
     stop_after_steps: Optional[int] = option(
         None, "stop after this global step without a final checkpoint (simulates a kill)", group="runtime"
@@ -182,6 +189,8 @@ class TrainConfig:
                 raise ValueError(f"{f.name} must be one of {tuple(choices)}, got {value!r}")
         if self.batch_size < 1 or self.epochs < 0:
             raise ValueError("batch_size must be >= 1 and epochs >= 0")
+        if self.keep_top < 0:
+            raise ValueError(f"keep_top must be >= 0, got {self.keep_top}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
 

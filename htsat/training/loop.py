@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .config import TrainingError
 from .distributed import TermFlag, all_gather_objects, all_reduce, all_reduce_min
 from .metrics import mean_average_precision, multilabel_metrics
+from .keep_top import prune_top, update_top, write_top
 from .outputs import fault_point, write_metrics
 from .setup import Run
 from .state import TrainState, save_best, save_last
@@ -267,9 +268,14 @@ def end_epoch(run: Run, state: TrainState, row: dict) -> None:
     if value is not None and not math.isnan(value) and (state.best is None or value > state.best["value"]):
         state.best = {"metric": name, "value": value, "epoch": row["epoch"]}
         improved = True
+    entered = update_top(state, row, name, run.cfg.keep_top)  # recorded in last.pt before its file exists
     save_last(run, state)
     if improved:
         save_best(run, state)
+    if entered is not None:
+        write_top(run, state, entered)
+    if run.cfg.keep_top:
+        prune_top(run, state)
     if run.dist.main:
         write_metrics(run.out, state.history)
     run.log(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))

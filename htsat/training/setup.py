@@ -53,6 +53,7 @@ class Paths:
         self.classes = os.path.join(self.out, "classes.txt")
         self.config = os.path.join(self.out, "train_config.json")
         self.bad_files = os.path.join(self.out, "bad_files.txt")
+        self.top = os.path.join(self.out, "top")  # --keep-top checkpoints
 
 
 class Logger:
@@ -267,6 +268,8 @@ def build_run(cfg: TrainConfig, d: Dist, paths: Paths, log: Logger) -> Run:
         optimizer=optimizer, scheduler=scheduler, amp_dtype=amp_dtype, scaler=scaler, objective=Objective(loss_kind, mixup),
         meta=meta,
     )  # fmt: skip
+    if cfg.keep_top and not val_items:
+        raise TrainingError("--keep-top needs validation data (--val-manifest or --val-fold) to rank the epochs")
     if val_items:
         run.val_ds = AudioDataset(val_items, classes, mcfg.sample_rate, clip_samples, train=False, crop="start", **common)
         run.val_loader = run.loader(
