@@ -253,3 +253,123 @@ def test_keep_top_needs_validation(tones, tmp_path):
 
     with pytest.raises(TrainingError, match="--keep-top needs validation"):
         train(_cfg(tones, tmp_path / "run", keep_top=2, val_fold=None, epochs=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# the class-balanced sampler
+# ----------------------------------------------------------------------------------------------
+
+from htsat.data import Item, ResumableSampler  # noqa: E402
+from htsat.training.sampling import BalancedSampler, class_members, resolve_sampler  # noqa: E402
+
+
+def _skewed_items():
+    counts = {"a": 400, "b": 40, "c": 8, "d": 2}
+    return [Item(f"/x/{c}{i}.wav", (c,)) for c, n in counts.items() for i in range(n)], list(counts)
+
+
+def test_balanced_sampler_makes_class_frequencies_uniform():
+    items, classes = _skewed_items()
+    members = class_members(items, classes)
+    s = BalancedSampler(members, len(items), seed=3)
+    draws = []
+    for epoch in range(10):
+        s.set_epoch(epoch)
+        draws += list(s)
+    assert len(draws) == 10 * len(items)
+    freq = np.bincount([classes.index(items[i].labels[0]) for i in draws], minlength=4) / len(draws)
+    n = len(draws)
+    bound = 4 * math.sqrt(0.25 * 0.75 / n)  # 4 sigma of an i.i.d. uniform draw; the queue is tighter still
+    assert np.all(np.abs(freq - 0.25) < bound), freq
+    # within a class, clips are drawn uniformly: each of the 2 'd' clips about half the time
+    d = [i for i in draws if items[i].labels[0] == "d"]
+    assert abs(np.mean([items[i].path.endswith("d0.wav") for i in d]) - 0.5) < 4 * math.sqrt(0.25 / len(d))
+    # the plain shuffle keeps the skew
+    sh = ResumableSampler(len(items), seed=3)
+    assert np.mean([items[i].labels[0] == "a" for i in sh]) == pytest.approx(400 / 450)
+    # each epoch's queue differs (regenerated), and the same (seed, epoch) gives the same queue
+    s.set_epoch(0)
+    q0 = list(s)
+    s.set_epoch(1)
+    assert list(s) != q0
+    t = BalancedSampler(members, len(items), seed=3)
+    t.set_epoch(0)
+    assert list(t) == q0
+
+
+def test_balanced_sampler_multi_label_and_empty_classes():
+    items = [Item("/x/1.wav", ("a", "b")), Item("/x/2.wav", ("a",)), Item("/x/3.wav", ()), Item("/x/4.wav", ("c",))]
+    members = class_members(items, ["a", "b", "c", "e"])
+    assert members == [[0, 1], [0], [3], []]
+    s = BalancedSampler(members, 4000, seed=0)  # the class 'e' without clips is never drawn
+    drawn = np.bincount(list(s), minlength=4)
+    assert drawn[2] == 0  # a clip without labels belongs to no class
+    # classes a, b, c drawn equally: clip 0 via a (half of a's draws) and via b (all of b's)
+    assert drawn[3] == pytest.approx(4000 / 3, abs=2) and drawn[0] == pytest.approx(4000 / 2, rel=0.08)
+    assert resolve_sampler("auto", True, ["a", "b"]) == "shuffle" and resolve_sampler("balanced", False, ["a"]) == "balanced"
+    from htsat.data import read_class_list
+
+    assert resolve_sampler("auto", True, read_class_list("audioset")) == "balanced"
+    assert resolve_sampler("auto", False, read_class_list("audioset")) == "shuffle"
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_balanced_sampler_resume_mid_epoch_and_shards(replicas):
+    items, classes = _skewed_items()
+    members = class_members(items, classes)
+    shards = []
+    for rank in range(replicas):
+        s = BalancedSampler(members, len(items), seed=5, num_replicas=replicas, rank=rank)
+        s.set_epoch(2)
+        full = list(s)
+        for start in (0, 1, 17, len(full) - 1, len(full)):
+            r = BalancedSampler(members, len(items), seed=5, num_replicas=replicas, rank=rank)
+            r.set_epoch(2)
+            r.set_start(start)
+            assert list(r) == full[start:] and len(r) == len(full) - start
+        shards.append(full)
+    s.set_epoch(2)
+    queue = s.queue()
+    merged = [shards[k % replicas][k // replicas] for k in range(sum(map(len, shards)))]
+    assert merged[: len(queue)] == queue  # rank-strided like DistributedSampler, padding at the end
+
+
+def _skewed_manifest(tones):
+    import csv
+
+    rows = list(csv.DictReader(open(tones["manifest"])))
+    repeat = {"low": 6, "mid": 3, "high": 1, "top": 1}
+    out = []
+    for r in rows:
+        if r["fold"] != "0":
+            out += [f"{r['path']},{r['labels']},{r['fold']}"] * repeat[r["labels"]]
+    path = os.path.join(tones["folder"], "skewed.csv")
+    with open(path, "w") as f:
+        f.write("path,labels,fold\n" + "\n".join(out) + "\n")
+    return path, [r.split(",")[1] for r in out]
+
+
+def test_train_with_balanced_sampler_resumes_exactly(tones, tmp_path):
+    import json
+
+    manifest, labels = _skewed_manifest(tones)  # 66 clips: 36 low, 18 mid, 6 high, 6 top
+    kw = dict(manifest=manifest, val_fold=None, sampler="balanced", epochs=2, checkpoint_every=2, record_indices=True)
+    messages = []
+    full = train(_cfg(tones, tmp_path / "full", log=messages.append, **kw))
+    assert "sampler: balanced (the original's class-balanced queue)" in messages
+    ia = json.load(open(tmp_path / "full" / "indices_rank0.json"))
+    for epoch in ("0", "1"):  # 66 draws = 16 full rounds of the 4 classes + 2: every class 16 or 17 times
+        counts = {c: sum(labels[i] == c for i in ia[epoch]) for c in ("low", "mid", "high", "top")}
+        assert set(counts.values()) <= {16, 17} and sum(counts.values()) == 66, counts
+    killed = train(_cfg(tones, tmp_path / "killed", stop_after_steps=5, **kw))  # 9 steps/epoch; last.pt at step 4
+    assert killed["stopped"]
+    resumed = train(_cfg(tones, tmp_path / "killed", resume=True, **kw))
+    ib = json.load(open(tmp_path / "killed" / "indices_rank0.json"))
+    assert ib["0"] == ia["0"][4 * 8 :] and ib["1"] == ia["1"]
+    a, b = full["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # resuming with the other sampler is refused: the data order would differ
+    from htsat.training import TrainingError
+
+    with pytest.raises(TrainingError, match="sampler differs"):
+        train(_cfg(tones, tmp_path / "killed", resume=True, **{**kw, "sampler": "shuffle", "epochs": 3}))

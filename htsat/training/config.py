@@ -138,6 +138,14 @@ class TrainConfig:
     mixup_alpha: float = option(0.5, "mixup weights are drawn from Beta(alpha, alpha) per clip", group="optimisation")
     mixup_labels: bool = option(False, "mix the targets too (the original does not)", group="optimisation")
     specaugment: bool = option(True, "disable SpecAugment", group="optimisation", flag="--no-specaug")
+    sampler: str = option(
+        "auto",
+        "training order: balanced (the original's AudioSet queue: shuffle the class ids, draw one clip of each, "
+        "repeat; an epoch = as many draws as clips), shuffle; auto: balanced for multi-label data with the "
+        "AudioSet classes (--classes audioset), else shuffle",
+        group="optimisation",
+        choices=("auto", "balanced", "shuffle"),
+    )
     drop_last: bool = option(False, "drop the last incomplete batch of every epoch", group="optimisation")
     # runtime
     precision: str = option(

@@ -17,7 +17,9 @@ Single-label (ESC-50, Speech Commands): ``accuracy_score`` of the argmax and a c
 
 from __future__ import annotations
 
+import importlib
 import math
+import random
 import warnings
 from typing import Any
 
@@ -35,12 +37,23 @@ __all__ = [
 ]
 
 
+def _import_keeping_rng(name: str):
+    """Import ``name`` leaving the global Python and NumPy RNG states as they were: importing
+    scikit-learn / SciPy draws from ``random``, which would make a run whose first validation
+    imports them differ from one that imported them earlier (resume must be exact)."""
+    py, npy = random.getstate(), np.random.get_state()
+    try:
+        return importlib.import_module(name)
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
 def _sk():
     try:
-        import sklearn.metrics as skm
+        return _import_keeping_rng("sklearn.metrics")
     except ImportError as exc:  # scikit-learn is in the train extra
         raise TrainingError("the metrics need scikit-learn: pip install scikit-learn (or htsat-kernels[train])") from exc
-    return skm
 
 
 def average_precision(target: np.ndarray, score: np.ndarray) -> float:
@@ -60,8 +73,7 @@ def d_prime(auc: float) -> float:
     """sqrt(2) * Phi^-1(auc), the original's d-prime (inf at 1, -inf at 0, NaN for NaN)."""
     if auc is None or math.isnan(auc):
         return float("nan")
-    from scipy.stats import norm  # a scikit-learn dependency
-
+    norm = _import_keeping_rng("scipy.stats").norm  # a scikit-learn dependency
     return float(math.sqrt(2.0) * norm.ppf(auc))
 
 

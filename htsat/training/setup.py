@@ -38,6 +38,7 @@ from .config import TrainConfig, TrainingError
 from .distributed import Dist, worker_ignores_sigterm
 from .objective import Mixup, Objective
 from .schedule import make_lr_lambda
+from .sampling import BalancedSampler, class_members, resolve_sampler
 from .state import seed_everything
 
 __all__ = ["Paths", "Run", "build_run"]
@@ -239,9 +240,17 @@ def build_run(cfg: TrainConfig, d: Dist, paths: Paths, log: Logger) -> Run:
         pad=cfg.pad, on_error=cfg.on_bad_file, silence_db=cfg.silence_db, seed=cfg.seed, cache=cfg.cache_audio
     )
     train_ds = AudioDataset(items, classes, mcfg.sample_rate, clip_samples, train=True, crop=cfg.crop, **common)
-    sampler = ResumableSampler(
-        len(train_ds), shuffle=True, seed=cfg.seed, num_replicas=d.world, rank=d.rank, drop_last=cfg.drop_last
-    )
+    sampler_kind = resolve_sampler(cfg.sampler, multi_label, classes)
+    shard = dict(seed=cfg.seed, num_replicas=d.world, rank=d.rank, drop_last=cfg.drop_last)
+    if sampler_kind == "balanced":
+        members = class_members(items, classes)
+        empty = [c for c, m in zip(classes, members) if not m]
+        if empty:
+            log(f"warning: balanced sampler: {len(empty)} class(es) without a training clip are never drawn: {empty[:5]}")
+        sampler: ResumableSampler = BalancedSampler(members, len(train_ds), **shard)
+    else:
+        sampler = ResumableSampler(len(train_ds), shuffle=True, **shard)
+    log(f"sampler: {sampler_kind}" + (" (the original's class-balanced queue)" if sampler_kind == "balanced" else ""))
     per_rank = sampler.num_samples
     steps_per_epoch = per_rank // cfg.batch_size if cfg.drop_last else math.ceil(per_rank / cfg.batch_size)
     if steps_per_epoch == 0:
@@ -260,6 +269,7 @@ def build_run(cfg: TrainConfig, d: Dist, paths: Paths, log: Logger) -> Run:
         "batch_size": cfg.batch_size,
         "world_size": d.world,
         "seed": cfg.seed,
+        "sampler": sampler_kind,
         "train_config": {"train": cfg.to_json(), "model": mcfg.to_dict(), "classes": classes, "world_size": d.world},
     }
     run = Run(

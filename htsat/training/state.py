@@ -167,6 +167,11 @@ def load_last(run: "Run") -> dict:
                 f"cannot resume {path}: {key} differs (checkpoint {ts['meta'].get(key)!r}, now {run.meta[key]!r}); "
                 "the data order would not match"
             )
+    if "sampler" in ts["meta"] and ts["meta"]["sampler"] != run.meta["sampler"]:  # recorded since --sampler exists
+        raise TrainingError(
+            f"cannot resume {path}: sampler differs (checkpoint {ts['meta']['sampler']!r}, now {run.meta['sampler']!r}); "
+            "the data order would not match"
+        )
     ours = run.core.config.to_dict()
     if ck.get("config") != ours:
         diff = sorted(k for k in ours if (ck.get("config") or {}).get(k) != ours[k])
