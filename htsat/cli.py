@@ -61,15 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_protocol_parsers(sub) -> None:
     """htsat average / htsat evaluate (issue 15): their parsers live with their code."""
-    from . import average
+    from . import average, evaluate
 
     average.add_parser(sub)
+    evaluate.add_parser(sub)
 
 
 def _run_protocol(args) -> int:
-    from . import average
+    from . import average, evaluate
 
-    return {"average": average.run}[args.command](args)
+    return {"average": average.run, "evaluate": evaluate.run}[args.command](args)
 
 
 def _err(msg: str) -> None:

@@ -250,7 +250,8 @@ def build_run(cfg: TrainConfig, d: Dist, paths: Paths, log: Logger) -> Run:
         sampler: ResumableSampler = BalancedSampler(members, len(train_ds), **shard)
     else:
         sampler = ResumableSampler(len(train_ds), shuffle=True, **shard)
-    log(f"sampler: {sampler_kind}" + (" (the original's class-balanced queue)" if sampler_kind == "balanced" else ""))
+    if sampler_kind == "balanced":  # the shuffle is the unannounced default
+        log("sampler: balanced (the original's class-balanced queue)")
     per_rank = sampler.num_samples
     steps_per_epoch = per_rank // cfg.batch_size if cfg.drop_last else math.ceil(per_rank / cfg.batch_size)
     if steps_per_epoch == 0:
