@@ -373,3 +373,97 @@ def test_train_with_balanced_sampler_resumes_exactly(tones, tmp_path):
 
     with pytest.raises(TrainingError, match="sampler differs"):
         train(_cfg(tones, tmp_path / "killed", resume=True, **{**kw, "sampler": "shuffle", "epochs": 3}))
+
+
+# ----------------------------------------------------------------------------------------------
+# test-time roll ensemble and htsat evaluate
+# ----------------------------------------------------------------------------------------------
+
+from htsat.evaluate import ensemble_scores, roll_shifts  # noqa: E402
+
+
+def test_roll_ensemble_equals_mean_of_manually_rolled_passes(tmp_path):
+    assert roll_shifts(10) == [0, 100, 300, 600, 1000, 1500, 2100, 2800, 3600, 4500]
+    model = _tiny(tmp_path, 0).eval()
+    n = int(model.config.clip_seconds * model.config.sample_rate)
+    wave = torch.randn(2, n, generator=torch.Generator().manual_seed(0)) * 0.1
+    with torch.no_grad():
+        manual = []
+        for shift in roll_shifts(10):
+            # the original's time_shifting: cat(x[:, s:], x[:, :s]), applied cumulatively
+            rolled = torch.cat([wave[:, shift:], wave[:, :shift]], dim=1)
+            manual.append(model(rolled)["clipwise_output"])
+        want = torch.stack(manual).mean(0)
+        plain = model(wave)["clipwise_output"]
+    torch.testing.assert_close(ensemble_scores(model, wave, 10), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ensemble_scores(model, wave, 1), plain, rtol=0, atol=0)
+    assert not torch.allclose(want, plain)  # the rolls change the output: the test can fail
+    with pytest.raises(ValueError, match="rolls"):
+        ensemble_scores(model, wave, 0)
+
+
+def _eval_setup(tones, tmp_path):
+    torch.manual_seed(1)
+    model = htsat.create_model(tones["model"], num_classes=4, backend="reference")
+    ck = tmp_path / "model.pt"
+    save_checkpoint(model, ck, classes=["high", "low", "mid", "top"])
+    return str(ck)
+
+
+def test_evaluate_single_label_cli(tones, tmp_path, capsys):
+    import json
+
+    ck = _eval_setup(tones, tmp_path)
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--manifest", tones["manifest"], "--checkpoint", ck, "--fold", "0", "-o", str(out), "--plot",
+            "--save-scores", "--ensemble-rolls", "3", "--backend", "reference"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    m = json.load(open(out / "metrics.json"))
+    scores, targets = np.load(out / "scores.npy"), np.load(out / "targets.npy")
+    assert m["task"] == "single-label" and m["clips"] == 8 and m["ensemble_rolls"] == 3 and m["roll_shifts"] == [0, 100, 300]
+    y = targets.argmax(1)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, scores.argmax(1)))
+    assert m["confusion_matrix"] == skm.confusion_matrix(y, scores.argmax(1), labels=range(4)).tolist()
+    assert f"accuracy {m['accuracy']:.4f} over 8 clips" in printed
+    rows = (out / "confusion_matrix.csv").read_text().splitlines()
+    assert rows[0] == "true \\ predicted,high,low,mid,top" and len(rows) == 5
+    assert (out / "per_class_ap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_multi_label_drops_unlabelled_clips(tones, tmp_path):
+    import json
+
+    ck = _eval_setup(tones, tmp_path)
+    rows = open(tones["manifest"]).read().splitlines()
+    body = [r for r in rows[1:] if r.endswith(",0")]
+    path0, label0, _ = body[0].split(",")
+    path1, label1, _ = body[1].split(",")
+    extra = [f"{path0},{label0};{label1 if label1 != label0 else 'top'},0", f"{path1},,0"]  # two labels; no label
+    manifest = os.path.join(tones["folder"], "multi.csv")
+    with open(manifest, "w") as f:
+        f.write(rows[0] + "\n" + "\n".join(body + extra) + "\n")
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--manifest", manifest, "--checkpoint", ck, "-o", str(out), "--save-scores", "--plot",
+            "--backend", "reference"]  # fmt: skip
+    assert main(argv) == 0
+    m = json.load(open(out / "metrics.json"))
+    assert m["task"] == "multi-label" and m["clips_without_labels"] == 1 and m["clips"] == 9
+    s, t = np.load(out / "scores.npy"), np.load(out / "targets.npy")
+    keep = t.sum(1) > 0
+    assert m["mAP"] == pytest.approx(np.mean(skm.average_precision_score(t[keep], s[keep], average=None)))
+    assert m["mAUC"] == pytest.approx(np.mean(skm.roc_auc_score(t[keep], s[keep], average=None)))
+    assert m["dprime"] == pytest.approx(d_prime(m["mAUC"]))
+    csv_rows = (out / "per_class.csv").read_text().splitlines()
+    assert csv_rows[0] == "class,positives,ap,auc" and len(csv_rows) == 5
+
+
+def test_evaluate_bad_input_is_one_line(tones, tmp_path, capsys):
+    ck = _eval_setup(tones, tmp_path)
+    assert main(["evaluate", "--manifest", str(tmp_path / "none.csv"), "--checkpoint", ck]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("htsat: error: ") and "none.csv" in err and err.count("\n") == 1
+    assert main(["evaluate", "--manifest", tones["manifest"], "--checkpoint", str(tmp_path / "x.pt")]) == 1
+    assert "x.pt" in capsys.readouterr().err
+    assert main(["evaluate", "--manifest", tones["manifest"], "--checkpoint", ck, "--ensemble-rolls", "0"]) == 1
+    assert "--ensemble-rolls" in capsys.readouterr().err
