@@ -244,10 +244,19 @@ def add_parser(sub) -> None:
     e.add_argument("--classes", help="class list (default: saved in the checkpoint, or AudioSet's 527)")
     e.add_argument("--data-root", help="base folder for relative audio paths (default: the manifest's folder)")
     e.add_argument("--fold", help="evaluate only this fold of the manifest (e.g. the held-out ESC-50 fold)")
-    e.add_argument("--task", choices=("auto", "multi-label", "single-label"), default="auto",
-                   help="auto: single-label when every clip has exactly one label (default: auto)")
-    e.add_argument("--ensemble-rolls", type=int, default=1, metavar="N",
-                   help="test-time ensemble: N passes rolled by 100*(i+1) samples, averaged (the original: 10 on AudioSet)")
+    e.add_argument(
+        "--task",
+        choices=("auto", "multi-label", "single-label"),
+        default="auto",
+        help="auto: single-label when every clip has exactly one label (default: auto)",
+    )
+    e.add_argument(
+        "--ensemble-rolls",
+        type=int,
+        default=1,
+        metavar="N",
+        help="test-time ensemble: N passes rolled by 100*(i+1) samples, averaged (the original: 10 on AudioSet)",
+    )
     e.add_argument("-o", "--out", help="output folder (default: eval_<manifest name>)")
     e.add_argument("--plot", action="store_true", help="also write per_class_ap.png (matplotlib)")
     e.add_argument("--save-scores", action="store_true", help="also write scores.npy and targets.npy")
