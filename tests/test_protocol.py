@@ -467,3 +467,35 @@ def test_evaluate_bad_input_is_one_line(tones, tmp_path, capsys):
     assert "x.pt" in capsys.readouterr().err
     assert main(["evaluate", "--manifest", tones["manifest"], "--checkpoint", ck, "--ensemble-rolls", "0"]) == 1
     assert "--ensemble-rolls" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Speech Commands V2 official split
+# ----------------------------------------------------------------------------------------------
+
+
+def test_speech_commands_official_split(tmp_path, capsys):
+    from htsat.data import read_class_list, read_manifest
+    from htsat.speech_commands import main as scv2_main
+
+    root = tmp_path / "sc"
+    for word in ("yes", "no", "up"):
+        (root / word).mkdir(parents=True)
+        for k in range(4):
+            (root / word / f"s{k}_nohash_0.wav").write_bytes(b"")
+    (root / "_background_noise_").mkdir()
+    (root / "_background_noise_" / "noise.wav").write_bytes(b"")
+    (root / "validation_list.txt").write_text("yes/s0_nohash_0.wav\nno/s0_nohash_0.wav\n")
+    (root / "testing_list.txt").write_text("yes/s1_nohash_0.wav\nup/s1_nohash_0.wav\nup/s2_nohash_0.wav\n")
+    assert scv2_main([str(root), "-o", str(tmp_path / "m")]) == 0
+    assert "train 9 clips, valid 2 clips, test 3 clips" in capsys.readouterr().out
+    train_items = read_manifest(tmp_path / "m" / "train.csv")
+    test_items = read_manifest(tmp_path / "m" / "test.csv")
+    rel = lambda items: sorted(os.path.relpath(it.path, root) for it in items)  # noqa: E731
+    assert rel(test_items) == ["up/s1_nohash_0.wav", "up/s2_nohash_0.wav", "yes/s1_nohash_0.wav"]
+    assert "yes/s0_nohash_0.wav" in rel(train_items) and not set(rel(train_items)) & set(rel(test_items))
+    assert all(it.labels == (os.path.basename(os.path.dirname(it.path)),) for it in train_items)
+    assert read_class_list(tmp_path / "m" / "classes.txt") == ["no", "up", "yes"]
+    (root / "testing_list.txt").write_text("yes/missing.wav\n")
+    assert scv2_main([str(root), "-o", str(tmp_path / "m2")]) == 1
+    assert "missing.wav" in capsys.readouterr().err
