@@ -82,6 +82,8 @@ def _run_train(args) -> int:
     from .training.config import config_from_args
 
     cfg = config_from_args(args)
+    if cfg.cv:
+        return _run_cv(cfg)
     summary = train(cfg)
     if summary.get("interrupted"):
         return 143
@@ -98,6 +100,22 @@ def _run_train(args) -> int:
             bad_list = os.path.join(summary["out"], "bad_files.txt")
             parts.append(f"{len(summary['bad_files'])} bad file(s) skipped (see {bad_list})")
         print(", ".join(parts))
+    return 0
+
+
+def _run_cv(cfg) -> int:
+    from .training.cross_validation import train_cv
+
+    res = train_cv(cfg)
+    if res.get("interrupted"):
+        return 143
+    if res["stopped"]:
+        print(f"stopped early after {len(res['folds'])} complete fold(s)")
+        return 0
+    for r in res["folds"]:
+        print(f"fold {r['fold']}: best {r['metric']} {r['best']:.4f} (epoch {r['best_epoch']}), last {r['last']:.4f}")
+    print(f"{len(res['folds'])}-fold {res['metric']}: best {res['best_mean']:.4f} +- {res['best_std']:.4f}, "
+          f"last {res['last_mean']:.4f} +- {res['last_std']:.4f} ({cfg.out}/cv_summary.json)")
     return 0
 
 

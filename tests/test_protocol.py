@@ -499,3 +499,34 @@ def test_speech_commands_official_split(tmp_path, capsys):
     (root / "testing_list.txt").write_text("yes/missing.wav\n")
     assert scv2_main([str(root), "-o", str(tmp_path / "m2")]) == 1
     assert "missing.wav" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# K-fold cross-validation (ESC-50 --cv 5)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cv_trains_each_fold_and_writes_mean_and_std(tones, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "cv"
+    argv = ["train", "--manifest", tones["manifest"], "--model", tones["model"], "--out", str(out), "--cv", "2",
+            "--epochs", "2", "--batch-size", "8", "--num-workers", "0", "--backend", "reference", "--no-progress",
+            "--cache-audio"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    res = json.load(open(out / "cv_summary.json"))
+    assert [r["fold"] for r in res["folds"]] == ["0", "1"] and res["metric"] == "val_accuracy"
+    for r in res["folds"]:
+        hist = [json.loads(x) for x in open(out / f"fold{r['fold']}" / "metrics.jsonl")]
+        assert r["best"] == max(h["val_accuracy"] for h in hist) and r["last"] == hist[-1]["val_accuracy"]
+        assert json.load(open(out / f"fold{r['fold']}" / "train_config.json"))["train"]["val_fold"] == r["fold"]
+    best = [r["best"] for r in res["folds"]]
+    assert res["best_mean"] == pytest.approx(np.mean(best)) and res["best_std"] == pytest.approx(np.std(best, ddof=1))
+    assert f"2-fold val_accuracy: best {res['best_mean']:.4f} +- {res['best_std']:.4f}" in printed
+    assert (out / "cv_summary.csv").read_text().splitlines()[0] == "fold,out,metric,best,best_epoch,last"
+    # --resume keeps finished folds as they are
+    assert main([*argv, "--resume"]) == 0
+    assert json.load(open(out / "cv_summary.json")) == res
+    assert main([*argv[:-1], "--cache-audio", "--val-fold", "1"]) == 1
+    assert "--cv holds out each fold" in capsys.readouterr().err

@@ -68,6 +68,13 @@ class TrainConfig:
     out: str = option(group="data", help="output folder (checkpoints, metrics, class list)")
     val_manifest: Optional[str] = option(None, "validation manifest (or ESC-50 folder)", group="data")
     val_fold: Optional[str] = option(None, "hold out this fold of --manifest for validation", group="data")
+    cv: Optional[int] = option(
+        None,
+        "K-fold cross-validation: train K runs into <out>/fold<f>, each holding out one of the first K folds "
+        "(ESC-50: --cv 5), and write <out>/cv_summary.json/.csv with the mean and std",
+        group="data",
+        metavar="K",
+    )
     classes: Optional[str] = option(
         None,
         group="data",
@@ -197,6 +204,8 @@ class TrainConfig:
                 raise ValueError(f"{f.name} must be one of {tuple(choices)}, got {value!r}")
         if self.batch_size < 1 or self.epochs < 0:
             raise ValueError("batch_size must be >= 1 and epochs >= 0")
+        if self.cv is not None and self.cv < 1:
+            raise ValueError(f"cv must be >= 1, got {self.cv}")
         if self.keep_top < 0:
             raise ValueError(f"keep_top must be >= 0, got {self.keep_top}")
         if self.checkpoint_every < 0:
