@@ -238,8 +238,8 @@ def add_parser(sub) -> None:
         description="Evaluate a checkpoint on a manifest or ESC-50 folder: mAP, mAUC, d-prime and per-class AP for multi-label "
         "data (clips with at least one label), accuracy and a confusion matrix for single-label data; JSON + CSV.",
     )
-    e.add_argument("--manifest", required=True, help="CSV manifest (path,labels[,fold]) or ESC-50 folder")
-    e.add_argument("--checkpoint", required=True, help="checkpoint (ours, averaged, or an original .ckpt)")
+    e.add_argument("--manifest", help="CSV manifest (path,labels[,fold]) or ESC-50 folder (clip-level evaluation)")
+    e.add_argument("--checkpoint", help="checkpoint (ours, averaged, or an original .ckpt)")
     e.add_argument("--model", help="preset or JSON config for checkpoints without one (default htsat-audioset)")
     e.add_argument("--classes", help="class list (default: saved in the checkpoint, or AudioSet's 527)")
     e.add_argument("--data-root", help="base folder for relative audio paths (default: the manifest's folder)")
@@ -264,6 +264,16 @@ def add_parser(sub) -> None:
     e.add_argument("--num-workers", type=int, default=0, help="data loader workers")
     e.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     e.add_argument("--backend", default="auto", choices=("auto", "reference", "fused"))
+    s = e.add_argument_group("sound event detection (instead of --manifest)")
+    s.add_argument("--events", metavar="REF.tsv", help="reference events (DCASE TSV: filename onset offset event_label)")
+    s.add_argument("--predicted", metavar="EST.tsv", help="score these events instead of running --checkpoint")
+    s.add_argument("--audio-dir", help="folder of the files REF names (default: REF's folder)")
+    s.add_argument("--class-map", help="CSV/TSV source,target: map model classes onto the reference labels (max over sources)")
+    s.add_argument("--threshold", type=float, default=0.5, help="framewise probability threshold")
+    s.add_argument("--median-filter", type=int, default=1, metavar="FRAMES", help="median filter of the binary activity")
+    s.add_argument("--t-collar", type=float, default=0.2, help="event-based onset collar (s)")
+    s.add_argument("--percentage-of-length", type=float, default=0.2, help="event-based offset collar, fraction of length")
+    s.add_argument("--segment", type=float, default=1.0, help="segment-based resolution (s)")
 
 
 def _summary_line(m: dict[str, Any]) -> str:
@@ -277,6 +287,12 @@ def _summary_line(m: dict[str, Any]) -> str:
 def run(args) -> int:
     if args.batch_size < 1 or args.num_workers < 0:
         raise ValueError("--batch-size must be >= 1 and --num-workers >= 0")
+    if bool(args.manifest) == bool(args.events):
+        raise ValueError("give --manifest (clip-level) or --events (sound event detection)")
+    if args.events:
+        return _run_events(args)
+    if not args.checkpoint:
+        raise ValueError("--checkpoint is required with --manifest")
     result = evaluate_checkpoint(
         args.checkpoint, args.manifest, model_name=args.model, classes_file=args.classes, data_root=args.data_root,
         fold=args.fold, task=args.task, ensemble_rolls=args.ensemble_rolls, batch_size=args.batch_size,
@@ -289,5 +305,57 @@ def run(args) -> int:
     if m["bad_files"]:
         print(f"htsat: warning: {len(m['bad_files'])} unreadable clip(s) left out", flush=True)
     print(_summary_line(m))
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def _run_events(args) -> int:
+    from . import sed
+
+    ref = sed.read_events(args.events)
+    if args.predicted:
+        est = sed.read_events(args.predicted)
+    elif args.checkpoint:
+        if args.median_filter < 1:
+            raise ValueError("--median-filter must be >= 1 frames")
+        obj = read_checkpoint(args.checkpoint)
+        model = model_from_checkpoint(obj, name=args.model if obj.get("format") != FORMAT else None, backend=args.backend,
+                                      source=args.checkpoint)  # fmt: skip
+        classes, _ = _classes(obj, model.config.num_classes, args.classes)
+        dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(dev)
+        est = sed.detect_events_with_model(
+            model, classes, sorted(ref), args.audio_dir or os.path.dirname(os.path.abspath(args.events)),
+            class_map=sed.read_class_map(args.class_map) if args.class_map else None, threshold=args.threshold,
+            median_filter=args.median_filter, device=dev,
+        )  # fmt: skip
+    else:
+        raise ValueError("--events needs --predicted EST.tsv or --checkpoint")
+    event = sed.event_based_metrics(ref, est, t_collar=args.t_collar, percentage_of_length=args.percentage_of_length)
+    segment = sed.segment_based_metrics(ref, est, segment=args.segment)
+    out = args.out or f"eval_{os.path.splitext(os.path.basename(args.events))[0]}"
+    os.makedirs(out, exist_ok=True)
+    summary = {"events": args.events, "predicted": args.predicted, "checkpoint": args.checkpoint, "threshold": args.threshold,
+               "median_filter": args.median_filter, "class_map": args.class_map, "event_based": event,
+               "segment_based": segment}  # fmt: skip
+    written = [os.path.join(out, "sed_metrics.json"), os.path.join(out, "sed_per_class.csv")]
+    with open(written[0], "w", encoding="utf-8") as f:
+        json.dump(_finite_or_none(summary), f, indent=1, allow_nan=False)
+    with open(written[1], "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "event_f1", "event_precision", "event_recall", "segment_f1"])
+        for lab, m in event["per_class"].items():
+            w.writerow(
+                [
+                    lab,
+                    *(f"{m[k]:.6f}" if not math.isnan(m[k]) else "" for k in ("f1", "precision", "recall")),
+                    f"{segment['per_class'][lab]['f1']:.6f}" if not math.isnan(segment["per_class"][lab]["f1"]) else "",
+                ]
+            )
+    if not args.predicted:
+        written.append(os.path.join(out, "predicted_events.tsv"))
+        sed.write_events(written[-1], est)
+    print(f"event-based F1 macro {event['macro_f1']:.4f} micro {event['overall']['f1']:.4f}; "
+          f"segment-based F1 macro {segment['macro_f1']:.4f} micro {segment['overall']['f1']:.4f}")  # fmt: skip
     print("wrote " + ", ".join(written))
     return 0
