@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from .config import TrainingError
 from .distributed import TermFlag, all_gather_objects, all_reduce, all_reduce_min
-from .metrics import mean_average_precision, multilabel_metrics
 from .keep_top import prune_top, update_top, write_top
+from .metrics import mean_average_precision, multilabel_metrics
 from .outputs import fault_point, write_metrics
 from .setup import Run
 from .state import TrainState, save_best, save_last

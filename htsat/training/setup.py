@@ -37,8 +37,8 @@ from ..model import HTSAT, create_model
 from .config import TrainConfig, TrainingError
 from .distributed import Dist, worker_ignores_sigterm
 from .objective import Mixup, Objective
-from .schedule import make_lr_lambda
 from .sampling import BalancedSampler, class_members, resolve_sampler
+from .schedule import make_lr_lambda
 from .state import seed_everything
 
 __all__ = ["Paths", "Run", "build_run"]
@@ -219,6 +219,8 @@ def build_model(cfg: TrainConfig, d: Dist, device: torch.device, classes: List[s
 def build_run(cfg: TrainConfig, d: Dist, paths: Paths, log: Logger) -> Run:
     device = pick_device(cfg, d)
     items, val_items, classes = load_data(cfg)
+    if cfg.keep_top and not val_items:
+        raise TrainingError("--keep-top needs validation data (--val-manifest or --val-fold) to rank the epochs")
     multi_label = is_multi_label(items)
     will_resume = cfg.resume and os.path.exists(paths.last)
     core, model = build_model(cfg, d, device, classes, will_resume, log)
@@ -248,10 +250,9 @@ def build_run(cfg: TrainConfig, d: Dist, paths: Paths, log: Logger) -> Run:
         if empty:
             log(f"warning: balanced sampler: {len(empty)} class(es) without a training clip are never drawn: {empty[:5]}")
         sampler: ResumableSampler = BalancedSampler(members, len(train_ds), **shard)
+        log("sampler: balanced (the original's class-balanced queue)")  # the shuffle is the unannounced default
     else:
         sampler = ResumableSampler(len(train_ds), shuffle=True, **shard)
-    if sampler_kind == "balanced":  # the shuffle is the unannounced default
-        log("sampler: balanced (the original's class-balanced queue)")
     per_rank = sampler.num_samples
     steps_per_epoch = per_rank // cfg.batch_size if cfg.drop_last else math.ceil(per_rank / cfg.batch_size)
     if steps_per_epoch == 0:
@@ -279,8 +280,6 @@ def build_run(cfg: TrainConfig, d: Dist, paths: Paths, log: Logger) -> Run:
         optimizer=optimizer, scheduler=scheduler, amp_dtype=amp_dtype, scaler=scaler, objective=Objective(loss_kind, mixup),
         meta=meta,
     )  # fmt: skip
-    if cfg.keep_top and not val_items:
-        raise TrainingError("--keep-top needs validation data (--val-manifest or --val-fold) to rank the epochs")
     if val_items:
         run.val_ds = AudioDataset(val_items, classes, mcfg.sample_rate, clip_samples, train=False, crop="start", **common)
         run.val_loader = run.loader(
