@@ -467,6 +467,10 @@ def test_evaluate_bad_input_is_one_line(tones, tmp_path, capsys):
     assert "x.pt" in capsys.readouterr().err
     assert main(["evaluate", "--manifest", tones["manifest"], "--checkpoint", ck, "--ensemble-rolls", "0"]) == 1
     assert "--ensemble-rolls" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", ck]) == 1  # neither --manifest nor --events
+    assert "give --manifest (clip-level) or --events" in capsys.readouterr().err
+    assert main(["evaluate", "--manifest", tones["manifest"]]) == 1
+    assert "--checkpoint is required" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
