@@ -165,6 +165,22 @@ def test_average_equals_manual_average(tmp_path, capsys):
         assert torch.equal(again["state_dict"][key], value)
 
 
+def test_average_of_original_style_checkpoints(tmp_path):
+    # Lightning-style files with 'sed_model.' prefixes, as the original saves them
+    models = [_tiny(tmp_path, s) for s in (3, 4)]
+    paths = []
+    for i, m in enumerate(models):
+        paths.append(str(tmp_path / f"orig{i}.ckpt"))
+        torch.save({"state_dict": {"sed_model." + k: v for k, v in m.state_dict().items()}, "epoch": i}, paths[-1])
+    avg = average_checkpoints(paths)
+    assert set(avg) == {"state_dict", "averaged_from"}
+    key = "tscam_conv.weight"
+    torch.testing.assert_close(avg["state_dict"][key], (models[0].state_dict()[key] + models[1].state_dict()[key]) / 2)
+    target = _tiny(tmp_path, 9)
+    htsat.load_checkpoint(target, avg)
+    torch.testing.assert_close(target.state_dict()[key], avg["state_dict"][key], rtol=0, atol=0)
+
+
 def test_average_is_strict(tmp_path, capsys):
     a = {"w": torch.ones(2, 2), "b": torch.zeros(2)}
     with pytest.raises(CheckpointError, match="missing"):
