@@ -10,6 +10,8 @@ import json
 import os
 import sys
 
+from htsat_kernels import BACKENDS
+
 from .inference_output import EMBED_FORMATS, PREDICT_FORMATS, format_for
 from .training.config import HelpFormatter as TrainHelpFormatter
 from .training.config import add_arguments as add_train_arguments
@@ -66,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", help="write to this file: .npy (+ .files.txt), .npz (embeddings, files), .jsonl, .json")
     e.add_argument("--format", choices=EMBED_FORMATS, help="default: from -o's extension, else jsonl")
     _add_run_arguments(e)
+    _add_protocol_parsers(sub)
+    sub.metavar = "{" + ",".join(sub.choices) + "}"
     return p
 
 
@@ -85,11 +89,25 @@ def _add_run_arguments(q) -> None:
     q.add_argument("--num-workers", type=int, default=min(4, max(0, (os.cpu_count() or 1) - 1)),
                    help="processes decoding and resampling audio (0: in the main process)")
     q.add_argument("--device", help="cpu or cuda (default: cuda if present)")
-    q.add_argument("--backend", default="auto", choices=("auto", "reference", "fused"))
+    q.add_argument("--backend", default="auto", choices=BACKENDS)
     q.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU")
     q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
+
+
+def _add_protocol_parsers(sub) -> None:
+    """htsat average / htsat evaluate (issue 15): their parsers live with their code."""
+    from . import average, evaluate
+
+    average.add_parser(sub)
+    evaluate.add_parser(sub)
+
+
+def _run_protocol(args) -> int:
+    from . import average, evaluate
+
+    return {"average": average.run, "evaluate": evaluate.run}[args.command](args)
 
 
 def _err(msg: str) -> None:
@@ -101,6 +119,8 @@ def _run_train(args) -> int:
     from .training.config import config_from_args
 
     cfg = config_from_args(args)
+    if cfg.cv:
+        return _run_cv(cfg)
     summary = train(cfg)
     if summary.get("interrupted"):
         return 143
@@ -118,6 +138,23 @@ def _run_train(args) -> int:
             parts.append(f"{len(summary['bad_files'])} bad file(s) skipped (see {bad_list})")
         print(", ".join(parts))
     return 0
+
+
+def _run_cv(cfg) -> int:
+    from .training.cross_validation import train_cv
+
+    res = train_cv(cfg)
+    if res.get("interrupted"):
+        return 143
+    if res["stopped"]:
+        print(f"stopped early after {len(res['folds'])} complete fold(s)")
+        return 0
+    for r in res["folds"]:
+        print(f"fold {r['fold']}: best {r['metric']} {r['best']:.4f} (epoch {r['best_epoch']}), last {r['last']:.4f}")
+    print(f"{len(res['folds'])}-fold {res['metric']}: best {res['best_mean']:.4f} +- {res['best_std']:.4f}, "
+          f"last {res['last_mean']:.4f} +- {res['last_std']:.4f} ({cfg.out}/cv_summary.json)")
+    return 0
+
 
 
 def _check_run_args(args) -> None:
@@ -198,14 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     from .audio import AudioError
     from .data import ManifestError
 
-    known = [AudioError, ManifestError, OSError, ValueError, BackendUnavailable]  # OSError messages name the file
-    try:
-        from .training import TrainingError
+    from .training import TrainingError
 
-        known.append(TrainingError)
-    except ImportError:  # pragma: no cover
-        pass
+    known = (AudioError, ManifestError, OSError, ValueError, BackendUnavailable, TrainingError)  # OSError messages name the file
     try:
+        if args.command in ("average", "evaluate"):
+            return _run_protocol(args)
         if args.command == "train":
             return _run_train(args)
         return _run_inference(args)
@@ -221,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
-    except tuple(known) as e:
+    except known as e:
         if os.environ.get("HTSAT_DEBUG"):
             raise
         _err(" ".join(str(e).split("\n")))  # one line, whatever the library's message holds

@@ -297,9 +297,9 @@ def _record_images(model):
     seen = []
     inner = model._forward_image
 
-    def wrapper(x):
+    def wrapper(x, *args, **kwargs):
         seen.append(x.detach().clone())
-        return inner(x)
+        return inner(x, *args, **kwargs)
 
     model._forward_image = wrapper
     return seen

@@ -20,11 +20,11 @@ independent of worker processes), and first rewrites whatever a kill left behind
 Modules: ``config`` (TrainConfig, the CLI generated from it), ``setup`` (data, model, optimiser,
 schedule), ``objective`` (loss, mixup), ``loop`` (train_step / run_epoch / evaluate / end_epoch),
 ``state`` (what last.pt holds, resume, RNG), ``outputs`` (lock, atomic writes, fault points),
-``distributed``, ``schedule`` (LR), ``metrics`` (mAP), ``runner`` (train).
+``distributed``, ``schedule`` (LR), ``metrics`` (mAP, mAUC, d-prime, accuracy with scikit-learn), ``runner`` (train).
 """
 
 from .config import TrainConfig, TrainingError
-from .metrics import average_precision, mean_average_precision
+from .metrics import average_precision, d_prime, mean_average_precision, multilabel_metrics, singlelabel_metrics
 from .runner import train
 from .schedule import make_lr_lambda, original_lr_multiplier
 
@@ -36,4 +36,7 @@ __all__ = [
     "make_lr_lambda",
     "average_precision",
     "mean_average_precision",
+    "multilabel_metrics",
+    "singlelabel_metrics",
+    "d_prime",
 ]

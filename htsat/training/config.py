@@ -68,6 +68,13 @@ class TrainConfig:
     out: str = option(group="data", help="output folder (checkpoints, metrics, class list)")
     val_manifest: Optional[str] = option(None, "validation manifest (or ESC-50 folder)", group="data")
     val_fold: Optional[str] = option(None, "hold out this fold of --manifest for validation", group="data")
+    cv: Optional[int] = option(
+        None,
+        "K-fold cross-validation: train K runs into <out>/fold<f>, each holding out one of the first K folds "
+        "(ESC-50: --cv 5), and write <out>/cv_summary.json/.csv with the mean and std",
+        group="data",
+        metavar="K",
+    )
     classes: Optional[str] = option(
         None,
         group="data",
@@ -138,6 +145,14 @@ class TrainConfig:
     mixup_alpha: float = option(0.5, "mixup weights are drawn from Beta(alpha, alpha) per clip", group="optimisation")
     mixup_labels: bool = option(False, "mix the targets too (the original does not)", group="optimisation")
     specaugment: bool = option(True, "disable SpecAugment", group="optimisation", flag="--no-specaug")
+    sampler: str = option(
+        "auto",
+        "training order: balanced (the original's AudioSet queue: shuffle the class ids, draw one clip of each, "
+        "repeat; an epoch = as many draws as clips), shuffle; auto: balanced for multi-label data with the "
+        "AudioSet classes (--classes audioset), else shuffle",
+        group="optimisation",
+        choices=("auto", "balanced", "shuffle"),
+    )
     drop_last: bool = option(False, "drop the last incomplete batch of every epoch", group="optimisation")
     # runtime
     precision: str = option(
@@ -152,6 +167,13 @@ class TrainConfig:
     on_nan: str = option("stop", "a non-finite loss stops the run or drops the step", group="runtime", choices=("stop", "skip"))
     checkpoint_every: int = option(
         0, "also write last.pt every STEPS steps (0: epoch ends only)", group="runtime", metavar="STEPS"
+    )
+    keep_top: int = option(
+        0,
+        "keep the K best epochs by the validation metric as <out>/top/epoch-E_METRIC-V.pt (the original keeps 20; "
+        "average them with htsat average <out>/top -o avg.pt); 0: off",
+        group="runtime",
+        metavar="K",
     )
     resume: bool = option(False, "continue from <out>/last.pt (starts fresh when there is none)", group="runtime", record=False)
     stop_after_steps: Optional[int] = option(
@@ -182,6 +204,10 @@ class TrainConfig:
                 raise ValueError(f"{f.name} must be one of {tuple(choices)}, got {value!r}")
         if self.batch_size < 1 or self.epochs < 0:
             raise ValueError("batch_size must be >= 1 and epochs >= 0")
+        if self.cv is not None and self.cv < 1:
+            raise ValueError(f"cv must be >= 1, got {self.cv}")
+        if self.keep_top < 0:
+            raise ValueError(f"keep_top must be >= 0, got {self.keep_top}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
 

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from .config import TrainingError
 from .distributed import TermFlag, all_gather_objects, all_reduce, all_reduce_min
-from .metrics import mean_average_precision
+from .keep_top import prune_top, update_top, write_top
+from .metrics import mean_average_precision, multilabel_metrics
 from .outputs import fault_point, write_metrics
 from .setup import Run
 from .state import TrainState, save_best, save_last
@@ -174,8 +175,9 @@ def run_epoch(run: Run, state: TrainState, term: TermFlag, indices: Optional[Lis
 
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
-    """Validation loss, accuracy (single-label data) and mAP over the whole set (all ranks
-    gathered); ``_bad`` lists the files that could not be read."""
+    """Validation loss, accuracy (single-label data), mAP (and for multi-label data mAUC and
+    d-prime over the clips with a label, as the original) over the whole set (all ranks gathered);
+    ``_bad`` lists the files that could not be read."""
     model, ds, loader = run.core, run.val_ds, run.val_loader
     assert ds is not None and loader is not None, "evaluate() needs validation data"
     model.eval()
@@ -220,7 +222,11 @@ def evaluate(run: Run) -> dict:
         probs = torch.softmax(logits, dim=1)
     if not run.multi_label:
         res["val_accuracy"] = float((probs.argmax(dim=1) == target.argmax(dim=1)).float().mean())
-    res["val_mAP"] = mean_average_precision(probs.numpy(), target.numpy())
+        res["val_mAP"] = mean_average_precision(probs.numpy(), target.numpy())
+        return res
+    # the original's AudioSet metrics, over the clips with at least one label
+    m = multilabel_metrics(probs.numpy(), target.numpy(), drop_unlabelled=True)
+    res.update(val_mAP=m["mAP"], val_mAUC=m["mAUC"], val_dprime=m["dprime"])
     return res
 
 
@@ -262,9 +268,14 @@ def end_epoch(run: Run, state: TrainState, row: dict) -> None:
     if value is not None and not math.isnan(value) and (state.best is None or value > state.best["value"]):
         state.best = {"metric": name, "value": value, "epoch": row["epoch"]}
         improved = True
+    entered = update_top(state, row, name, run.cfg.keep_top)  # recorded in last.pt before its file exists
     save_last(run, state)
     if improved:
         save_best(run, state)
+    if entered is not None:
+        write_top(run, state, entered)
+    if run.cfg.keep_top:
+        prune_top(run, state)
     if run.dist.main:
         write_metrics(run.out, state.history)
     run.log(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))

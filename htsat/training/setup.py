@@ -37,6 +37,7 @@ from ..model import HTSAT, create_model
 from .config import TrainConfig, TrainingError
 from .distributed import Dist, worker_ignores_sigterm
 from .objective import Mixup, Objective
+from .sampling import BalancedSampler, class_members, resolve_sampler
 from .schedule import make_lr_lambda
 from .state import seed_everything
 
@@ -53,6 +54,7 @@ class Paths:
         self.classes = os.path.join(self.out, "classes.txt")
         self.config = os.path.join(self.out, "train_config.json")
         self.bad_files = os.path.join(self.out, "bad_files.txt")
+        self.top = os.path.join(self.out, "top")  # --keep-top checkpoints
 
 
 class Logger:
@@ -217,6 +219,8 @@ def build_model(cfg: TrainConfig, d: Dist, device: torch.device, classes: List[s
 def build_run(cfg: TrainConfig, d: Dist, paths: Paths, log: Logger) -> Run:
     device = pick_device(cfg, d)
     items, val_items, classes = load_data(cfg)
+    if cfg.keep_top and not val_items:
+        raise TrainingError("--keep-top needs validation data (--val-manifest or --val-fold) to rank the epochs")
     multi_label = is_multi_label(items)
     will_resume = cfg.resume and os.path.exists(paths.last)
     core, model = build_model(cfg, d, device, classes, will_resume, log)
@@ -238,9 +242,17 @@ def build_run(cfg: TrainConfig, d: Dist, paths: Paths, log: Logger) -> Run:
         pad=cfg.pad, on_error=cfg.on_bad_file, silence_db=cfg.silence_db, seed=cfg.seed, cache=cfg.cache_audio
     )
     train_ds = AudioDataset(items, classes, mcfg.sample_rate, clip_samples, train=True, crop=cfg.crop, **common)
-    sampler = ResumableSampler(
-        len(train_ds), shuffle=True, seed=cfg.seed, num_replicas=d.world, rank=d.rank, drop_last=cfg.drop_last
-    )
+    sampler_kind = resolve_sampler(cfg.sampler, multi_label, classes)
+    shard = dict(seed=cfg.seed, num_replicas=d.world, rank=d.rank, drop_last=cfg.drop_last)
+    if sampler_kind == "balanced":
+        members = class_members(items, classes)
+        empty = [c for c, m in zip(classes, members) if not m]
+        if empty:
+            log(f"warning: balanced sampler: {len(empty)} class(es) without a training clip are never drawn: {empty[:5]}")
+        sampler: ResumableSampler = BalancedSampler(members, len(train_ds), **shard)
+        log("sampler: balanced (the original's class-balanced queue)")  # the shuffle is the unannounced default
+    else:
+        sampler = ResumableSampler(len(train_ds), shuffle=True, **shard)
     per_rank = sampler.num_samples
     steps_per_epoch = per_rank // cfg.batch_size if cfg.drop_last else math.ceil(per_rank / cfg.batch_size)
     if steps_per_epoch == 0:
@@ -259,6 +271,7 @@ def build_run(cfg: TrainConfig, d: Dist, paths: Paths, log: Logger) -> Run:
         "batch_size": cfg.batch_size,
         "world_size": d.world,
         "seed": cfg.seed,
+        "sampler": sampler_kind,
         "train_config": {"train": cfg.to_json(), "model": mcfg.to_dict(), "classes": classes, "world_size": d.world},
     }
     run = Run(

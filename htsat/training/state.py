@@ -23,6 +23,7 @@ import torch
 from ..checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint
 from .config import TrainingError
 from .distributed import all_gather_objects
+from .keep_top import repair_top
 from .outputs import short_reason, write_json, write_metrics, write_text, write_torch
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class TrainState:
     global_step: int = 0
     history: List[dict] = field(default_factory=list)  # one metrics row per completed epoch
     best: Optional[dict] = None  # {"metric", "value", "epoch"} of the best epoch so far
+    top: List[dict] = field(default_factory=list)  # --keep-top: entries like best's, by epoch
     bad_files: List[str] = field(default_factory=list)
     nan_steps: int = 0
     # sums over the current epoch (a resumed epoch reports the whole epoch)
@@ -112,7 +114,10 @@ def _payload(run: "Run", **extra: Any) -> dict:
     return obj
 
 
-_TRAIN_STATE_KEYS = ("meta", "optimizer", "scheduler", "rng", *(f.name for f in dataclasses.fields(TrainState)))
+_NEWER_STATE_KEYS = ("top",)  # absent from a last.pt of an earlier version: their defaults apply
+_TRAIN_STATE_KEYS = (
+    "meta", "optimizer", "scheduler", "rng", *(f.name for f in dataclasses.fields(TrainState) if f.name not in _NEWER_STATE_KEYS)
+)
 
 
 def save_last(run: "Run", state: TrainState) -> None:
@@ -162,6 +167,11 @@ def load_last(run: "Run") -> dict:
                 f"cannot resume {path}: {key} differs (checkpoint {ts['meta'].get(key)!r}, now {run.meta[key]!r}); "
                 "the data order would not match"
             )
+    if "sampler" in ts["meta"] and ts["meta"]["sampler"] != run.meta["sampler"]:  # recorded since --sampler exists
+        raise TrainingError(
+            f"cannot resume {path}: sampler differs (checkpoint {ts['meta']['sampler']!r}, now {run.meta['sampler']!r}); "
+            "the data order would not match"
+        )
     ours = run.core.config.to_dict()
     if ck.get("config") != ours:
         diff = sorted(k for k in ours if (ck.get("config") or {}).get(k) != ours[k])
@@ -177,7 +187,7 @@ def restore(run: "Run", ck: dict) -> TrainState:
     run.scheduler.load_state_dict(ts["scheduler"])
     if run.scaler is not None and ts.get("scaler"):
         run.scaler.load_state_dict(ts["scaler"])
-    state = TrainState(**{f.name: ts[f.name] for f in dataclasses.fields(TrainState)})
+    state = TrainState(**{f.name: ts[f.name] for f in dataclasses.fields(TrainState) if f.name in ts})
     set_rng_state(ts["rng"][run.dist.rank], run.device)
     return state
 
@@ -234,5 +244,6 @@ def repair_outputs(run: "Run", state: TrainState, ck: dict) -> None:
                     f"warning: {run.paths.best} does not hold epoch {state.best['epoch']} and cannot be rebuilt from "
                     f"{run.paths.last}"
                 )
+    repair_top(run, state)
     if state.history:
         write_metrics(run.out, state.history)
