@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-# trainable parameters of the original per preset (spec section 8: total minus the frozen front end)
+# trainable parameters of the original per preset (docs/model.md §8: total minus the frozen front end)
 EXPECTED_TRAINABLE = {"htsat-audioset": 30_241_687}
 
 

@@ -177,7 +177,7 @@ def fit_length(
     """Bring a 1-D signal to exactly ``length`` samples.
 
     Shorter signals: ``pad="tile"`` concatenates the clip with itself (the paper's ESC-50 / SCV2
-    convention, spec section 6) and cuts at ``length``; ``pad="zeros"`` appends zeros (DESED
+    convention, docs/model.md §6) and cuts at ``length``; ``pad="zeros"`` appends zeros (DESED
     convention); ``pad="repeatpad"`` tiles whole copies then zero-pads the remainder (CLAP's
     convention).
     Longer signals: ``crop="random"`` takes a random window (``rng`` gives the offset; every

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         help="train or fine-tune a model (torchrun --nproc_per_node N -m htsat train ... for DDP)",
-        description="Train or fine-tune HTS-AT. Defaults follow the original recipe (spec section 9).",
+        description="Train or fine-tune HTS-AT. Defaults follow the original recipe (docs/model.md §9).",
         formatter_class=TrainHelpFormatter,
     )
     add_train_arguments(t)  # one option per TrainConfig field: flags, help and defaults live there

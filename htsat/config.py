@@ -1,6 +1,6 @@
 """Every hyperparameter of HTS-AT in one dataclass, with the presets users start from.
 
-Field names follow the spec (spec section 2). A model is created from a preset name or from a JSON
+Field names follow the spec (docs/model.md §2). A model is created from a preset name or from a JSON
 file holding any subset of these fields (the rest take the AudioSet defaults).
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 @dataclass
 class HTSATConfig:
-    # front end (spec section 2)
+    # front end (docs/model.md §2)
     sample_rate: int = 32000
     n_fft: int = 1024
     hop_length: int = 320

@@ -8,7 +8,7 @@ by ``;``, may be empty for a clip without any positive class in multi-label data
 ESC-50 folder: ``meta/esc50.csv`` (columns filename, fold, target, category, ...) next to an
 ``audio/`` folder; the class list is ordered by ``target``.
 
-Clip length (spec section 6, dataset-level conventions): the original trains on fixed 10 s clips.
+Clip length (docs/model.md §6, dataset-level conventions): the original trains on fixed 10 s clips.
 Short clips are tiled (concatenated with themselves, the ESC-50 / Speech Commands convention) by
 default, or zero-padded; longer clips are randomly cropped in training and cropped at the start
 for evaluation. All of it is configurable.

@@ -1,9 +1,9 @@
-"""The original's front end: STFT power spectrogram, Slaney mel filterbank, 10*log10 (spec section 2-3).
+"""The original's front end: STFT power spectrogram, Slaney mel filterbank, 10*log10 (docs/model.md §2-3).
 
 Module and parameter names match the original (``spectrogram_extractor.stft.conv_real.weight``,
 ``logmel_extractor.melW``) so its checkpoints load unchanged. These weights are derived constants
 (a windowed DFT and a mel filterbank), frozen, and always computed in float32, also under autocast:
-a full-scale tone overflows fp16 in the power spectrum (spec section 11.16).
+a full-scale tone overflows fp16 in the power spectrum (docs/model.md §11.16).
 """
 
 from __future__ import annotations

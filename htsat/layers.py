@@ -1,7 +1,7 @@
-"""Swin Transformer layers of HTS-AT (spec section 4), with every hot op called through htsat_kernels.
+"""Swin Transformer layers of HTS-AT (docs/model.md §4), with every hot op called through htsat_kernels.
 
 Module names and parameter shapes follow the original so its checkpoints load unchanged. Departures
-(spec section 11): blocks return only their output (no attention maps are kept or stacked), gradient
+(docs/model.md §11, §14): blocks return only their output (no attention maps are kept or stacked), gradient
 checkpointing works, and patch_norm=False only removes the patch-embedding norm.
 """
 
@@ -103,7 +103,7 @@ class SwinTransformerBlock(nn.Module):
     ):
         super().__init__()
         self.dim, self.input_resolution, self.num_heads = dim, input_resolution, num_heads
-        if min(input_resolution) <= window_size:  # the whole map is one window: no shift (spec 2)
+        if min(input_resolution) <= window_size:  # the whole map is one window: no shift (docs/model.md §2)
             shift_size, window_size = 0, min(input_resolution)
         self.window_size, self.shift_size = window_size, shift_size
         self.norm1 = nn.LayerNorm(dim)

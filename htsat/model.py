@@ -1,4 +1,4 @@
-"""HTS-AT: front end, time-frequency folding, Swin backbone and token-semantic head (spec sections 3-6).
+"""HTS-AT: front end, time-frequency folding, Swin backbone and token-semantic head (docs/model.md §3-6).
 
 Input of any length: clips that fit one image (at most max_frames = 1024 STFT frames, i.e. fewer
 than max_frames * hop_length samples: shorter than 10.24 s for the AudioSet preset) follow the
@@ -178,7 +178,7 @@ class HTSAT(nn.Module):
     def forward(self, waveform: Tensor, mixup_lambda: Optional[Tensor] = None, *, framewise: bool = True) -> dict[str, Tensor]:
         """(B, samples) float waveform -> dict of clipwise_output (B, C), framewise_output (B, F, C),
         latent_output (B, D), clipwise_logits (B, C). mixup_lambda (B,) mixes with the reversed batch
-        in training (the original's recipe, spec section 3.6). ``framewise=False`` leaves
+        in training (the original's recipe, docs/model.md §3.6). ``framewise=False`` leaves
         framewise_output out (for an hour of audio it is the largest thing the model would keep)."""
         self._check_waveform(waveform, mixup_lambda)
         if self._one_image(waveform.shape[1]):

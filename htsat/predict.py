@@ -8,7 +8,7 @@ token-semantic map): frames at or above a threshold, consecutive frames merged i
 (gaps up to ``merge_gap`` seconds bridged), scored by their peak probability.
 
 Short clips are tiled to the model's ``clip_seconds`` by default, the way training data are fitted
-(spec section 6; ``short_clips="stretch"`` gives the original's bicubic time stretch,
+(docs/model.md §6; ``short_clips="stretch"`` gives the original's bicubic time stretch,
 ``"zeros"`` zero padding); events are reported within the real duration only. Clips longer than
 one model image run as sliding windows inside the model.
 """

@@ -1,6 +1,6 @@
 """htsat_kernels: the hot ops of HTS-AT, each with a pure-PyTorch reference and a fused kernel.
 
-Public ops (contracts in DESIGN.md): ``window_partition``, ``window_merge``, ``patch_merge``,
+Public ops (contracts in docs/design.md): ``window_partition``, ``window_merge``, ``patch_merge``,
 ``window_attention``, and the block-level fusions ``layer_norm_window_partition`` (norm1 + shift +
 partition) and ``window_merge_add`` (merge + unshift + residual add). Each is declared once in
 ``htsat_kernels.ops.OPS``; the functions here are generated from those declarations: the signature

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of every op: the fallback, the test oracle and the benchmark baseline.
 
-Each function follows the original HTS-AT / Swin code step by step (spec sections 4.1-4.5), so the
+Each function follows the original HTS-AT / Swin code step by step (docs/model.md §4.1-4.5), so the
 model on this path reproduces the original's outputs. Shapes use N = window_size**2 tokens per
 window, C channels, h heads, d = C / h.
 """
@@ -39,7 +39,7 @@ def _relative_position_index_cached(window_size: int, device: torch.device) -> T
 def relative_position_index(window_size: int, device=None) -> Tensor:
     """(N, N) int64: index into the ((2ws-1)^2, h) table for query i and key j.
 
-    index = (hi - hj + ws - 1) * (2ws - 1) + (wi - wj + ws - 1), as in the original (spec 4.2).
+    index = (hi - hj + ws - 1) * (2ws - 1) + (wi - wj + ws - 1), as in the original (docs/model.md §4.2).
     """
     if torch.compiler.is_compiling():  # traced once into the graph; the eager cache is for eager calls
         return _relative_position_index(window_size).to(device)
@@ -98,7 +98,7 @@ def window_merge_add(windows: Tensor, shortcut: Tensor, H: int, W: int, shift: i
 
 
 def patch_merge(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
-    """(B, H, W, C) -> (B, H/2 * W/2, 4C): 2x2 gather [x0, x1, x2, x3] then LayerNorm(4C) (spec 4.5)."""
+    """(B, H, W, C) -> (B, H/2 * W/2, 4C): 2x2 gather [x0, x1, x2, x3] then LayerNorm(4C) (docs/model.md §4.5)."""
     B, H, W, C = x.shape
     if H % 2 or W % 2:
         raise ValueError(f"x: patch_merge needs even H and W (dims 1 and 2), got H={H}, W={W}")

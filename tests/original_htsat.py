@@ -1,7 +1,7 @@
 """The original HTS-AT, as the test oracle for faithfulness.
 
 The original repository is not on PyPI, but its model code ships unchanged in the ``laion-clap``
-package (spec section 10: Swin blocks, WindowAttention, PatchMerging, BasicLayer and the token
+package (docs/model.md §10: Swin blocks, WindowAttention, PatchMerging, BasicLayer and the token
 semantic head are byte-identical; only the input is a dict and the latent is named 'embedding').
 We load that one file (laion_clap/clap_module/htsat.py) without the rest of CLAP, whose imports
 (transformers, h5py, torchvision, ...) the model does not need: those are stubbed.

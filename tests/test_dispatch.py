@@ -14,7 +14,7 @@ import htsat_kernels
 from htsat.layers import BasicLayer, PatchMerging, SwinTransformerBlock, WindowAttention
 from htsat_kernels import BackendUnavailable, FusedImpl, backends, reference
 
-# every dispatched op: the four of DESIGN.md plus the block fusions (norm1 + partition, merge + residual)
+# every dispatched op: the four unfused ops of docs/design.md §4 plus the block fusions (norm1 + partition, merge + residual)
 OPS = tuple(htsat_kernels.OPS)
 
 

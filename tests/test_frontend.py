@@ -1,4 +1,4 @@
-"""The front end against librosa and a float64 numpy DFT (spec sections 2-3 and 11.16)."""
+"""The front end against librosa and a float64 numpy DFT (docs/model.md §2-3 and §11.16)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_mel_filterbank_equals_librosa(setting):
     got = slaney_mel_filterbank(sr, n_fft, n_mels, fmin, fmax)
     assert got.shape == (n_mels, n_fft // 2 + 1)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
-    # no empty filter once fmax is within Nyquist (the original's SCV2 setting had 9, spec 11.18)
+    # no empty filter once fmax is within Nyquist (the original's SCV2 setting had 9, docs/model.md §11.18)
     assert (want.max(axis=1) > 0).all()
     # the model's frozen weight is the transpose, in float32
     melw = LogMel(sr, n_fft, n_mels, fmin, fmax).melW

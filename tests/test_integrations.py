@@ -103,7 +103,7 @@ def _check_patch(model, make_input, backend: str, train: bool, patch=hki.patch_c
 
 def _hf_audio_config(**kw):
     tf = pytest.importorskip("transformers")
-    # spec 32 with 8 mel bins: an 8 x 8 patch grid; window 4: stage 0 shifted (2 x 2 windows),
+    # docs/model.md §32 with 8 mel bins: an 8 x 8 patch grid; window 4: stage 0 shifted (2 x 2 windows),
     # stage 1 (4 x 4) is a single window with shift 0. window 3 pads both stages (9 x 9, 6 x 6).
     base = dict(
         spec_size=32,

@@ -1,4 +1,4 @@
-"""The HTS-AT model against the spec (sections 2-8 and 11): structure, shapes, outputs, any length, bad input.
+"""The HTS-AT model against docs/model.md (§2-8 and §11): structure, shapes, outputs, any length, bad input.
 
 Almost everything runs on the tiny config (16 kHz, 5 s clips, 128x128 image, every structural
 feature of the real model); the real AudioSet shapes are checked on one module-wide model.
@@ -128,7 +128,7 @@ def test_relative_position_index_formula_all_pairs(audioset):
 
 
 def _expected_mask(H: int, W: int, ws: int = 8, shift: int = 4) -> torch.Tensor:
-    """The original's SW-MSA mask built the slow, obvious way (spec 4.3)."""
+    """The original's SW-MSA mask built the slow, obvious way (docs/model.md §4.3)."""
 
     def region(y: int, n: int) -> int:
         return 0 if y < n - ws else (1 if y < n - shift else 2)
@@ -531,7 +531,7 @@ def test_n_fft_samples_is_the_shortest_accepted_clip(tiny_eval):
 
 
 # --------------------------------------------------------------------------------------------
-# the original's bugs that are fixed here (spec section 11)
+# the original's bugs that are fixed here (docs/model.md §11)
 # --------------------------------------------------------------------------------------------
 
 

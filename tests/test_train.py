@@ -73,7 +73,7 @@ def _cfg(tones, out, **kw):
 
 
 def test_original_lr_multipliers():
-    # spec section 9: 0.02, 0.05, 0.1 warm-up; 0.1 to epoch 10; 0.05 to 20; 0.02 to 30; then 0.03
+    # docs/model.md §9: 0.02, 0.05, 0.1 warm-up; 0.1 to epoch 10; 0.05 to 20; 0.02 to 30; then 0.03
     expect = {0: 0.02, 1: 0.05, 2: 0.1, 3: 0.1, 10: 0.1, 11: 0.05, 20: 0.05, 21: 0.02, 30: 0.02, 31: 0.03, 99: 0.03}
     for e, m in expect.items():
         assert original_lr_multiplier(e) == pytest.approx(m)

@@ -1,4 +1,4 @@
-"""Training: the original recipe (spec section 9) on any CSV manifest or ESC-50 folder, on one CPU,
+"""Training: the original recipe (docs/model.md §9) on any CSV manifest or ESC-50 folder, on one CPU,
 one GPU or many GPUs through ``torchrun`` (DDP), with an output folder that survives a kill.
 
 Defaults follow the original: AdamW (lr 1e-3, betas 0.9/0.999, eps 1e-8, weight decay 0.05 on

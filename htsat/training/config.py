@@ -118,7 +118,7 @@ class TrainConfig:
         group="model",
         choices=("auto", "yes", "no"),
     )
-    # optimisation (spec section 9)
+    # optimisation (docs/model.md §9)
     epochs: int = option(100, "number of epochs", group="optimisation")
     batch_size: int = option(32, "per process", group="optimisation")
     lr: float = option(1e-3, "base learning rate (the original schedule multiplies it, peak 0.1x)", group="optimisation")

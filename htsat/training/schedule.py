@@ -1,4 +1,4 @@
-"""Learning-rate schedules as LambdaLR multipliers over optimiser steps (spec section 9)."""
+"""Learning-rate schedules as LambdaLR multipliers over optimiser steps (docs/model.md §9)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ _WARMUP = (0.02, 0.05, 0.1)
 
 
 def original_lr_multiplier(epoch: int) -> float:
-    """The original lr_foo (spec section 9): multiplier on the base LR for an integer epoch."""
+    """The original lr_foo (docs/model.md §9): multiplier on the base LR for an integer epoch."""
     if epoch < 3:
         return _WARMUP[epoch]
     if epoch <= 10:

@@ -1,7 +1,7 @@
 """Everything a run is built from, in one :class:`Run`: device, data, model (with its DDP wrapper),
 loaders, optimiser, schedule, precision, objective and the paths of the output folder.
 
-Defaults follow the original (spec section 9): AdamW (lr 1e-3, betas 0.9/0.999, eps 1e-8, weight
+Defaults follow the original (docs/model.md §9): AdamW (lr 1e-3, betas 0.9/0.999, eps 1e-8, weight
 decay 0.05 on every parameter) and its per-epoch LR multipliers. The original's ``head`` Linear
 is never used in forward; it is frozen so DDP does not wait for its gradients.
 """
