@@ -38,34 +38,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny shapes and short timings (a CPU run takes under 3 minutes)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default: bench/results/)")
     p.add_argument(
-        "--ops", type=_csv, default=None,
-        help="comma list of ops (the names or aliases of htsat_kernels.ops.OPS; --list shows the cases) "
-        "and model (default: all)",
+        "--ops",
+        type=_csv,
+        default=None,
+        help="comma list of ops (the names or aliases of htsat_kernels.ops.OPS; --list shows the cases) and model (default: all)",
     )
-    p.add_argument("--providers", type=_csv, default=None, help="comma list of reference, fused, compile, sdpa, flex, fused+compile (default: all)")
+    p.add_argument(
+        "--providers",
+        type=_csv,
+        default=None,
+        help="comma list of reference, fused, compile, sdpa, flex, fused+compile (default: all)",
+    )
     p.add_argument("--dtypes", type=_csv, default=None, help="comma list of fp32, bf16, fp16 (default: all; --quick: fp32, bf16)")
-    p.add_argument("--modes", type=_csv, default=None, help="comma list of forward, backward, full (ops) and train, inference (model)")
-    p.add_argument("--batches", type=lambda s: [int(v) for v in _csv(s)], default=None, help="per-op batch sizes (default: 32,128 on CUDA; 2 on CPU; 1 with --quick)")
-    p.add_argument("--stages", type=lambda s: [int(v) for v in _csv(s)], default=None, help="comma list of stages 1-4 (default: all)")
+    p.add_argument(
+        "--modes", type=_csv, default=None, help="comma list of forward, backward, full (ops) and train, inference (model)"
+    )
+    p.add_argument(
+        "--batches",
+        type=lambda s: [int(v) for v in _csv(s)],
+        default=None,
+        help="per-op batch sizes (default: 32,128 on CUDA; 2 on CPU; 1 with --quick)",
+    )
+    p.add_argument(
+        "--stages", type=lambda s: [int(v) for v in _csv(s)], default=None, help="comma list of stages 1-4 (default: all)"
+    )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--model-config", default=None, help="model preset or JSON config for the model section (default: htsat-audioset; --quick: the tiny config)")
-    p.add_argument("--model-compile-on-cpu", action="store_true", help="run the model's compile providers on a CPU-only run too (tens of minutes)")
+    p.add_argument(
+        "--model-config",
+        default=None,
+        help="model preset or JSON config for the model section (default: htsat-audioset; --quick: the tiny config)",
+    )
+    p.add_argument(
+        "--model-compile-on-cpu",
+        action="store_true",
+        help="run the model's compile providers on a CPU-only run too (tens of minutes)",
+    )
     p.add_argument("--no-interpreter", action="store_true", help="skip the Triton interpreter numerics section (CPU only)")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for a CPU-only run (default 1: on a shared machine OpenMP thread contention otherwise dominates the timings)")
-    p.add_argument("--rep-ms", type=float, default=None, help="timing budget per case in ms (default 100 on CUDA, 300 on CPU)")
-    p.add_argument("--update-readme", choices=("auto", "yes", "no"), default="auto", help="refresh bench/results/README.md with the latest GPU run (auto: after a non-quick CUDA run written to bench/results/)")
-    p.add_argument("--list", action="store_true", help="list the cases and exit")
-    p.add_argument("--skip-model-check", action="store_true", help="do not run the model check that opens the report (gpu-check parts)")
     p.add_argument(
-        "--static", action="store_true",
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads for a CPU-only run (default 1: on a shared machine OpenMP thread contention otherwise dominates the timings)",
+    )
+    p.add_argument("--rep-ms", type=float, default=None, help="timing budget per case in ms (default 100 on CUDA, 300 on CPU)")
+    p.add_argument(
+        "--update-readme",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="refresh bench/results/README.md with the latest GPU run (auto: after a non-quick CUDA run written to bench/results/)",
+    )
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument(
+        "--skip-model-check", action="store_true", help="do not run the model check that opens the report (gpu-check parts)"
+    )
+    p.add_argument(
+        "--static",
+        action="store_true",
         help="compile report instead of timings: every Triton and CUDA kernel compiled for --archs (no GPU needed; "
         "--dtypes may include fp64)",
     )
-    p.add_argument("--archs", type=_csv, default=None, help="--static: comma list of sm_80, sm_86, sm_89, sm_90 (default: sm_80,sm_90)")
     p.add_argument(
-        "--inference-files", type=int, nargs="?", const=100, default=None, metavar="N",
+        "--archs", type=_csv, default=None, help="--static: comma list of sm_80, sm_86, sm_89, sm_90 (default: sm_80,sm_90)"
+    )
+    p.add_argument(
+        "--inference-files",
+        type=int,
+        nargs="?",
+        const=100,
+        default=None,
+        metavar="N",
         help="file throughput of htsat predict instead of the report: N (100) files of 10 s, tiny model, batched vs one at a time",
     )
     return p
@@ -118,15 +161,21 @@ def plan(args, device):
         idt = [d for d in dtypes if d in ("fp32", "bf16")] if args.quick else dtypes
         # "full" checks the output and every gradient: in --quick it stands for "forward" too.
         imodes = (["full"] if "full" in op_modes else op_modes) if args.quick else op_modes
-        cases += ops_mod.build_interpreter_cases(dtypes=idt or dtypes[:1], modes=imodes or ["forward"], providers=providers, stages=stages)
+        cases += ops_mod.build_interpreter_cases(
+            dtypes=idt or dtypes[:1], modes=imodes or ["forward"], providers=providers, stages=stages
+        )
     if "model" in ops:
         m_modes = [m for m in modes if m in model_mod.MODEL_MODES]
         spec = None
         if args.model_config:
             spec = model_mod.ModelSpec(args.model_config, tiny=False, label=Path(args.model_config).stem)
-        cases += model_mod.build_model_cases(device=device, providers=providers, dtypes=dtypes, modes=m_modes, quick=args.quick, spec=spec)
+        cases += model_mod.build_model_cases(
+            device=device, providers=providers, dtypes=dtypes, modes=m_modes, quick=args.quick, spec=spec
+        )
     if args.quick:
-        notes.append("--quick: batch 1, fp32 and bf16, tiny model config, short timings; compile/flex only at the smallest stage, fp32 forward.")
+        notes.append(
+            "--quick: batch 1, fp32 and bf16, tiny model config, short timings; compile/flex only at the smallest stage, fp32 forward."
+        )
     return cases, notes
 
 
@@ -204,7 +253,9 @@ def main(argv=None) -> int:
         if not sec_cases:
             continue
         t_sec = time.perf_counter()
-        records += run_cases(sec_cases, ctx, peak_bw_gbps=meta.get("peak_bandwidth_gbps"), progress=not args.no_progress, desc=section)
+        records += run_cases(
+            sec_cases, ctx, peak_bw_gbps=meta.get("peak_bandwidth_gbps"), progress=not args.no_progress, desc=section
+        )
         ctx.memo.clear()
         ctx.release()
         meta["section_wall_s"][section] = round(time.perf_counter() - t_sec, 1)
@@ -265,7 +316,9 @@ def _static(args) -> int:
     try:
         archs = [gpu_limits.arch_name(a) for a in (args.archs or compile_report.ARCHS)]
     except ValueError:
-        raise SystemExit(f"unknown arch in --archs {','.join(args.archs)} (choose from {', '.join(gpu_limits.ARCH_LIMITS)})") from None
+        raise SystemExit(
+            f"unknown arch in --archs {','.join(args.archs)} (choose from {', '.join(gpu_limits.ARCH_LIMITS)})"
+        ) from None
     _check(archs, list(gpu_limits.ARCH_LIMITS), "arch")
     dtypes = args.dtypes or list(compile_report.DTYPES)
     _check(dtypes, list(compile_report.DTYPES), "dtype")

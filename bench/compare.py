@@ -53,7 +53,20 @@ def compare(a: dict, b: dict, threshold: float = 0.10, only_changes: bool = Fals
     only_a = [k for k in ra if k not in rb]
     only_b = [k for k in rb if k not in ra]
 
-    headers = ["section", "op", "shape", "dtype", "mode", "provider", "A ms", "B ms", "B/A speedup", "A rel err", "B rel err", "flags"]
+    headers = [
+        "section",
+        "op",
+        "shape",
+        "dtype",
+        "mode",
+        "provider",
+        "A ms",
+        "B ms",
+        "B/A speedup",
+        "A rel err",
+        "B rel err",
+        "flags",
+    ]
     # roofline columns (GPU runs): the ideal time and each run's percent of it
     roof = any(r.get("ideal_ms") is not None for r in list(ra.values()) + list(rb.values()))
     if roof:
@@ -85,11 +98,18 @@ def compare(a: dict, b: dict, threshold: float = 0.10, only_changes: bool = Fals
         shape = str(k[5])
         rows.append(
             [
-                str(k[0]), str(k[1]), shape if len(shape) <= 44 else shape[:41] + "...", str(k[4]), str(k[3]), str(k[2]),
+                str(k[0]),
+                str(k[1]),
+                shape if len(shape) <= 44 else shape[:41] + "...",
+                str(k[4]),
+                str(k[3]),
+                str(k[2]),
                 "skipped" if x.get("skipped_reason") else _ms(ta),
                 "skipped" if y.get("skipped_reason") else _ms(tb),
                 "-" if speed is None else f"{speed:.2f}x",
-                _err(ea), _err(eb), " ".join(flags),
+                _err(ea),
+                _err(eb),
+                " ".join(flags),
             ]
         )
         if roof:
@@ -106,9 +126,17 @@ def compare(a: dict, b: dict, threshold: float = 0.10, only_changes: bool = Fals
     right = {6, 7, 8, 9, 10} | ({11, 12, 13} if roof else set())
     lines += ["", format_table(headers, rows, right=right) if rows else "(no matched records to show)", ""]
     if only_a:
-        lines.append(f"only in A ({len(only_a)}): " + "; ".join(" ".join(map(str, k[1:5])) for k in only_a[:20]) + (" ..." if len(only_a) > 20 else ""))
+        lines.append(
+            f"only in A ({len(only_a)}): "
+            + "; ".join(" ".join(map(str, k[1:5])) for k in only_a[:20])
+            + (" ..." if len(only_a) > 20 else "")
+        )
     if only_b:
-        lines.append(f"only in B ({len(only_b)}): " + "; ".join(" ".join(map(str, k[1:5])) for k in only_b[:20]) + (" ..." if len(only_b) > 20 else ""))
+        lines.append(
+            f"only in B ({len(only_b)}): "
+            + "; ".join(" ".join(map(str, k[1:5])) for k in only_b[:20])
+            + (" ..." if len(only_b) > 20 else "")
+        )
     stats["only_a"], stats["only_b"] = len(only_a), len(only_b)
     lines.append(
         f"{stats['matched']} matched records: {stats['regressions']} regressions (> {threshold:.0%} slower), "

@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 from . import gpu_limits, roofline
 from .schema import STATIC_FIELDS
@@ -110,8 +109,8 @@ def roofline_rows(stages: list[StageShape], dtype: str = "bf16") -> list[dict]:
 def build_report(
     archs=ARCHS,
     dtypes=DTYPES,
-    stages: Optional[list[StageShape]] = None,
-    workers: Optional[int] = None,
+    stages: list[StageShape] | None = None,
+    workers: int | None = None,
     include_cuda: bool = True,
     progress=None,
 ) -> dict:
@@ -340,7 +339,9 @@ def render_text(report: dict) -> str:
             for r in rl
         ]
         lines.append(format_table(["op", "stage", "dir", "MB", "GFLOP"] + [f"{d} us" for d in devs], rows, right={3, 4, 5, 6}))
-        lines.append("  bytes and FLOPs: the op table's formulas (htsat_kernels.ops); ideal = max(bytes / HBM, FLOPs / bf16 peak).")
+        lines.append(
+            "  bytes and FLOPs: the op table's formulas (htsat_kernels.ops); ideal = max(bytes / HBM, FLOPs / bf16 peak)."
+        )
     errors = [r for r in records if r.get("error")]
     lines += [
         "",

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -60,7 +61,7 @@ class Case:
         f = self.fields()
         return "-".join(str(f[k]) for k in ("op", "stage_label", "batch", "dtype", "mode", "provider") if f.get(k) is not None)
 
-    def plan_skip(self, ctx: RunContext) -> Optional[str]:
+    def plan_skip(self, ctx: RunContext) -> str | None:
         return None
 
     def prepare(self, ctx: RunContext) -> Prepared:

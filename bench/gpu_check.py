@@ -30,9 +30,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 OPS = ("window_attention", "window_partition", "window_merge", "patch_merge", "layer_norm_window_partition", "window_merge_add")
@@ -73,7 +73,7 @@ def allotment(remaining: float, phases_left: list[Phase]) -> float:
 class Outcome:
     """What a command did: exit status (None if it was stopped at its time limit) and its output."""
 
-    rc: Optional[int]
+    rc: int | None
     seconds: float
     output: str = ""
 
@@ -82,7 +82,7 @@ class Outcome:
         return self.rc is None
 
 
-def run_command(cmd: list[str], timeout: float, env: Optional[dict] = None, log: Optional[Path] = None) -> Outcome:
+def run_command(cmd: list[str], timeout: float, env: dict | None = None, log: Path | None = None) -> Outcome:
     """Run ``cmd`` in its own process group; on timeout the whole group is killed."""
     t0 = time.monotonic()
     proc = subprocess.Popen(
@@ -96,7 +96,7 @@ def run_command(cmd: list[str], timeout: float, env: Optional[dict] = None, log:
     )
     try:
         out, _ = proc.communicate(timeout=max(1.0, timeout))
-        rc: Optional[int] = proc.returncode
+        rc: int | None = proc.returncode
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
@@ -359,7 +359,7 @@ def cuda_test_files() -> list[str]:
     return hits
 
 
-def _pytest_summary(output: str) -> Optional[str]:
+def _pytest_summary(output: str) -> str | None:
     m = re.findall(
         r"^=*\s*(\d+ (?:passed|failed|skipped|error|errors|deselected|xfailed|xpassed)[^=\n]*?)\s*=*\s*$", output, re.MULTILINE
     )
@@ -401,7 +401,7 @@ def summary_text(result: dict) -> str:
     return "\n".join(lines)
 
 
-def detect_device() -> tuple[Optional[dict], str]:
+def detect_device() -> tuple[dict | None, str]:
     """(device info, "") on a CUDA machine, else (None, why not)."""
     try:
         import torch

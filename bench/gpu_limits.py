@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ def _round_up(x: int, unit: int) -> int:
     return -(-x // unit) * unit
 
 
-def occupancy(arch, registers: int, num_warps: Optional[int], shared_bytes: int = 0) -> dict:
+def occupancy(arch, registers: int, num_warps: int | None, shared_bytes: int = 0) -> dict:
     """Resident blocks and warps per SM for a kernel, and what limits them.
 
     ``num_warps`` None (a CUDA kernel whose block size is set by the host code): only the
@@ -122,7 +121,7 @@ DEVICES = (
 DEVICE_BY_NAME = {d.name: d for d in DEVICES}
 
 
-def find_device(cuda_name: str) -> Optional[Device]:
+def find_device(cuda_name: str) -> Device | None:
     """The table entry for a CUDA device name (e.g. "NVIDIA H100 80GB HBM3"), or None."""
     for d in DEVICES:
         if re.search(d.pattern, cuda_name or ""):
@@ -130,7 +129,7 @@ def find_device(cuda_name: str) -> Optional[Device]:
     return None
 
 
-def measured_copy_gbps(device=None, nbytes: int = 1 << 30, reps: int = 10) -> Optional[float]:
+def measured_copy_gbps(device=None, nbytes: int = 1 << 30, reps: int = 10) -> float | None:
     """Device-to-device copy bandwidth (read + write bytes / time) for a device not in the table."""
     import torch
 

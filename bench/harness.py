@@ -23,17 +23,19 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 from .schema import RECORD_FIELDS
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 class Skip(Exception):
     """A case that cannot run here; the message becomes the record's ``skipped_reason``."""
@@ -54,7 +56,7 @@ def reason_of(exc: BaseException, limit: int = 400) -> str:
 # Devices and metadata
 
 
-def peak_bandwidth_gbps(device_name: str) -> Optional[float]:
+def peak_bandwidth_gbps(device_name: str) -> float | None:
     """Peak DRAM bandwidth of a known device (the one table: bench/gpu_limits.py), else None."""
     from .gpu_limits import find_device
 
@@ -72,11 +74,13 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def _nvidia_driver() -> Optional[str]:
+def _nvidia_driver() -> str | None:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20,
+            capture_output=True,
+            text=True,
+            timeout=20,
         )
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip().splitlines()[0].strip()
@@ -116,7 +120,7 @@ def device_info(device: torch.device) -> dict:
 
 
 def git_commit() -> dict:
-    def git(*args: str) -> Optional[str]:
+    def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=20)
         except (OSError, subprocess.SubprocessError):
@@ -147,7 +151,7 @@ def utc_now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
-def build_meta(device: torch.device, *, quick: bool, argv: Iterable[str], extra: Optional[dict] = None) -> dict:
+def build_meta(device: torch.device, *, quick: bool, argv: Iterable[str], extra: dict | None = None) -> dict:
     import htsat_kernels as hk
 
     now = utc_now()
@@ -218,11 +222,11 @@ class Prepared:
     """A case ready to time: ``fn()`` is one iteration, ``setup()`` runs untimed before each."""
 
     fn: Callable[[], Any]
-    setup: Optional[Callable[[], Any]] = None
+    setup: Callable[[], Any] | None = None
     fields: dict = field(default_factory=dict)
     timed: bool = True
     # Work items per call (e.g. clips for the model): the runner adds items_per_s.
-    items_per_call: Optional[int] = None
+    items_per_call: int | None = None
     baseline_alloc: int = 0
 
 
@@ -249,7 +253,7 @@ def quantile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-_l2_buffer: Optional[torch.Tensor] = None
+_l2_buffer: torch.Tensor | None = None
 
 
 def _flush_l2(device: torch.device) -> None:

@@ -35,8 +35,17 @@ def _write_files(folder: str, n: int, seconds: float, rate: int) -> list:
     return paths
 
 
-def run(out: Path, *, n_files: int = 100, seconds: float = 10.0, batch_size: int = 16, num_workers: int = 1,
-        threads=None, device: str = "cpu", repeats: int = 2) -> dict:
+def run(
+    out: Path,
+    *,
+    n_files: int = 100,
+    seconds: float = 10.0,
+    batch_size: int = 16,
+    num_workers: int = 1,
+    threads=None,
+    device: str = "cpu",
+    repeats: int = 2,
+) -> dict:
     import torch
 
     import htsat
@@ -68,12 +77,14 @@ def run(out: Path, *, n_files: int = 100, seconds: float = 10.0, batch_size: int
             for name, fn in (("loop", loop), ("batched", batched)):
                 fn() if name == "loop" else list(pred.iter_files(paths[: min(8, n_files)]))  # warm-up
                 timings[name] = min(_timed(fn) for _ in range(repeats))
-            runs.append({
-                "torch_threads": th,
-                "loop_files_per_s": round(n_files / timings["loop"], 2),
-                "batched_files_per_s": round(n_files / timings["batched"], 2),
-                "speedup": round(timings["loop"] / timings["batched"], 2),
-            })
+            runs.append(
+                {
+                    "torch_threads": th,
+                    "loop_files_per_s": round(n_files / timings["loop"], 2),
+                    "batched_files_per_s": round(n_files / timings["batched"], 2),
+                    "speedup": round(timings["loop"] / timings["batched"], 2),
+                }
+            )
         torch.set_num_threads(default_threads)
     rec = {
         "case": "inference_files",

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +36,7 @@ CPU_COMPILE_REASON = (
     "no_grad, per dtype); run with --model-compile-on-cpu to include it"
 )
 MODEL_MODES = ("train", "inference")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -52,7 +52,7 @@ class ModelSpec:
         return dict(htsat.TINY_OVERRIDES)
 
 
-def htsat_import_error() -> Optional[str]:
+def htsat_import_error() -> str | None:
     try:
         import htsat  # noqa: F401
 
@@ -168,11 +168,15 @@ class ModelCase(Case):
             "where": self.where,
             "autocast": self.dtype != "fp32",
             "backend": _backend_of(self.provider, torch.device(self.where or "cpu"))
-            + (" (CPU: C++ twins where they load, reference attention)" if self.where == "cpu" and self.provider.startswith("fused") else ""),
+            + (
+                " (CPU: C++ twins where they load, reference attention)"
+                if self.where == "cpu" and self.provider.startswith("fused")
+                else ""
+            ),
             "clips_per_s": None,
         }
 
-    def plan_skip(self, ctx: RunContext) -> Optional[str]:
+    def plan_skip(self, ctx: RunContext) -> str | None:
         reason = htsat_import_error()
         if reason:
             return reason
@@ -244,7 +248,9 @@ class ModelCase(Case):
         except Exception as exc:
             reason = reason_of(exc)
             if "out of memory" not in reason.lower():
-                ctx.sticky[("model", self.provider)] = f"{reason} (first failure at {self.mode} B={self.batch} {self.dtype}; not retried)"
+                ctx.sticky[("model", self.provider)] = (
+                    f"{reason} (first failure at {self.mode} B={self.batch} {self.dtype}; not retried)"
+                )
             raise Skip(reason) from exc
         max_abs, max_rel, detail = errs["fp32"][self.mode]
         same_abs, same_rel, _ = errs["same"][self.mode]
@@ -292,7 +298,9 @@ class ModelCase(Case):
         return Prepared(fn, None, fields, timed=True, items_per_call=self.batch, baseline_alloc=baseline)
 
 
-def build_model_cases(*, device: torch.device, providers, dtypes, modes, quick: bool, spec: Optional[ModelSpec] = None) -> list[ModelCase]:
+def build_model_cases(
+    *, device: torch.device, providers, dtypes, modes, quick: bool, spec: ModelSpec | None = None
+) -> list[ModelCase]:
     if spec is None:
         # The full model on a CPU is minutes per compiled graph: CPU runs use the tiny config
         # (--model-config htsat-audioset asks for the full one).

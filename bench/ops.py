@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -170,8 +170,7 @@ def provider_fn(op: str, provider: str, ctx: RunContext, section: str = "ops") -
                 raise Skip("TRITON_INTERPRET=1 was not set before htsat_kernels was imported")
         elif op == "window_attention" and ctx.device.type == "cpu":
             raise Skip(
-                "the Triton kernel runs on CPU only in the Triton interpreter (numerics only: "
-                "see the interpreter section)"
+                "the Triton kernel runs on CPU only in the Triton interpreter (numerics only: see the interpreter section)"
             )
         return functools.partial(getattr(hk, op), backend="fused")
     if provider == "compile":
@@ -183,7 +182,7 @@ def provider_fn(op: str, provider: str, ctx: RunContext, section: str = "ops") -
         try:
             importlib.import_module("torch.nn.attention.flex_attention")
         except Exception as exc:
-            raise Skip(f"flex_attention unavailable: {reason_of(exc)}")
+            raise Skip(f"flex_attention unavailable: {reason_of(exc)}") from exc
         compiled = ctx.memoize(("flex", op), lambda: torch.compile(flex_window_attention, dynamic=False))
         index = ctx.memoize(("flex_index", str(ctx.device)), lambda: hk.reference.relative_position_index(WINDOW, ctx.device))
 
@@ -251,7 +250,7 @@ class OpCase(Case):
     def _sticky_keys(self):
         return [(self.provider, self.op, self.section), (self.provider, self.op, self.section, self.mode)]
 
-    def plan_skip(self, ctx: RunContext) -> Optional[str]:
+    def plan_skip(self, ctx: RunContext) -> str | None:
         for key in self._sticky_keys():
             if key in ctx.sticky:
                 return ctx.sticky[key]

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 START = "<!-- latest-gpu-run:start -->"
 END = "<!-- latest-gpu-run:end -->"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def latest_gpu_run(results_dir: Path) -> Optional[tuple[Path, dict]]:
+def latest_gpu_run(results_dir: Path) -> tuple[Path, dict] | None:
     best = None
     for path in sorted(results_dir.glob("*.json")):
         try:
@@ -80,7 +79,8 @@ def summary_markdown(path: Path, data: dict) -> str:
                     if p == "fused":
                         fused = r
                 lines.append(
-                    f"| {op} | {st} | " + " | ".join(cells)
+                    f"| {op} | {st} | "
+                    + " | ".join(cells)
                     + f" | {_f(fused and fused.get('gbps'), '.0f')} | {_f(fused and fused.get('max_rel_err'), '.1e')} |"
                 )
         lines.append("")
@@ -103,7 +103,7 @@ def summary_markdown(path: Path, data: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(results_dir: Path = RESULTS_DIR) -> Optional[Path]:
+def update_readme(results_dir: Path = RESULTS_DIR) -> Path | None:
     readme = results_dir / "README.md"
     found = latest_gpu_run(results_dir)
     if found is None or not readme.exists():

@@ -7,8 +7,8 @@ import functools
 import json
 import math
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 from .schema import RECORD_FIELDS, device_slug
 
@@ -18,7 +18,7 @@ MODE_ORDER = ("forward", "backward", "full", "inference", "train")
 DTYPE_ORDER = ("fp32", "bf16", "fp16")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def op_order() -> tuple[str, ...]:
     """The ops in the order of their declarations (htsat_kernels.ops.OPS), imported on first use:
     this module stays importable without torch (bench.compare uses its table formatting)."""
@@ -55,7 +55,7 @@ def fmt(x, kind: str = "g") -> str:
     return str(x)
 
 
-def format_table(headers: list[str], rows: list[list[str]], right: Optional[set[int]] = None) -> str:
+def format_table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
     right = right if right is not None else set(range(len(headers)))
     widths = [len(h) for h in headers]
     for r in rows:
@@ -100,7 +100,7 @@ def reference_times(records: Iterable[dict]) -> dict:
     return ref
 
 
-def speedup_over_reference(r: dict, ref: dict) -> Optional[float]:
+def speedup_over_reference(r: dict, ref: dict) -> float | None:
     base = ref.get((r.get("section"), r.get("op"), r.get("mode"), r.get("dtype"), r.get("shape")))
     if base and r.get("median_ms"):
         return base / r["median_ms"]
@@ -111,7 +111,7 @@ class Notes:
     """Numbered footnotes for skip reasons, so a long reason is printed once per table."""
 
     def __init__(self) -> None:
-        self.reasons: "OrderedDict[str, int]" = OrderedDict()
+        self.reasons: OrderedDict[str, int] = OrderedDict()
 
     def ref(self, reason: str) -> str:
         if reason not in self.reasons:
@@ -213,7 +213,20 @@ def _interp_table(records: list[dict]) -> str:
 
 def _model_table(records: list[dict], ref: dict) -> str:
     notes = Notes()
-    headers = ["mode", "B", "dtype", "provider", "median ms", "p20-p80 ms", "clips/s", "vs ref", "peak MB", "max abs err", "max rel err", "diff vs ref (same dtype)"]
+    headers = [
+        "mode",
+        "B",
+        "dtype",
+        "provider",
+        "median ms",
+        "p20-p80 ms",
+        "clips/s",
+        "vs ref",
+        "peak MB",
+        "max abs err",
+        "max rel err",
+        "diff vs ref (same dtype)",
+    ]
     rows = []
     for r in sorted(records, key=sort_key):
         head = [r["mode"], str(r.get("batch")), r["dtype"] + (" autocast" if r.get("autocast") else ""), r["provider"]]
@@ -254,7 +267,10 @@ def render_text(result: dict) -> str:
         f"device: {meta.get('device')}   driver: {meta.get('driver') or '-'}   CUDA runtime: {meta.get('cuda_runtime') or '-'}",
         f"torch {meta.get('torch')}   triton {meta.get('triton')}   python {meta.get('python')}",
         f"commit {meta.get('git_commit') or '?'}{' (dirty)' if meta.get('git_dirty') else ''}   date {meta.get('date')}",
-        "fused ops: " + ", ".join(f"{k}={'available' if v == 'available' else 'unavailable'}" for k, v in (meta.get("fused_status") or {}).items()),
+        "fused ops: "
+        + ", ".join(
+            f"{k}={'available' if v == 'available' else 'unavailable'}" for k, v in (meta.get("fused_status") or {}).items()
+        ),
         "=" * 100,
     ]
     ref = reference_times(records)
@@ -382,7 +398,10 @@ def write_plots(stem: Path, result: dict) -> list[Path]:
     m_recs = [r for r in records if r.get("section") == "model"]
     if m_recs:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4), squeeze=False)
-        groups = sorted({(r["mode"], r.get("batch") or 0, r["dtype"]) for r in m_recs}, key=lambda g: (_order(g[0], MODE_ORDER), g[1], _order(g[2], DTYPE_ORDER)))
+        groups = sorted(
+            {(r["mode"], r.get("batch") or 0, r["dtype"]) for r in m_recs},
+            key=lambda g: (_order(g[0], MODE_ORDER), g[1], _order(g[2], DTYPE_ORDER)),
+        )
         provs = [p for p in PROVIDER_ORDER if any(r["provider"] == p for r in m_recs)]
         width = 0.8 / max(len(provs), 1)
         for ax, key, ylabel in ((axes[0][0], "clips_per_s", "clips / s"), (axes[0][1], "peak_mem_mb", "peak memory (MB)")):
@@ -390,7 +409,9 @@ def write_plots(stem: Path, result: dict) -> list[Path]:
             for k, p in enumerate(provs):
                 ys = []
                 for g in groups:
-                    r = next((r for r in m_recs if r["provider"] == p and (r["mode"], r.get("batch") or 0, r["dtype"]) == g), None)
+                    r = next(
+                        (r for r in m_recs if r["provider"] == p and (r["mode"], r.get("batch") or 0, r["dtype"]) == g), None
+                    )
                     v = r.get(key) if r and not r.get("skipped_reason") else None
                     ys.append(v or 0.0)
                     any_bar |= bool(v)

@@ -11,12 +11,8 @@ come from ``bench.gpu_limits.device_peaks`` (the devices table, else a measured 
 
 from __future__ import annotations
 
-from typing import Optional
 
-
-def ideal_ms(
-    nbytes: Optional[float], flops: Optional[float], peak_gbps: Optional[float], peak_tflops: Optional[float]
-) -> Optional[float]:
+def ideal_ms(nbytes: float | None, flops: float | None, peak_gbps: float | None, peak_tflops: float | None) -> float | None:
     """max(bytes / bandwidth, flops / peak) in ms; a term with an unknown peak or count is left out."""
     terms = []
     if nbytes and peak_gbps:
@@ -26,7 +22,7 @@ def ideal_ms(
     return max(terms) * 1e3 if terms else None
 
 
-def pct_of_roofline(ideal: Optional[float], measured_ms: Optional[float]) -> Optional[float]:
+def pct_of_roofline(ideal: float | None, measured_ms: float | None) -> float | None:
     """100 * ideal / measured: how close a measured time comes to the roofline (100 = at the roof)."""
     if ideal is None or not measured_ms:
         return None

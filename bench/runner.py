@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from .context import Case, RunContext
 from .harness import Skip, blank_record, reason_of, time_prepared
 
 
-def run_case(case: Case, ctx: RunContext, peak_bw_gbps: Optional[float] = None) -> dict:
+def run_case(case: Case, ctx: RunContext, peak_bw_gbps: float | None = None) -> dict:
     rec = blank_record(**case.fields())
     rec.update({"reps": None, "pct_peak_bw": None})
     reason = case.plan_skip(ctx)

@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 from . import gpu_limits
 
@@ -27,8 +26,8 @@ from . import gpu_limits
 # Tools
 
 
-@functools.lru_cache(maxsize=None)
-def find_tool(name: str) -> Optional[str]:
+@functools.cache
+def find_tool(name: str) -> str | None:
     """cuobjdump / nvdisasm: $CUOBJDUMP / $NVDISASM, nvcc's bin dir, $CUDA_HOME/bin, PATH, then
     the copy bundled with Triton (triton/backends/nvidia/bin)."""
     env = os.environ.get(name.upper())
@@ -182,7 +181,7 @@ def classify_cuda_kernel(short: str) -> dict:
     return {"op": op, "direction": direction, "dtype": dtype}
 
 
-def extension_path() -> Optional[str]:
+def extension_path() -> str | None:
     spec = importlib.util.find_spec("htsat_kernels")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -193,7 +192,7 @@ def extension_path() -> Optional[str]:
     return None
 
 
-def cuda_records(so_path: Optional[str] = None) -> tuple[list[dict], Optional[str]]:
+def cuda_records(so_path: str | None = None) -> tuple[list[dict], str | None]:
     """Records of every CUDA kernel in the extension, and a note when there are none to read."""
     so_path = so_path or extension_path()
     if not so_path:

@@ -42,9 +42,7 @@ def _ctx() -> RunContext:
             torch.set_num_threads(ARGS.threads or 1)  # as python -m bench does on CPU
         elif ARGS.threads:
             torch.set_num_threads(ARGS.threads)
-        _CTX = RunContext(
-            device=DEVICE, quick=ARGS.quick, timing=TimingConfig(), model_compile_on_cpu=ARGS.model_compile_on_cpu
-        )
+        _CTX = RunContext(device=DEVICE, quick=ARGS.quick, timing=TimingConfig(), model_compile_on_cpu=ARGS.model_compile_on_cpu)
     return _CTX
 
 

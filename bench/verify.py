@@ -32,7 +32,9 @@ def model_check(device: torch.device) -> dict:
         trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
         out["presets"][name] = {"classes": m.config.num_classes, "trainable_params": trainable}
         if name in EXPECTED_TRAINABLE:
-            out["checks"].append((f"{name} trainable parameters = {EXPECTED_TRAINABLE[name]:,}", trainable == EXPECTED_TRAINABLE[name]))
+            out["checks"].append(
+                (f"{name} trainable parameters = {EXPECTED_TRAINABLE[name]:,}", trainable == EXPECTED_TRAINABLE[name])
+            )
 
     torch.manual_seed(0)
     model = htsat.create_model("htsat-audioset").to(device).eval()

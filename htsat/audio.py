@@ -280,8 +280,10 @@ def stream_audio(path: PathLike, sample_rate: int, *, block_seconds: float = 30.
         rate = int(f.samplerate)
         declared = wav_declared_frames(path)
         if declared is not None and declared > f.frames and warn is not None:
-            warn(f"{path}: truncated: the header declares {declared} samples, the file holds {f.frames} "
-                 f"({f.frames / rate:.2f} of {declared / rate:.2f} s); read as far as it goes")
+            warn(
+                f"{path}: truncated: the header declares {declared} samples, the file holds {f.frames} "
+                f"({f.frames / rate:.2f} of {declared / rate:.2f} s); read as far as it goes"
+            )
         stream = None
         if rate != int(sample_rate):
             stream = _soxr().ResampleStream(rate, int(sample_rate), 1, dtype="float32", quality=quality)
@@ -294,7 +296,9 @@ def stream_audio(path: PathLike, sample_rate: int, *, block_seconds: float = 30.
                 if read == 0:
                     raise AudioError(path, f"cannot read audio ({type(e).__name__}: {e})") from e
                 if warn is not None:
-                    warn(f"{path}: decoding stopped at {read / rate:.2f} s ({type(e).__name__}: {e}); using the audio read so far")
+                    warn(
+                        f"{path}: decoding stopped at {read / rate:.2f} s ({type(e).__name__}: {e}); using the audio read so far"
+                    )
                 data = np.zeros((0, 1), np.float32)
             last = data.shape[0] < block
             read += data.shape[0]

@@ -12,8 +12,9 @@ import dataclasses
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,8 +63,14 @@ def _source(path_or_obj) -> str:
 
 
 # the first bytes of files people pass by mistake, for "this is not a checkpoint" messages
-_MAGIC = ((b"RIFF", "a RIFF/WAV audio file"), (b"fLaC", "a FLAC audio file"), (b"OggS", "an Ogg audio file"),
-          (b"ID3", "an MP3 audio file"), (b"\xff\xfb", "an MP3 audio file"), (b"{", "a JSON or text file"))
+_MAGIC = (
+    (b"RIFF", "a RIFF/WAV audio file"),
+    (b"fLaC", "a FLAC audio file"),
+    (b"OggS", "an Ogg audio file"),
+    (b"ID3", "an MP3 audio file"),
+    (b"\xff\xfb", "an MP3 audio file"),
+    (b"{", "a JSON or text file"),
+)
 
 
 def _load_failure(path: str, exc: Exception) -> str:
@@ -93,7 +100,7 @@ def _load_failure(path: str, exc: Exception) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def read_checkpoint(path_or_obj: Union[str, os.PathLike, Mapping]) -> Mapping:
+def read_checkpoint(path_or_obj: str | os.PathLike | Mapping) -> Mapping:
     """A checkpoint file read with torch.load(weights_only=True) (a mapping passes through).
 
     Raises FileNotFoundError for a missing file and CheckpointError naming the file for anything
@@ -158,9 +165,7 @@ def _derived_matches(key: str, theirs: Tensor, ours: Tensor) -> bool:
     return torch.allclose(theirs.float(), ours.detach().cpu().float(), rtol=1e-4, atol=1e-5)
 
 
-def load_checkpoint(
-    model: HTSAT, path_or_state_dict: Union[str, os.PathLike, Mapping], *, drop_head: bool = False
-) -> LoadReport:
+def load_checkpoint(model: HTSAT, path_or_state_dict: str | os.PathLike | Mapping, *, drop_head: bool = False) -> LoadReport:
     """Load the original's .ckpt (keys under 'state_dict' with the 'sed_model.' prefix), a plain
     state_dict or our own format into ``model``. ``drop_head=True`` skips head.* and tscam_conv.*
     (fine-tuning with a new class count). Raises CheckpointError on any mismatch, naming the file."""
@@ -185,7 +190,7 @@ def _load_into(model: HTSAT, obj: Mapping, drop_head: bool) -> LoadReport:
     report = LoadReport(source_format=kind, skipped_other=skipped_other)
     to_load: dict[str, Tensor] = {}
     unexpected, bad_shape, bad_derived = [], [], []
-    class_mismatch: Optional[str] = None
+    class_mismatch: str | None = None
     for key, value in sd.items():
         if drop_head and key.startswith(HEAD_PREFIXES):
             report.skipped_head.append(key)
@@ -233,7 +238,7 @@ def _load_into(model: HTSAT, obj: Mapping, drop_head: bool) -> LoadReport:
     return report
 
 
-def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, then rename: a kill never leaves half a file."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -251,7 +256,7 @@ def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
         raise
 
 
-def save_checkpoint(model: HTSAT, path: Union[str, os.PathLike], **extra: Any) -> None:
+def save_checkpoint(model: HTSAT, path: str | os.PathLike, **extra: Any) -> None:
     """Our format: {"format", "version", "config", "state_dict", **extra}, written atomically."""
     model = getattr(model, "module", model)  # DDP
     model = getattr(model, "_orig_mod", model)  # torch.compile
@@ -260,7 +265,7 @@ def save_checkpoint(model: HTSAT, path: Union[str, os.PathLike], **extra: Any) -
     atomic_save(obj, path)
 
 
-def _config_value_problem(key: str, value: Any) -> Optional[str]:
+def _config_value_problem(key: str, value: Any) -> str | None:
     """Why a saved config value has the wrong type for its field (checked before the dataclass
     sees it, whose own checks would fail with an unrelated TypeError); None when it fits."""
     fields = {f.name: f for f in dataclasses.fields(HTSATConfig)}
@@ -303,8 +308,11 @@ def saved_config(obj: Mapping) -> HTSATConfig:
 
 
 def model_from_checkpoint(
-    path_or_obj: Union[str, os.PathLike, Mapping], *, name: Optional[str] = None, backend: str = "auto",
-    source: Optional[str] = None,
+    path_or_obj: str | os.PathLike | Mapping,
+    *,
+    name: str | None = None,
+    backend: str = "auto",
+    source: str | None = None,
 ) -> HTSAT:
     """Build and load a model: from the saved config of our format, or from a preset (``name``,
     default htsat-audioset) for original checkpoints, with the class count read from tscam_conv.

@@ -20,7 +20,9 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="htsat", description="HTS-AT audio tagging and sound event detection: training and inference.")
+    p = argparse.ArgumentParser(
+        prog="htsat", description="HTS-AT audio tagging and sound event detection: training and inference."
+    )
     sub = p.add_subparsers(dest="command", metavar="{train,predict,embed}")
     sub.required = True
 
@@ -46,12 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--top-k", type=int, default=5)
     q.add_argument("--framewise", action="store_true", help="also report events (onset, offset, label, score)")
     q.add_argument("--threshold", type=float, default=0.5, help="framewise probability threshold for events")
-    q.add_argument("--merge-gap", type=float, default=0.0, help="merge events of one class separated by at most this many seconds")
+    q.add_argument(
+        "--merge-gap", type=float, default=0.0, help="merge events of one class separated by at most this many seconds"
+    )
     q.add_argument("--min-duration", type=float, default=0.0, help="drop events shorter than this (seconds)")
     q.add_argument("-o", "--output", help="write results to this file (format from its extension) instead of stdout")
-    q.add_argument("--format", choices=PREDICT_FORMATS,
-                   help="table, jsonl, json, csv (file, rank, label, score) or tsv (DCASE events; implies --framewise); "
-                   "default: from -o's extension, else table")
+    q.add_argument(
+        "--format",
+        choices=PREDICT_FORMATS,
+        help="table, jsonl, json, csv (file, rank, label, score) or tsv (DCASE events; implies --framewise); "
+        "default: from -o's extension, else table",
+    )
     q.add_argument("--json", action="store_true", help="same as --format json")
     _add_run_arguments(q)
 
@@ -63,8 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_input_arguments(e)
-    e.add_argument("--embedding", choices=("latent_output", "clap_embedding"), default="latent_output",
-                   help="the pooled HTS-AT features, or the normalised CLAP joint-space embedding (clap-htsat-* checkpoints)")
+    e.add_argument(
+        "--embedding",
+        choices=("latent_output", "clap_embedding"),
+        default="latent_output",
+        help="the pooled HTS-AT features, or the normalised CLAP joint-space embedding (clap-htsat-* checkpoints)",
+    )
     e.add_argument("-o", "--output", help="write to this file: .npy (+ .files.txt), .npz (embeddings, files), .jsonl, .json")
     e.add_argument("--format", choices=EMBED_FORMATS, help="default: from -o's extension, else jsonl")
     _add_run_arguments(e)
@@ -75,25 +86,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_input_arguments(q) -> None:
     q.add_argument("files", nargs="+", help="audio files, folders (searched recursively), glob patterns or @list.txt files")
-    q.add_argument("--checkpoint", required=True, help="our checkpoint (from htsat train), an original HTS-AT .ckpt or a CLAP one")
-    q.add_argument("--model", help="preset or JSON config for checkpoints without a saved config (htsat-audioset when left out; "
-                   "must agree with a saved one)")
+    q.add_argument(
+        "--checkpoint", required=True, help="our checkpoint (from htsat train), an original HTS-AT .ckpt or a CLAP one"
+    )
+    q.add_argument(
+        "--model",
+        help="preset or JSON config for checkpoints without a saved config (htsat-audioset when left out; "
+        "must agree with a saved one)",
+    )
 
 
 def _add_run_arguments(q) -> None:
-    q.add_argument("--short-clips", choices=("tile", "stretch", "zeros"), default="tile",
-                   help="clips shorter than clip_seconds: tile them (as in training), stretch (the original) or zero-pad "
-                   "(CLAP presets always repeat-pad, their own rule)")
+    q.add_argument(
+        "--short-clips",
+        choices=("tile", "stretch", "zeros"),
+        default="tile",
+        help="clips shorter than clip_seconds: tile them (as in training), stretch (the original) or zero-pad "
+        "(CLAP presets always repeat-pad, their own rule)",
+    )
     q.add_argument("--allow-silent", action="store_true", help="process silent-only files instead of reporting them")
     q.add_argument("--batch-size", type=int, default=16, help="windows of clip_seconds per forward, across files")
-    q.add_argument("--num-workers", type=int, default=min(4, max(0, (os.cpu_count() or 1) - 1)),
-                   help="processes decoding and resampling audio (0: in the main process)")
+    q.add_argument(
+        "--num-workers",
+        type=int,
+        default=min(4, max(0, (os.cpu_count() or 1) - 1)),
+        help="processes decoding and resampling audio (0: in the main process)",
+    )
     q.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     q.add_argument("--backend", default="auto", choices=BACKENDS)
-    q.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU")
-    q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar on stderr (default: when stderr is a terminal)")
+    q.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU",
+    )
+    q.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
 
 
 def _add_protocol_parsers(sub) -> None:
@@ -151,10 +183,11 @@ def _run_cv(cfg) -> int:
         return 0
     for r in res["folds"]:
         print(f"fold {r['fold']}: best {r['metric']} {r['best']:.4f} (epoch {r['best_epoch']}), last {r['last']:.4f}")
-    print(f"{len(res['folds'])}-fold {res['metric']}: best {res['best_mean']:.4f} +- {res['best_std']:.4f}, "
-          f"last {res['last_mean']:.4f} +- {res['last_std']:.4f} ({cfg.out}/cv_summary.json)")
+    print(
+        f"{len(res['folds'])}-fold {res['metric']}: best {res['best_mean']:.4f} +- {res['best_std']:.4f}, "
+        f"last {res['last_mean']:.4f} +- {res['last_std']:.4f} ({cfg.out}/cv_summary.json)"
+    )
     return 0
-
 
 
 def _check_run_args(args) -> None:
@@ -178,14 +211,24 @@ def _run_inference(args) -> int:
         fmt = format_for(args.output, args.format, EMBED_FORMATS, "jsonl")
     inputs = expand_inputs(args.files)
     predictor = Predictor.from_checkpoint(
-        args.checkpoint, name=args.model, backend=args.backend, device=args.device,
-        labels_file=getattr(args, "labels", None), short_clips=args.short_clips,
-        silence_db=None if args.allow_silent else -80.0, precision=args.precision, batch_size=args.batch_size,
+        args.checkpoint,
+        name=args.model,
+        backend=args.backend,
+        device=args.device,
+        labels_file=getattr(args, "labels", None),
+        short_clips=args.short_clips,
+        silence_db=None if args.allow_silent else -80.0,
+        precision=args.precision,
+        batch_size=args.batch_size,
         num_workers=args.num_workers,
     )
     if predicting:
         results = predictor.iter_files(
-            inputs, top_k=args.top_k, framewise=framewise, threshold=args.threshold, merge_gap=args.merge_gap,
+            inputs,
+            top_k=args.top_k,
+            framewise=framewise,
+            threshold=args.threshold,
+            merge_gap=args.merge_gap,
             min_duration=args.min_duration,
         )
     else:
@@ -202,6 +245,7 @@ def _run_inference(args) -> int:
             bar.write(line, file=sys.stderr)
         else:
             print(line, file=sys.stderr, flush=True)
+
     failed = hours = 0
     threshold = args.threshold if predicting and framewise else None
     try:
@@ -234,7 +278,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from .audio import AudioError
     from .data import ManifestError
-
     from .training import TrainingError
 
     known = (AudioError, ManifestError, OSError, ValueError, BackendUnavailable, TrainingError)  # OSError messages name the file

@@ -125,14 +125,14 @@ class HTSATConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "HTSATConfig":
+    def from_dict(cls, d: dict[str, Any]) -> HTSATConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown HTS-AT config fields {unknown}; known fields: {sorted(known)}")
         return cls(**d)
 
-    def replace(self, **overrides: Any) -> "HTSATConfig":
+    def replace(self, **overrides: Any) -> HTSATConfig:
         return self.from_dict({**self.to_dict(), **overrides})
 
 

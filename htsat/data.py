@@ -1,5 +1,8 @@
 """Datasets for training and evaluation: CSV manifests, ESC-50 folders, class lists, batching.
 
+(Over 500 lines on purpose: manifests, class lists and datasets share one label grammar and one way
+of reporting a bad line, file and label.)
+
 Manifest: a CSV file with a header and the columns ``path`` (audio file, relative paths are
 resolved against the manifest's folder or an explicit root) and ``labels`` (class names separated
 by ``;``, may be empty for a clip without any positive class in multi-label data), and optionally
@@ -30,8 +33,8 @@ import json
 import math
 import os
 import unicodedata
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -70,8 +73,8 @@ class Item:
     """One clip: absolute audio path, its labels, optional fold, and where it was declared."""
 
     path: str
-    labels: Tuple[str, ...]
-    fold: Optional[str] = None
+    labels: tuple[str, ...]
+    fold: str | None = None
     source: str = ""
     line: int = 0
 
@@ -99,13 +102,13 @@ def _read_text(path: str, what: str) -> str:
         ) from None
 
 
-def _csv_rows(path: str, what: str) -> Tuple[List[str], Iterator[Tuple[int, dict]]]:
+def _csv_rows(path: str, what: str) -> tuple[list[str], Iterator[tuple[int, dict]]]:
     """Header (stripped names) and an iterator of (line, row dict) of a CSV file; blank lines
     skipped, missing trailing cells None. Malformed CSV is a ManifestError naming the file and the
     row's first line: an unbalanced quote (strict parsing), a field over csv's size limit."""
     reader = csv.reader(io.StringIO(_read_text(path, what), newline=""), strict=True)
 
-    def records() -> Iterator[Tuple[int, List[str]]]:
+    def records() -> Iterator[tuple[int, list[str]]]:
         end = 0  # last line of the previous record
         try:
             for row in reader:
@@ -143,11 +146,11 @@ def check_name(name: str, where: str, what: str = "label") -> str:
     return name
 
 
-def _split_labels(text: str, sep: str, where: str = "") -> Tuple[str, ...]:
+def _split_labels(text: str, sep: str, where: str = "") -> tuple[str, ...]:
     return tuple(check_name(lab.strip(), where) for lab in (text or "").split(sep) if lab.strip())
 
 
-def read_manifest(path, *, root: Optional[str] = None, label_sep: str = LABEL_SEP) -> List[Item]:
+def read_manifest(path, *, root: str | None = None, label_sep: str = LABEL_SEP) -> list[Item]:
     """Read a CSV manifest (columns ``path``, ``labels``, optional ``fold``).
 
     Relative audio paths are resolved against ``root`` (default: the manifest's folder).
@@ -159,7 +162,7 @@ def read_manifest(path, *, root: Optional[str] = None, label_sep: str = LABEL_SE
     if not os.path.isfile(path):
         raise ManifestError(f"{path}: manifest not found")
     base = os.path.abspath(root) if root is not None else os.path.dirname(os.path.abspath(path))
-    items: List[Item] = []
+    items: list[Item] = []
     fields, rows = _csv_rows(path, "manifest")
     missing = [c for c in ("path", "labels") if c not in fields]
     if missing:
@@ -186,7 +189,7 @@ def read_manifest(path, *, root: Optional[str] = None, label_sep: str = LABEL_SE
     return items
 
 
-def read_esc50(root, *, meta: Optional[str] = None, audio_dir: Optional[str] = None) -> Tuple[List[Item], List[str]]:
+def read_esc50(root, *, meta: str | None = None, audio_dir: str | None = None) -> tuple[list[Item], list[str]]:
     """Read an ESC-50-style folder: ``meta/esc50.csv`` + ``audio/``.
 
     Returns the items (label = ``category``, fold = ``fold``) and the class list ordered by the
@@ -197,7 +200,7 @@ def read_esc50(root, *, meta: Optional[str] = None, audio_dir: Optional[str] = N
     audio_dir = audio_dir or os.path.join(root, "audio")
     if not os.path.isfile(meta):
         raise ManifestError(f"{root}: not an ESC-50 folder (no {os.path.relpath(meta, root)})")
-    items: List[Item] = []
+    items: list[Item] = []
     by_target = {}
     fields, rows = _csv_rows(meta, "ESC-50 meta file")
     missing = [c for c in ("filename", "fold", "target", "category") if c not in fields]
@@ -220,7 +223,7 @@ def read_esc50(root, *, meta: Optional[str] = None, audio_dir: Optional[str] = N
     return items, [by_target[t] for t in targets]
 
 
-def read_dataset(spec, *, root: Optional[str] = None, label_sep: str = LABEL_SEP) -> Tuple[List[Item], Optional[List[str]]]:
+def read_dataset(spec, *, root: str | None = None, label_sep: str = LABEL_SEP) -> tuple[list[Item], list[str] | None]:
     """A manifest CSV or an ESC-50 folder -> (items, classes or None when the source has no list)."""
     spec = os.fspath(spec)
     if os.path.isdir(spec):
@@ -250,7 +253,7 @@ def read_class_aliases(path) -> dict:
     return {(row["mid"] or "").strip(): (row["display_name"] or "").strip() for _, row in rows}
 
 
-def apply_aliases(items: Sequence[Item], aliases: dict) -> List[Item]:
+def apply_aliases(items: Sequence[Item], aliases: dict) -> list[Item]:
     """Items with every label that is an alias (e.g. an AudioSet mid) replaced by its class name."""
     if not aliases:
         return list(items)
@@ -262,7 +265,7 @@ def apply_aliases(items: Sequence[Item], aliases: dict) -> List[Item]:
     ]
 
 
-def read_class_list(path) -> List[str]:
+def read_class_list(path) -> list[str]:
     """Read a class list: ``.json`` (a list, or {"classes": [...]}), a CSV with a header (column
     ``display_name`` as in AudioSet's class_labels_indices.csv, or ``label``/``name``/``class``,
     or its only column), or plain text with one class per line. ``"audioset"``: the 527 AudioSet
@@ -276,7 +279,7 @@ def read_class_list(path) -> List[str]:
         path = _shipped_audioset_csv()
     if not os.path.isfile(path):
         raise ManifestError(f"{path}: class list not found")
-    classes: List[str]
+    classes: list[str]
     if path.lower().endswith(".json"):
         try:
             obj = json.loads(_read_text(path, "class list"))
@@ -320,7 +323,7 @@ def write_class_list(classes: Sequence[str], path) -> None:
         f.write("".join(("\\" + c if c.startswith(("#", "\\")) else c) + "\n" for c in classes))
 
 
-def classes_from_items(items: Sequence[Item], *, val_items: Optional[Sequence[Item]] = None) -> List[str]:
+def classes_from_items(items: Sequence[Item], *, val_items: Sequence[Item] | None = None) -> list[str]:
     """Sorted unique labels of the (training) items: the class list when none is given.
 
     A label of ``val_items`` that no training item has is an error: it would become a class
@@ -356,7 +359,7 @@ def check_labels(items: Sequence[Item], classes: Sequence[str]) -> None:
         )
 
 
-def split_by_fold(items: Sequence[Item], val_fold: str) -> Tuple[List[Item], List[Item]]:
+def split_by_fold(items: Sequence[Item], val_fold: str) -> tuple[list[Item], list[Item]]:
     """Items whose fold differs from / equals ``val_fold`` (as strings)."""
     val_fold = str(val_fold)
     if not any(it.fold is not None for it in items):
@@ -410,9 +413,9 @@ class AudioDataset(Dataset):
         *,
         train: bool = True,
         pad: str = "tile",
-        crop: Optional[str] = None,
+        crop: str | None = None,
         on_error: str = "skip",
-        silence_db: Optional[float] = DEFAULT_SILENCE_DB,
+        silence_db: float | None = DEFAULT_SILENCE_DB,
         seed: int = 0,
         cache: bool = False,
     ):
@@ -472,7 +475,7 @@ class AudioDataset(Dataset):
         return wave
 
     def __getitem__(self, i: int) -> dict:
-        bad: List[str] = []
+        bad: list[str] = []
         j = int(i)
         valid = True
         n = len(self.items)
@@ -563,7 +566,7 @@ class ResumableSampler(Sampler):
     def set_start(self, start: int) -> None:
         self.start = max(0, min(int(start), self.num_samples))
 
-    def shard(self) -> List[int]:
+    def shard(self) -> list[int]:
         """This rank's full index list for the current epoch."""
         if self.shuffle:
             g = torch.Generator()

@@ -28,11 +28,31 @@ __all__ = ["AUDIO_EXTENSIONS", "InputList", "expand_inputs", "file_windows", "ru
 
 # extensions of the formats libsndfile reads (soundfile.available_formats()), with their usual aliases
 _FORMAT_EXTENSIONS = {
-    "WAV": ("wav",), "WAVEX": ("wav",), "RF64": ("rf64",), "W64": ("w64",), "AIFF": ("aif", "aiff", "aifc"),
-    "AU": ("au", "snd"), "FLAC": ("flac",), "OGG": ("ogg", "oga", "opus"), "MP3": ("mp3",), "CAF": ("caf",),
-    "VOC": ("voc",), "NIST": ("nist", "sph"), "IRCAM": ("sf",), "HTK": ("htk",), "PAF": ("paf",), "SVX": ("svx", "iff"),
-    "XI": ("xi",), "MAT4": ("mat",), "MAT5": ("mat",), "PVF": ("pvf",), "SD2": ("sd2",), "SDS": ("sds",),
-    "AVR": ("avr",), "MPC2K": ("mpc",), "WVE": ("wve",),
+    "WAV": ("wav",),
+    "WAVEX": ("wav",),
+    "RF64": ("rf64",),
+    "W64": ("w64",),
+    "AIFF": ("aif", "aiff", "aifc"),
+    "AU": ("au", "snd"),
+    "FLAC": ("flac",),
+    "OGG": ("ogg", "oga", "opus"),
+    "MP3": ("mp3",),
+    "CAF": ("caf",),
+    "VOC": ("voc",),
+    "NIST": ("nist", "sph"),
+    "IRCAM": ("sf",),
+    "HTK": ("htk",),
+    "PAF": ("paf",),
+    "SVX": ("svx", "iff"),
+    "XI": ("xi",),
+    "MAT4": ("mat",),
+    "MAT5": ("mat",),
+    "PVF": ("pvf",),
+    "SD2": ("sd2",),
+    "SDS": ("sds",),
+    "AVR": ("avr",),
+    "MPC2K": ("mpc",),
+    "WVE": ("wve",),
 }
 
 
@@ -141,7 +161,12 @@ def _one_image(plan: dict, n: int) -> bool:
 
 
 def file_windows(
-    path: str, index: int, plan: dict, *, short_clips: str = "tile", silence_db: float | None = None,
+    path: str,
+    index: int,
+    plan: dict,
+    *,
+    short_clips: str = "tile",
+    silence_db: float | None = None,
     block_seconds: float | None = None,
 ) -> Iterator[dict]:
     """Items for one file: ``{"kind": "one"|"win", "file", "wave", "start", "last", ...}`` then
@@ -257,7 +282,8 @@ class _FileState:
         fw = row["framewise_output"].astype(np.float64)
         if item["kind"] == "one":
             self.frame_seconds = (
-                plan["win"] / plan["sample_rate"] / plan["max_frames"] if plan["repeatpad"]
+                plan["win"] / plan["sample_rate"] / plan["max_frames"]
+                if plan["repeatpad"]
                 else item["wave"].shape[0] / plan["sample_rate"] / plan["max_frames"]
             )
             self._final(fw)
@@ -304,9 +330,20 @@ class _FileState:
 
 
 def run_files(
-    predictor, paths: Sequence[str], *, mode: str = "predict", top_k: int = 5, framewise: bool = False,
-    threshold: float = 0.5, merge_gap: float = 0.0, min_duration: float = 0.0, embedding: str = "latent_output",
-    batch_size: int = 16, num_workers: int = 0, keep_framewise: bool = False, problems: dict[str, str] | None = None,
+    predictor,
+    paths: Sequence[str],
+    *,
+    mode: str = "predict",
+    top_k: int = 5,
+    framewise: bool = False,
+    threshold: float = 0.5,
+    merge_gap: float = 0.0,
+    min_duration: float = 0.0,
+    embedding: str = "latent_output",
+    batch_size: int = 16,
+    num_workers: int = 0,
+    keep_framewise: bool = False,
+    problems: dict[str, str] | None = None,
 ) -> Iterator[dict]:
     """One result per path, in order, each as soon as it and the ones before it are done.
 
@@ -325,7 +362,9 @@ def run_files(
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if mode == "embed" and embedding == "clap_embedding" and model.audio_projection is None:
-        raise ValueError(f"embedding 'clap_embedding' needs a CLAP model (clap-htsat-*); {cfg.name or 'this model'} has no projection")
+        raise ValueError(
+            f"embedding 'clap_embedding' needs a CLAP model (clap-htsat-*); {cfg.name or 'this model'} has no projection"
+        )
     if mode == "embed" and embedding not in ("latent_output", "clap_embedding"):
         raise ValueError(f"unknown embedding {embedding!r} (latent_output, clap_embedding)")
     want_fw = mode == "predict" and (framewise or keep_framewise)
@@ -339,7 +378,11 @@ def run_files(
 
     def state(i) -> _FileState:
         if i not in states:
-            tracker = EventTracker(1.0, predictor.labels, threshold=threshold, merge_gap=merge_gap, min_duration=min_duration) if framewise else None
+            tracker = (
+                EventTracker(1.0, predictor.labels, threshold=threshold, merge_gap=merge_gap, min_duration=min_duration)
+                if framewise
+                else None
+            )
             states[i] = _FileState(paths[i], want_fw, tracker, keep_framewise)
         return states[i]
 
@@ -350,8 +393,11 @@ def run_files(
         out = {k: v.float().cpu().numpy() for k, v in out.items()}
         return [{k: v[r] for k, v in out.items()} for r in range(len(items))]
 
-    keys = ["clipwise_logits"] + (["framewise_output"] if want_fw else []) + (
-        ["latent_output"] + (["clap_projection"] if model.audio_projection is not None else []) if mode == "embed" else [])
+    keys = (
+        ["clipwise_logits"]
+        + (["framewise_output"] if want_fw else [])
+        + (["latent_output"] + (["clap_projection"] if model.audio_projection is not None else []) if mode == "embed" else [])
+    )
 
     def run(items: list[dict]) -> None:
         items = [it for it in items if it["file"] not in finished]  # a file may fail while its windows wait

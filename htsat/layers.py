@@ -8,7 +8,6 @@ checkpointing works, and patch_norm=False only removes the patch-embedding norm.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 import torch.utils.checkpoint
@@ -79,7 +78,7 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def forward(self, windows: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def forward(self, windows: Tensor, mask: Tensor | None) -> Tensor:
         dropout_p = self.attn_drop if self.training else 0.0
         table = self.relative_position_bias_table
         out = hk.window_attention(self.qkv(windows), table, mask, self.num_heads, self.scale, dropout_p)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -164,7 +163,7 @@ class HTSAT(nn.Module):
             out["clap_embedding"] = F.normalize(proj, dim=-1)
         return out
 
-    def _forward_clip(self, waveform: Tensor, mixup_lambda: Optional[Tensor], framewise: bool = True) -> dict[str, Tensor]:
+    def _forward_clip(self, waveform: Tensor, mixup_lambda: Tensor | None, framewise: bool = True) -> dict[str, Tensor]:
         if self.config.clip_fill == "repeatpad":
             waveform = repeat_pad(waveform, self._clip_samples())
         x = self.logmel(waveform)
@@ -175,7 +174,7 @@ class HTSAT(nn.Module):
                 x = mix_with_reversed(x, mixup_lambda)
         return self._forward_image(x, framewise)
 
-    def forward(self, waveform: Tensor, mixup_lambda: Optional[Tensor] = None, *, framewise: bool = True) -> dict[str, Tensor]:
+    def forward(self, waveform: Tensor, mixup_lambda: Tensor | None = None, *, framewise: bool = True) -> dict[str, Tensor]:
         """(B, samples) float waveform -> dict of clipwise_output (B, C), framewise_output (B, F, C),
         latent_output (B, D), clipwise_logits (B, C). mixup_lambda (B,) mixes with the reversed batch
         in training (the original's recipe, docs/model.md §3.6). ``framewise=False`` leaves
@@ -258,7 +257,7 @@ class HTSAT(nn.Module):
             count[:, off : off + per_win] += 1
         return framewise / count.clamp(min=1)
 
-    def _check_waveform(self, waveform: Tensor, mixup_lambda: Optional[Tensor]) -> None:
+    def _check_waveform(self, waveform: Tensor, mixup_lambda: Tensor | None) -> None:
         if not isinstance(waveform, Tensor):
             raise TypeError(f"waveform must be a torch.Tensor of shape (batch, samples), got {type(waveform).__name__}")
         if waveform.ndim != 2:
@@ -312,7 +311,7 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def create_model(name: str = "htsat-audioset", *, num_classes: Optional[int] = None, backend: str = "auto", **overrides) -> HTSAT:
+def create_model(name: str = "htsat-audioset", *, num_classes: int | None = None, backend: str = "auto", **overrides) -> HTSAT:
     """Build HTS-AT from a preset name ("htsat-audioset", "htsat-esc50", "htsat-scv2") or a JSON config
     file; ``overrides`` are HTSATConfig fields. ``backend``: "auto", "reference" or "fused"."""
     from .config import load_config

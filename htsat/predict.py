@@ -134,7 +134,9 @@ class EventTracker:
                     offset = min(offset, duration)
                 if offset - onset < self.min_duration:
                     continue
-                out.append({"onset": round(onset, 4), "offset": round(offset, 4), "label": self.labels[c], "index": c, "score": peak})
+                out.append(
+                    {"onset": round(onset, 4), "offset": round(offset, 4), "label": self.labels[c], "index": c, "score": peak}
+                )
         out.sort(key=lambda ev: (ev["onset"], -ev["score"]))
         return out
 

@@ -12,7 +12,7 @@ of the op's reference plus the keyword ``backend=None | "auto" | "reference" | "
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from . import reference
 from .backends import (
@@ -63,7 +63,7 @@ def _public(spec: OpSpec) -> Callable:
     """The public function of one op: bind, check the arguments, dispatch."""
     name, params, defaults, check = spec.name, spec.params, spec.defaults, spec.check
 
-    def op(*args, backend: Optional[str] = None, **kwargs):
+    def op(*args, backend: str | None = None, **kwargs):
         if kwargs or len(args) != len(params):
             args = _bind(name, params, defaults, args, kwargs)
         check(*args)

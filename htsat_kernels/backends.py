@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
 
 logger = logging.getLogger("htsat_kernels")
 
@@ -59,10 +59,10 @@ class FusedImpl:
     """
 
     run: Callable
-    unsupported: Callable[..., Optional[str]]
+    unsupported: Callable[..., str | None]
     auto_on_cpu: bool = True
     # "auto" only: a reason to prefer the reference although the kernel could run (it is slower there)
-    auto_declines: Optional[Callable[..., Optional[str]]] = None
+    auto_declines: Callable[..., str | None] | None = None
 
 
 # op name -> FusedImpl, or the reason the implementation could not be loaded at all.
@@ -84,7 +84,7 @@ def fused_status() -> dict[str, str]:
     return {op: ("available" if isinstance(impl, FusedImpl) else impl) for op, impl in sorted(_fused.items())}
 
 
-def dispatch(op: str, args: tuple, backend: Optional[str]) -> Callable:
+def dispatch(op: str, args: tuple, backend: str | None) -> Callable:
     """Pick the function that runs ``op(*args)`` under ``backend`` (None: the ambient choice)."""
     choice = current_backend() if backend is None else _validate(backend, "the backend argument")
     ref = _reference.get(op)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -126,7 +125,7 @@ def check_patch_merge(x, weight, bias, eps=1e-5) -> None:
     real("eps", eps, low=0.0, what="a finite number >= 0")
 
 
-def check_window_attention(qkv, table, mask: Optional[Tensor], num_heads, scale, dropout_p=0.0) -> None:
+def check_window_attention(qkv, table, mask: Tensor | None, num_heads, scale, dropout_p=0.0) -> None:
     tensor("qkv", qkv, 3, "(B*nW, N, 3C)")
     if isinstance(num_heads, bool) or not isinstance(num_heads, (int, torch.SymInt)) or num_heads <= 0:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")

@@ -25,8 +25,8 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -47,7 +47,7 @@ class Fused:
     unsupported: str
     auto_on_cpu: bool = True
     # "auto" only: a reason to prefer the reference although the kernel could run (it is slower there)
-    auto_declines: Optional[Callable[..., Optional[str]]] = None
+    auto_declines: Callable[..., str | None] | None = None
 
     def load(self) -> FusedImpl:
         """Import the module (raises if the extension / Triton is missing) and wrap its functions."""
@@ -122,7 +122,7 @@ class OpSpec:
         return [s for s in stages if self.applies_to(s)]
 
 
-def _slower_on_cpu_in_fp16(x: Tensor, *args) -> Optional[str]:
+def _slower_on_cpu_in_fp16(x: Tensor, *args) -> str | None:
     """The C++ CPU LayerNorm twins convert fp16 element by element: eager PyTorch is faster there
     (bench/results/cpu_*.json); fp32 and bf16 are faster fused at every HTS-AT shape."""
     if x.device.type == "cpu" and x.dtype == torch.float16:

@@ -31,7 +31,7 @@ def _relative_position_index(window_size: int) -> Tensor:
     return rel[..., 0] * (2 * window_size - 1) + rel[..., 1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _relative_position_index_cached(window_size: int, device: torch.device) -> Tensor:
     return _relative_position_index(window_size).to(device)  # one copy per device, not one per call
 
@@ -85,9 +85,7 @@ def window_merge(windows: Tensor, H: int, W: int, shift: int = 0) -> Tensor:
     return x
 
 
-def layer_norm_window_partition(
-    x: Tensor, weight: Tensor, bias: Tensor, eps: float, window_size: int, shift: int = 0
-) -> Tensor:
+def layer_norm_window_partition(x: Tensor, weight: Tensor, bias: Tensor, eps: float, window_size: int, shift: int = 0) -> Tensor:
     """A block's norm1 then window_partition: (B, H, W, C) -> (B*nW, N, C) of LayerNorm(C)(x)."""
     return window_partition(F.layer_norm(x, (x.shape[-1],), weight, bias, eps), window_size, shift)
 

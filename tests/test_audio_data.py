@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from cli_helpers import _one_thread, needs_audio  # noqa: F401 (_one_thread: autouse fixture)
 
 from htsat.audio import AudioError, check_audio, fit_length, is_silent, load_audio, peak_dbfs
 from htsat.data import (
@@ -24,8 +25,6 @@ from htsat.data import (
     read_manifest,
     split_by_fold,
 )
-
-from cli_helpers import _one_thread, needs_audio  # noqa: F401 (_one_thread: autouse fixture)
 
 
 def _tone(freq, seconds, sr, amp=0.3, channels=1):
@@ -148,9 +147,15 @@ def _manifest(path, rows, header="path,labels,fold"):
 
 def test_read_manifest_paths_labels_folds(tmp_path):
     (tmp_path / "sub").mkdir()
-    m = _manifest(tmp_path / "sub" / "m.csv", [("a.wav", "dog;bark", "1"), (str(tmp_path / "b.wav"), "", "2"), ("c/d.wav", " cat ", "1")])
+    m = _manifest(
+        tmp_path / "sub" / "m.csv", [("a.wav", "dog;bark", "1"), (str(tmp_path / "b.wav"), "", "2"), ("c/d.wav", " cat ", "1")]
+    )
     items = read_manifest(m)
-    assert [it.path for it in items] == [str(tmp_path / "sub" / "a.wav"), str(tmp_path / "b.wav"), str(tmp_path / "sub" / "c" / "d.wav")]
+    assert [it.path for it in items] == [
+        str(tmp_path / "sub" / "a.wav"),
+        str(tmp_path / "b.wav"),
+        str(tmp_path / "sub" / "c" / "d.wav"),
+    ]
     assert [it.labels for it in items] == [("dog", "bark"), (), ("cat",)]
     assert [it.fold for it in items] == ["1", "2", "1"]
     assert items[0].where() == f"{m}:2"

@@ -11,6 +11,7 @@ import wave
 import numpy as np
 import pytest
 import torch
+from cli_helpers import SR, _one_thread, needs_audio, tiny_model_json  # noqa: F401 (_one_thread: autouse fixture)
 
 import htsat
 from htsat.audio import MAX_PEAK, AudioError, check_audio
@@ -27,8 +28,6 @@ from htsat.data import (
     write_class_list,
 )
 from htsat.predict import NonFiniteOutputError, Predictor
-
-from cli_helpers import SR, _one_thread, needs_audio, tiny_model_json  # noqa: F401 (_one_thread: autouse fixture)
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -305,8 +304,22 @@ def test_weights_only_refusal_does_not_suggest_unpickling(tiny_ckpt, tmp_path, c
 
 def _train_cli(tmp_path, manifest, *extra):
     out = tempfile.mkdtemp(prefix="run", dir=tmp_path)  # a fresh output folder for every run
-    return main(["train", "--manifest", str(manifest), "--out", out, "--model",
-                 tiny_model_json(tmp_path / "tiny.json"), "--epochs", "1", "--num-workers", "0", *extra])
+    return main(
+        [
+            "train",
+            "--manifest",
+            str(manifest),
+            "--out",
+            out,
+            "--model",
+            tiny_model_json(tmp_path / "tiny.json"),
+            "--epochs",
+            "1",
+            "--num-workers",
+            "0",
+            *extra,
+        ]
+    )
 
 
 def test_manifest_field_over_the_csv_limit(tmp_path, capsys):

@@ -19,8 +19,19 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 RECORD_FIELDS = (
-    "op", "provider", "mode", "dtype", "shape", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb",
-    "gbps", "max_abs_err", "max_rel_err", "skipped_reason",
+    "op",
+    "provider",
+    "mode",
+    "dtype",
+    "shape",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "peak_mem_mb",
+    "gbps",
+    "max_abs_err",
+    "max_rel_err",
+    "skipped_reason",
 )
 META_FIELDS = ("device", "driver", "torch", "triton", "git_commit", "date", "quick")
 
@@ -28,9 +39,7 @@ META_FIELDS = ("device", "driver", "torch", "triton", "git_commit", "date", "qui
 def _run(args, timeout=900):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -225,8 +234,15 @@ def test_compare_flags_regressions_and_errors(tmp_path, capsys):
     from bench.compare import compare
 
     rec = {
-        "section": "ops", "op": "window_attention", "provider": "fused", "mode": "forward", "dtype": "bf16",
-        "shape": "B=32", "median_ms": 1.0, "max_rel_err": 1e-3, "skipped_reason": None,
+        "section": "ops",
+        "op": "window_attention",
+        "provider": "fused",
+        "mode": "forward",
+        "dtype": "bf16",
+        "shape": "B=32",
+        "median_ms": 1.0,
+        "max_rel_err": 1e-3,
+        "skipped_reason": None,
     }
     a = {"meta": {"device": "X"}, "records": [rec, {**rec, "provider": "sdpa"}]}
     b = {"meta": {"device": "X"}, "records": [{**rec, "median_ms": 2.0, "max_rel_err": 1e-2}, {**rec, "provider": "flex"}]}
@@ -245,7 +261,7 @@ def test_readme_shows_latest_gpu_run(quick_run, tmp_path):
     data = json.loads(path.read_text())
     shutil.copy(REPO / "bench" / "results" / "README.md", tmp_path / "README.md")
     assert update_readme(tmp_path) is None  # no GPU run yet: nothing to show
-    for i, date in enumerate(("2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00")):
+    for date in ("2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00"):
         fake = copy.deepcopy(data)
         fake["meta"].update(device="NVIDIA H100 80GB HBM3", device_type="cuda", quick=False, date=date)
         (tmp_path / f"nvidia-h100-80gb-hbm3_{date[:10]}.json").write_text(json.dumps(fake))

@@ -235,9 +235,15 @@ def _bump_mask(sd):
 
 
 ERROR_CASES = {
-    "missing-key": (_drop("layers.1.blocks.0.mlp.fc1.weight"), r"keys missing from the checkpoint: \['layers.1.blocks.0.mlp.fc1.weight'\]"),
+    "missing-key": (
+        _drop("layers.1.blocks.0.mlp.fc1.weight"),
+        r"keys missing from the checkpoint: \['layers.1.blocks.0.mlp.fc1.weight'\]",
+    ),
     "missing-buffer": (_drop("bn0.running_var"), r"keys missing from the checkpoint: \['bn0.running_var'\]"),
-    "unexpected-key": (_add("layers.9.blocks.0.norm1.weight", torch.zeros(3)), r"keys the model does not have: \['layers.9.blocks.0.norm1.weight'\]"),
+    "unexpected-key": (
+        _add("layers.9.blocks.0.norm1.weight", torch.zeros(3)),
+        r"keys the model does not have: \['layers.9.blocks.0.norm1.weight'\]",
+    ),
     "body-shape": (
         _set("layers.0.blocks.0.attn.qkv.weight", torch.zeros(70, 24)),
         r"shape mismatches: \['layers.0.blocks.0.attn.qkv.weight: checkpoint \(70, 24\) vs model \(72, 24\)'\]",
@@ -335,7 +341,9 @@ def test_original_scv2_checkpoint_loads_into_the_scv2_preset_with_cap_fmax_off()
 
 def test_front_end_of_another_n_fft_is_rejected():
     other = tiny(n_fft=1024)
-    with pytest.raises(CheckpointError, match=r"spectrogram_extractor.stft.conv_real.weight \(checkpoint \(513, 1, 1024\)") as info:
+    with pytest.raises(
+        CheckpointError, match=r"spectrogram_extractor.stft.conv_real.weight \(checkpoint \(513, 1, 1024\)"
+    ) as info:
         htsat.load_checkpoint(tiny(), other.state_dict())
     assert "logmel_extractor.melW" in str(info.value)
 

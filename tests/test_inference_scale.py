@@ -65,8 +65,17 @@ def test_expand_inputs_folders_globs_lists_and_duplicates(tmp_path):
     other = _write(tmp_path / "x" / "z.ogg", _tone(300, 0.2))
     listing = tmp_path / "list.txt"
     listing.write_text(f"# my files\n{other}\n\n{a}\n{tmp_path / 'x'}/*.ogg\n")
-    got = expand_inputs([str(tmp_path / "d"), a, f"@{listing}", str(tmp_path / "d" / "sub" / ".." / "b.wav"),
-                         str(tmp_path / "empty"), str(tmp_path / "nomatch*.wav"), str(tmp_path / "missing.wav")])
+    got = expand_inputs(
+        [
+            str(tmp_path / "d"),
+            a,
+            f"@{listing}",
+            str(tmp_path / "d" / "sub" / ".." / "b.wav"),
+            str(tmp_path / "empty"),
+            str(tmp_path / "nomatch*.wav"),
+            str(tmp_path / "missing.wav"),
+        ]
+    )
     assert list(got) == [c, a, b, other, str(tmp_path / "empty"), str(tmp_path / "nomatch*.wav"), str(tmp_path / "missing.wav")]
     assert "no audio files" in got.problems[str(tmp_path / "empty")]
     assert got.problems[str(tmp_path / "nomatch*.wav")] == "no files match this pattern"
@@ -79,8 +88,25 @@ def test_cli_folder_each_file_once_in_order_with_bad_ones_reported(ckpt, tmp_pat
     paths = [_write(tmp_path / "in" / f"{i:02d}.wav", _tone(200 + 150 * i, 0.4 + 0.9 * i, seed=i)) for i in range(6)]
     (tmp_path / "in" / "03b.wav").write_bytes(b"RIFF junk")
     bad = str(tmp_path / "in" / "03b.wav")
-    rc = main(["predict", str(tmp_path / "in"), paths[2], str(tmp_path / "in" / "0*.wav"), "--checkpoint", ckpt["path"],
-               "--format", "jsonl", "--backend", "reference", "--batch-size", "3", "--num-workers", "0", "--no-progress"])
+    rc = main(
+        [
+            "predict",
+            str(tmp_path / "in"),
+            paths[2],
+            str(tmp_path / "in" / "0*.wav"),
+            "--checkpoint",
+            ckpt["path"],
+            "--format",
+            "jsonl",
+            "--backend",
+            "reference",
+            "--batch-size",
+            "3",
+            "--num-workers",
+            "0",
+            "--no-progress",
+        ]
+    )
     out, err = capsys.readouterr()
     rows = [json.loads(x) for x in out.splitlines()]
     assert [r["file"] for r in rows] == paths[:4] + [bad] + paths[4:]
@@ -117,7 +143,9 @@ def test_streamed_result_equals_forward_on_the_whole_file(ckpt, tmp_path, monkey
     assert {t["label"]: t["score"] for t in res["top"]} == pytest.approx(dict(zip("abc", scores.tolist())), abs=1e-5)
     # the incremental events are detect_events on the whole map
     whole = detect_events(want["framewise_output"][0].numpy(), res["frame_seconds"], list("abc"), duration=seconds)
-    assert [(e["onset"], e["offset"], e["label"]) for e in res["events"]] == [(e["onset"], e["offset"], e["label"]) for e in whole]
+    assert [(e["onset"], e["offset"], e["label"]) for e in res["events"]] == [
+        (e["onset"], e["offset"], e["label"]) for e in whole
+    ]
     assert [e["score"] for e in res["events"]] == pytest.approx([e["score"] for e in whole], abs=1e-5)
     emb = list(pred.embed_files([path]))[0]["embedding"]
     np.testing.assert_allclose(emb, want["latent_output"][0].numpy(), atol=1e-5)
@@ -195,7 +223,9 @@ def test_output_formats_json_csv_tsv(ckpt, tmp_path, capsys):
     out_csv = tmp_path / "r.csv"
     assert main(["predict", good, bad, "-o", str(out_csv), *base]) == 1
     lines = out_csv.read_text().splitlines()
-    assert lines[0] == "file,rank,label,score,error" and lines[1].startswith(f"{good},1,") and lines[3] == f"{bad},,,,file not found"
+    assert (
+        lines[0] == "file,rank,label,score,error" and lines[1].startswith(f"{good},1,") and lines[3] == f"{bad},,,,file not found"
+    )
     out_tsv = tmp_path / "events.tsv"
     assert main(["predict", good, "-o", str(out_tsv), "--threshold", "0.0", *base]) == 0  # tsv implies --framewise
     rows = [r.split("\t") for r in out_tsv.read_text().splitlines()]
@@ -284,8 +314,12 @@ def test_bad_arguments_are_one_line(ckpt, tmp_path, capsys, monkeypatch):
     if not torch.cuda.is_available():
         _one_line(capsys, main(["predict", *base, "--device", "cuda"]), "--device cuda: no CUDA device is available")
     other = tiny_model_json(tmp_path / "other.json", num_classes=3, embed_dim=16)
-    _one_line(capsys, main(["predict", *base, "--model", other]), f"--model {other} disagrees with the config saved in",
-              "embed_dim 16 vs 24")
+    _one_line(
+        capsys,
+        main(["predict", *base, "--model", other]),
+        f"--model {other} disagrees with the config saved in",
+        "embed_dim 16 vs 24",
+    )
     assert main(["predict", *base, "--model", ckpt["json"], "--backend", "reference"]) == 0  # the same config: fine
     capsys.readouterr()
     from htsat_kernels import backends
@@ -329,8 +363,23 @@ def test_truncated_file_is_read_as_far_as_it_goes_with_a_warning(ckpt, tmp_path,
 
 def test_broken_pipe_is_one_line(ckpt, tmp_path):
     paths = [_write(tmp_path / f"{i}.wav", _tone(300, 0.5)) for i in range(40)]
-    cmd = [sys.executable, "-m", "htsat", "predict", *paths, "--checkpoint", ckpt["path"], "--format", "jsonl",
-           "--backend", "reference", "--num-workers", "0", "--batch-size", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "htsat",
+        "predict",
+        *paths,
+        "--checkpoint",
+        ckpt["path"],
+        "--format",
+        "jsonl",
+        "--backend",
+        "reference",
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "1",
+    ]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
     first = proc.stdout.readline()
@@ -371,7 +420,9 @@ def _rss_increase(ckpt_path, warm, path):
     # glibc's dynamic mmap threshold otherwise lets large freed buffers fragment the heap: a few MB of
     # drift unrelated to the file's length (measured: 5 MB for 1 min, 10 MB for 60, flat at 4 MB with this)
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, ckpt_path, warm, path], capture_output=True, text=True, env=env, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, ckpt_path, warm, path], capture_output=True, text=True, env=env, cwd=ROOT
+    )
     assert out.returncode == 0, out.stderr
     kb, duration, _ = out.stdout.split()
     return int(kb), float(duration)

@@ -136,9 +136,7 @@ def _expected_mask(H: int, W: int, ws: int = 8, shift: int = 4) -> torch.Tensor:
     masks = []
     for wr in range(H // ws):
         for wc in range(W // ws):
-            labels = torch.tensor(
-                [region(wr * ws + r, H) * 3 + region(wc * ws + c, W) for r in range(ws) for c in range(ws)]
-            )
+            labels = torch.tensor([region(wr * ws + r, H) * 3 + region(wc * ws + c, W) for r in range(ws) for c in range(ws)])
             diff = labels[None, :] != labels[:, None]
             masks.append(torch.where(diff, -100.0, 0.0))
     return torch.stack(masks)
@@ -471,7 +469,9 @@ def test_long_clip_framewise_is_on_the_real_time_axis():
         b = model(y)["framewise_output"]
     frame_sec = model.frame_seconds(S)
     first_affected = min(
-        round(s / cfg.sample_rate / frame_sec) for s in model.window_starts(S) if s + tiny_samples(model, cfg.clip_seconds) > S - tiny_samples(model, 0.5)
+        round(s / cfg.sample_rate / frame_sec)
+        for s in model.window_starts(S)
+        if s + tiny_samples(model, cfg.clip_seconds) > S - tiny_samples(model, 0.5)
     )
     assert first_affected > 0
     torch.testing.assert_close(a[:, :first_affected], b[:, :first_affected], atol=1e-6, rtol=0)
@@ -781,7 +781,9 @@ def test_attention_dropout_applies_only_in_training():
     attn.eval()
     plain = attn(x, None)
     with torch.no_grad():
-        want = attn.proj(htsat_kernels.reference.window_attention(attn.qkv(x), attn.relative_position_bias_table, None, 2, attn.scale))
+        want = attn.proj(
+            htsat_kernels.reference.window_attention(attn.qkv(x), attn.relative_position_bias_table, None, 2, attn.scale)
+        )
     torch.testing.assert_close(plain, want)
     attn.train()
     torch.manual_seed(5)

@@ -2,16 +2,16 @@
 
 import pytest
 import torch
+from original_htsat import build_original
 
 import htsat
-from original_htsat import build_original
 
 
 def _randomise(module: torch.nn.Module) -> None:
     """Move every parameter and BatchNorm statistic away from its init so the comparison means something."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for p in module.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
         module.bn0.running_mean.copy_(torch.randn(module.bn0.running_mean.shape, generator=g) * 5 - 40)

@@ -53,7 +53,7 @@ class PatchMergeCases:
         tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
         for name, f, r in zip(("out", "grad_x", "grad_weight", "grad_bias"), fused, ref):
             assert f.shape == r.shape and f.dtype == r.dtype, name
-            torch.testing.assert_close(f, r, **tol, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(f, r, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
     @pytest.mark.parametrize("shape", [(3, 8, 8, 96), (2, 16, 12, 3)], ids=str)

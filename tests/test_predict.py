@@ -6,13 +6,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from cli_helpers import FREQS, HAVE_AUDIO, SR, _one_thread, needs_audio, tiny_model_json  # noqa: F401 (_one_thread: autouse fixture)
 
 import htsat
 from htsat.cli import main
 from htsat.predict import Predictor, detect_events, format_results, labels_for
-
-from cli_helpers import SR, FREQS, tiny_model_json, HAVE_AUDIO, _one_thread, needs_audio  # noqa: F401 (_one_thread: autouse fixture)
-
 
 
 def _tone(freq, seconds, amp=0.3, rng=None, sr=SR):
@@ -44,8 +42,17 @@ def trained(tmp_path_factory):
     manifest.write_text("path,labels\n" + "\n".join(rows) + "\n")
     model_json = tiny_model_json(folder / "tiny.json")
     cfg = TrainConfig(
-        manifest=str(manifest), out=str(folder / "run"), model=model_json, epochs=6, batch_size=8, lr_schedule="constant",
-        num_workers=0, backend="reference", progress=False, cache_audio=True, log=lambda m: None,
+        manifest=str(manifest),
+        out=str(folder / "run"),
+        model=model_json,
+        epochs=6,
+        batch_size=8,
+        lr_schedule="constant",
+        num_workers=0,
+        backend="reference",
+        progress=False,
+        cache_audio=True,
+        log=lambda m: None,
     )
     train(cfg)
     return {"checkpoint": str(folder / "run" / "last.pt"), "model": model_json, "folder": folder}
@@ -60,7 +67,12 @@ def test_detect_events_merges_consecutive_frames():
     fw[38:, 1] = 0.8
     labels = ["a", "b", "c"]
     ev = detect_events(fw, 0.1, labels)
-    assert [(e["label"], e["onset"], e["offset"]) for e in ev] == [("c", 0.5, 0.8), ("a", 1.0, 2.0), ("a", 2.2, 3.0), ("b", 3.8, 4.0)]
+    assert [(e["label"], e["onset"], e["offset"]) for e in ev] == [
+        ("c", 0.5, 0.8),
+        ("a", 1.0, 2.0),
+        ("a", 2.2, 3.0),
+        ("b", 3.8, 4.0),
+    ]
     assert ev[1]["score"] == pytest.approx(0.95) and ev[2]["score"] == pytest.approx(0.7) and ev[1]["index"] == 0
     merged = detect_events(fw, 0.1, labels, merge_gap=0.2)
     assert [(e["label"], e["onset"], e["offset"]) for e in merged if e["label"] == "a"] == [("a", 1.0, 3.0)]
@@ -91,7 +103,20 @@ def test_predict_30s_file_framewise_json(trained, tmp_path, capsys):
         x[m] += 0.3 * np.sin(2 * np.pi * FREQS[name] * t[m])
     path = str(tmp_path / "long.wav")
     sf.write(path, x.astype(np.float32), SR)
-    rc = main(["predict", path, "--checkpoint", trained["checkpoint"], "--framewise", "--json", "--top-k", "3", "--backend", "reference"])
+    rc = main(
+        [
+            "predict",
+            path,
+            "--checkpoint",
+            trained["checkpoint"],
+            "--framewise",
+            "--json",
+            "--top-k",
+            "3",
+            "--backend",
+            "reference",
+        ]
+    )
     assert rc == 0
     (res,) = json.loads(capsys.readouterr().out)
     assert res["file"] == path and res["duration"] == pytest.approx(30.0)
@@ -126,7 +151,9 @@ def test_predict_short_files_table_and_bad_files(trained, tmp_path, capsys):
     (tmp_path / "junk.ogg").write_bytes(b"OggS not really")
     sf.write(str(tmp_path / "silent.wav"), np.zeros(SR, np.float32), SR)
     bad = [str(tmp_path / n) for n in ("empty.wav", "junk.ogg", "silent.wav", "missing.wav")]
-    rc = main(["predict", *paths[:2], *bad, *paths[2:], "--checkpoint", trained["checkpoint"], "--backend", "reference", "--top-k", "2"])
+    rc = main(
+        ["predict", *paths[:2], *bad, *paths[2:], "--checkpoint", trained["checkpoint"], "--backend", "reference", "--top-k", "2"]
+    )
     out, err = capsys.readouterr()
     assert rc == 1
     for p in bad:
@@ -147,7 +174,19 @@ def test_predict_short_files_table_and_bad_files(trained, tmp_path, capsys):
     assert "mid" in format_results(res)
     stretched = Predictor.from_checkpoint(trained["checkpoint"], backend="reference", device="cpu", short_clips="stretch")
     assert stretched.predict_file(paths[1], top_k=1)["duration"] == pytest.approx(0.7)
-    rc = main(["predict", str(tmp_path / "silent.wav"), "--allow-silent", "--checkpoint", trained["checkpoint"], "--json", "--framewise", "--backend", "reference"])
+    rc = main(
+        [
+            "predict",
+            str(tmp_path / "silent.wav"),
+            "--allow-silent",
+            "--checkpoint",
+            trained["checkpoint"],
+            "--json",
+            "--framewise",
+            "--backend",
+            "reference",
+        ]
+    )
     assert rc == 0
     (r,) = json.loads(capsys.readouterr().out)
     assert all(e["offset"] <= 1.0 + 1e-6 for e in r["events"])
@@ -162,14 +201,43 @@ def test_predict_original_checkpoint_with_model_and_labels(trained, tmp_path, ca
     torch.save({"state_dict": {"sed_model." + k: v for k, v in model.state_dict().items()}}, ckpt)
     wav = str(tmp_path / "a.wav")
     sf.write(wav, _tone(600, 2.5), SR)  # longer than one 1 s image: sliding windows
-    rc = main(["predict", wav, "--checkpoint", str(ckpt), "--model", trained["model"], "--json", "--top-k", "5", "--backend", "reference"])
+    rc = main(
+        [
+            "predict",
+            wav,
+            "--checkpoint",
+            str(ckpt),
+            "--model",
+            trained["model"],
+            "--json",
+            "--top-k",
+            "5",
+            "--backend",
+            "reference",
+        ]
+    )
     assert rc == 0
     (res,) = json.loads(capsys.readouterr().out)
     assert [r["label"] for r in res["top"]] and {r["label"] for r in res["top"]} == {"class_0", "class_1", "class_2"}
     assert sum(r["score"] for r in res["top"]) == pytest.approx(1.0, abs=1e-4)  # clip_ce model: softmax scores
     names = tmp_path / "names.txt"
     names.write_text("cat\ndog\nbird\n")
-    rc = main(["predict", wav, "--checkpoint", str(ckpt), "--model", trained["model"], "--labels", str(names), "--top-k", "1", "--backend", "reference"])
+    rc = main(
+        [
+            "predict",
+            wav,
+            "--checkpoint",
+            str(ckpt),
+            "--model",
+            trained["model"],
+            "--labels",
+            str(names),
+            "--top-k",
+            "1",
+            "--backend",
+            "reference",
+        ]
+    )
     assert rc == 0 and capsys.readouterr().out.splitlines()[2].split()[2] in {"cat", "dog", "bird"}
     names.write_text("cat\n")
     rc = main(["predict", wav, "--checkpoint", str(ckpt), "--model", trained["model"], "--labels", str(names)])

@@ -210,7 +210,11 @@ def tones(tmp_path_factory):
     from test_train import make_tones
 
     folder = tmp_path_factory.mktemp("tones")
-    return {"manifest": make_tones(str(folder), per_class=8), "model": tiny_model_json(folder / "tiny.json"), "folder": str(folder)}
+    return {
+        "manifest": make_tones(str(folder), per_class=8),
+        "model": tiny_model_json(folder / "tiny.json"),
+        "folder": str(folder),
+    }
 
 
 def _cfg(tones, out, **kw):
@@ -256,7 +260,9 @@ def test_keep_top_keeps_the_k_best_and_survives_a_kill(tones, tmp_path):
     finally:
         outputs.fault_hook = None
     resumed = train(_cfg(tones, tmp_path / "run", keep_top=2, epochs=4, resume=True))
-    assert [(r["val_accuracy"], r["train_loss"]) for r in resumed["history"]] == [(r["val_accuracy"], r["train_loss"]) for r in hist]
+    assert [(r["val_accuracy"], r["train_loss"]) for r in resumed["history"]] == [
+        (r["val_accuracy"], r["train_loss"]) for r in hist
+    ]
     assert _top_files(resumed["out"]) == want
     for name in want:
         a = torch.load(os.path.join(ref["out"], "top", name), weights_only=True)["state_dict"]
@@ -598,7 +604,9 @@ def test_event_and_segment_f1_on_a_constructed_case(tmp_path, capsys):
     assert (two["overall"]["tp"], two["overall"]["fp"], two["overall"]["fn"]) == (1, 1, 0)
     # the CLI scores a predicted TSV
     out = tmp_path / "sed"
-    assert main(["evaluate", "--events", str(tmp_path / "ref.tsv"), "--predicted", str(tmp_path / "est.tsv"), "-o", str(out)]) == 0
+    assert (
+        main(["evaluate", "--events", str(tmp_path / "ref.tsv"), "--predicted", str(tmp_path / "est.tsv"), "-o", str(out)]) == 0
+    )
     assert "event-based F1 macro 0.4500 micro 0.4444" in capsys.readouterr().out
     m = json.load(open(out / "sed_metrics.json"))
     assert m["event_based"]["macro_f1"] == pytest.approx(0.45)

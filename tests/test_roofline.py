@@ -86,7 +86,6 @@ def test_compare_shows_roofline_columns():
 
 def test_bench_is_not_an_installed_package_but_runs_from_the_repo():
     import tomllib
-
     from setuptools import find_packages
 
     cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]

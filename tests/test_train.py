@@ -11,11 +11,10 @@ import types
 import numpy as np
 import pytest
 import torch
+from cli_helpers import FREQS, HAVE_AUDIO, SR, _one_thread, needs_audio, tiny_model_json  # noqa: F401 (_one_thread: autouse fixture)
 
 import htsat
 from htsat.training import TrainConfig, TrainingError, make_lr_lambda, original_lr_multiplier, train
-
-from cli_helpers import SR, FREQS, tiny_model_json, HAVE_AUDIO, _one_thread, needs_audio  # noqa: F401 (_one_thread: autouse fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,13 +12,11 @@ import sys
 
 import pytest
 import torch
-
-from htsat.training import TrainConfig, TrainingError, train
-from htsat.training import outputs
-from htsat.training.outputs import LOCK_NAME, OutputLock
-
 from cli_helpers import HAVE_AUDIO, _one_thread, tiny_model_json  # noqa: F401 (_one_thread: autouse fixture)
 from test_train import htsat_main, make_tones
+
+from htsat.training import TrainConfig, TrainingError, outputs, train
+from htsat.training.outputs import LOCK_NAME, OutputLock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("clips_per_s", "epoch_time")  # wall-clock figures: the only things allowed to differ

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import requires_cuda
 
 import htsat_kernels
 from htsat_kernels import reference
 from htsat_kernels.backends import BackendUnavailable
-from conftest import requires_cuda
 
 wa = pytest.importorskip("htsat_kernels.fused.window_attention")
 

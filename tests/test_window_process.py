@@ -290,8 +290,12 @@ class FusedBlockCases:
             win = wp.fused_layer_norm_window_partition(x, w, b, 1e-5, 4, 2)
             return wp.fused_window_merge_add(win * 0.5, shortcut, 8, 12, 2)
 
-        args = [torch.randn(2, 8, 12, 5, device=self.device), torch.randn(5, device=self.device),
-                torch.randn(5, device=self.device), torch.randn(2, 96, 5, device=self.device)]
+        args = [
+            torch.randn(2, 8, 12, 5, device=self.device),
+            torch.randn(5, device=self.device),
+            torch.randn(5, device=self.device),
+            torch.randn(2, 96, 5, device=self.device),
+        ]
         torch.testing.assert_close(torch.compile(block, fullgraph=True)(*args), block(*args))
 
     def test_single_window_merge_add_and_compile(self):
@@ -310,8 +314,12 @@ class FusedBlockCases:
             win = wp.fused_window_partition(wp.fused_window_merge(win, 8, 8, 0), 8, 0)
             return wp.fused_window_merge_add(win * 0.5, shortcut, 8, 8, 0)
 
-        cargs = [torch.randn(2, 8, 8, 5, device=self.device), torch.randn(5, device=self.device),
-                 torch.randn(5, device=self.device), torch.randn(2, 64, 5, device=self.device)]
+        cargs = [
+            torch.randn(2, 8, 8, 5, device=self.device),
+            torch.randn(5, device=self.device),
+            torch.randn(5, device=self.device),
+            torch.randn(2, 64, 5, device=self.device),
+        ]
         torch.testing.assert_close(torch.compile(block, fullgraph=True)(*cargs), block(*cargs))
 
     def test_error_messages(self):
@@ -322,9 +330,11 @@ class FusedBlockCases:
         with pytest.raises(RuntimeError, match=r"shortcut must have shape \[1, 16, 16, 8\]"):
             ops.window_merge_add(torch.randn(4, 64, 8, device=self.device), torch.randn(1, 16, 16, 4, device=self.device), 4)
         assert "weight must have shape (8,)" in wp.layer_norm_partition_unsupported_reason(
-            x, torch.ones(4, device=self.device), torch.zeros(8, device=self.device), 1e-5, 8, 4)
+            x, torch.ones(4, device=self.device), torch.zeros(8, device=self.device), 1e-5, 8, 4
+        )
         assert "shortcut must have shape" in wp.merge_add_unsupported_reason(
-            torch.randn(4, 64, 8, device=self.device), torch.randn(1, 256, 4, device=self.device), 16, 16, 4)
+            torch.randn(4, 64, 8, device=self.device), torch.randn(1, 256, 4, device=self.device), 16, 16, 4
+        )
 
 
 class TestFusedBlockCPU(FusedBlockCases):

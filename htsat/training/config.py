@@ -10,8 +10,9 @@ import dataclasses
 import json
 import os
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any
 
 from htsat_kernels import BACKENDS
 
@@ -27,7 +28,7 @@ class TrainingError(RuntimeError):
     output folder in use or not writable)."""
 
 
-def _model_override(text: str) -> Tuple[str, Any]:
+def _model_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (a model config field), got {text!r}")
     key, value = text.split("=", 1)
@@ -38,11 +39,11 @@ def _model_override(text: str) -> Tuple[str, Any]:
     return key.strip(), parsed
 
 
-def _optional_float(text: str) -> Optional[float]:
+def _optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "off") else float(text)
 
 
-def option(default: Any = MISSING, help: str = "", *, group: str, factory: Optional[Callable[[], Any]] = None, **cli: Any):
+def option(default: Any = MISSING, help: str = "", *, group: str, factory: Callable[[], Any] | None = None, **cli: Any):
     """A TrainConfig field with its command-line metadata. ``cli`` keys: choices, flag (the
     option string; default ``--name-with-dashes``), aliases, metavar, parse (argparse ``type``),
     nargs, append (repeatable flag collected into a list), to_value (list/namespace value ->
@@ -66,29 +67,29 @@ class TrainConfig:
         help=("CSV with columns path,labels[,fold] (labels separated by ';'), or an ESC-50 folder (meta/esc50.csv + audio/)"),
     )
     out: str = option(group="data", help="output folder (checkpoints, metrics, class list)")
-    val_manifest: Optional[str] = option(None, "validation manifest (or ESC-50 folder)", group="data")
-    val_fold: Optional[str] = option(None, "hold out this fold of --manifest for validation", group="data")
-    cv: Optional[int] = option(
+    val_manifest: str | None = option(None, "validation manifest (or ESC-50 folder)", group="data")
+    val_fold: str | None = option(None, "hold out this fold of --manifest for validation", group="data")
+    cv: int | None = option(
         None,
         "K-fold cross-validation: train K runs into <out>/fold<f>, each holding out one of the first K folds "
         "(ESC-50: --cv 5), and write <out>/cv_summary.json/.csv with the mean and std",
         group="data",
         metavar="K",
     )
-    classes: Optional[str] = option(
+    classes: str | None = option(
         None,
         group="data",
         help=("class list file (.txt one per line, .csv with display_name/label column, or .json); default: from the data"),
     )
-    data_root: Optional[str] = option(None, "base folder for relative audio paths (default: the manifest's folder)", group="data")
-    clip_seconds: Optional[float] = option(None, "training clip length (default: the model's clip_seconds)", group="data")
+    data_root: str | None = option(None, "base folder for relative audio paths (default: the manifest's folder)", group="data")
+    clip_seconds: float | None = option(None, "training clip length (default: the model's clip_seconds)", group="data")
     pad: str = option("tile", "how short clips are filled", group="data", choices=("tile", "zeros", "repeatpad"))
     crop: str = option("random", "how long clips are cut in training", group="data", choices=("random", "start", "center"))
     on_bad_file: str = option(
         "skip", "unreadable/empty/silent files: skip and count, or stop", group="data", choices=("skip", "stop")
     )
-    max_bad_files: Optional[int] = option(None, "stop once more files than this were bad", group="data")
-    silence_db: Optional[float] = option(
+    max_bad_files: int | None = option(None, "stop once more files than this were bad", group="data")
+    silence_db: float | None = option(
         DEFAULT_SILENCE_DB,
         "files whose peak is at or below this dBFS are bad ('none' keeps them)",
         group="data",
@@ -100,7 +101,7 @@ class TrainConfig:
     model: str = option(
         "htsat-audioset", "preset name (htsat-audioset, htsat-esc50, htsat-scv2) or JSON config file", group="model"
     )
-    model_overrides: Dict[str, Any] = option(
+    model_overrides: dict[str, Any] = option(
         group="model",
         factory=dict,
         flag="--set",
@@ -111,7 +112,7 @@ class TrainConfig:
         help="override a model config field (JSON value), e.g. --set drop_path_rate=0.2",
     )
     backend: str = option("auto", "op implementations", group="model", choices=BACKENDS)
-    init_checkpoint: Optional[str] = option(None, "start from these weights (original .ckpt, state_dict or ours)", group="model")
+    init_checkpoint: str | None = option(None, "start from these weights (original .ckpt, state_dict or ours)", group="model")
     init_drop_head: str = option(
         "auto",
         "drop head/tscam_conv of --init-checkpoint (auto: when the class count differs)",
@@ -123,12 +124,12 @@ class TrainConfig:
     batch_size: int = option(32, "per process", group="optimisation")
     lr: float = option(1e-3, "base learning rate (the original schedule multiplies it, peak 0.1x)", group="optimisation")
     weight_decay: float = option(0.05, "AdamW weight decay (on every parameter, as the original)", group="optimisation")
-    betas: Tuple[float, float] = option((0.9, 0.999), "AdamW betas", group="optimisation", nargs=2, parse=float, to_value=tuple)
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", group="optimisation", nargs=2, parse=float, to_value=tuple)
     eps: float = option(1e-8, "AdamW eps", group="optimisation")
     lr_schedule: str = option(
         "original", "learning-rate schedule", group="optimisation", choices=("original", "cosine", "constant")
     )
-    warmup_epochs: Optional[float] = option(
+    warmup_epochs: float | None = option(
         None, "warm-up length (original: 3 epochs, scalable; cosine/constant: 0)", group="optimisation"
     )
     min_lr_ratio: float = option(0.0, "cosine floor as a fraction of --lr", group="optimisation")
@@ -158,7 +159,7 @@ class TrainConfig:
     precision: str = option(
         "auto", "auto: bf16 autocast on GPUs, fp32 on CPU", group="runtime", choices=("auto", "fp32", "bf16", "fp16")
     )
-    device: Optional[str] = option(
+    device: str | None = option(
         None, "cpu, cuda, cuda:1 (default: the local GPU under torchrun, else cuda if present, else cpu)", group="runtime"
     )
     seed: int = option(0, "seed of the weights, the data order and every augmentation", group="runtime")
@@ -176,10 +177,10 @@ class TrainConfig:
         metavar="K",
     )
     resume: bool = option(False, "continue from <out>/last.pt (starts fresh when there is none)", group="runtime", record=False)
-    stop_after_steps: Optional[int] = option(
+    stop_after_steps: int | None = option(
         None, "stop after this global step without a final checkpoint (simulates a kill)", group="runtime"
     )
-    progress: Optional[bool] = option(
+    progress: bool | None = option(
         None,
         "progress bar even when stderr is not a terminal (default: when it is one)",
         group="runtime",
@@ -187,7 +188,7 @@ class TrainConfig:
         negative_help="no progress bar",
         record=False,
     )
-    log: Optional[Callable[[str], None]] = option(
+    log: Callable[[str], None] | None = option(
         None, "where messages go (default: stderr)", group="runtime", cli=False, record=False
     )
     record_indices: bool = option(
@@ -248,12 +249,12 @@ def _base_type(annotation: Any) -> Any:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one option per TrainConfig field to ``parser``, grouped as the fields are."""
     hints = typing.get_type_hints(TrainConfig)
-    groups: Dict[str, Any] = {}
+    groups: dict[str, Any] = {}
     for f in _cli_fields():
         md = f.metadata
         group = groups.get(md["group"]) or groups.setdefault(md["group"], parser.add_argument_group(md["group"]))
         flags = [md.get("flag", "--" + f.name.replace("_", "-")), *md.get("aliases", ())]
-        kw: Dict[str, Any] = {"dest": f.name, "help": argparse.SUPPRESS if md.get("hidden") else md["help"]}
+        kw: dict[str, Any] = {"dest": f.name, "help": argparse.SUPPRESS if md.get("hidden") else md["help"]}
         default = f.default_factory() if f.default_factory is not MISSING else f.default
         kind = _base_type(hints[f.name])
         if default is MISSING:

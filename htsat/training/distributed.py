@@ -6,7 +6,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,7 +38,7 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device_hint: Optional[str]) -> Dist:
+def setup_distributed(device_hint: str | None) -> Dist:
     """Join the process group of a torchrun launch (NCCL on GPUs, gloo on CPUs); one process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if dist.is_available() and dist.is_initialized():
@@ -60,10 +60,10 @@ def teardown_distributed(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def all_gather_objects(d: Dist, obj: Any) -> List[Any]:
+def all_gather_objects(d: Dist, obj: Any) -> list[Any]:
     if not d.enabled:
         return [obj]
-    out: List[Any] = [None] * d.world
+    out: list[Any] = [None] * d.world
     dist.all_gather_object(out, obj)
     return out
 
@@ -98,7 +98,7 @@ class TermFlag:
             os.kill(os.getpid(), signal.SIGTERM)
         self.requested = True
 
-    def __enter__(self) -> "TermFlag":
+    def __enter__(self) -> TermFlag:
         if threading.current_thread() is threading.main_thread():
             self._prev = signal.signal(signal.SIGTERM, self._handler)
         return self

@@ -10,7 +10,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from .state import TrainState, save_best, save_last
 __all__ = ["train_step", "run_epoch", "evaluate", "end_epoch", "EpochEnd"]
 
 
-def record_bad_files(run: Run, state: TrainState, messages: List[str]) -> None:
+def record_bad_files(run: Run, state: TrainState, messages: list[str]) -> None:
     for m in messages:
         if m not in state.bad_files:
             state.bad_files.append(m)
@@ -45,7 +45,7 @@ def _skip_step(run: Run, state: TrainState, msg: str, *, can_stop: bool, all_ran
     run.optimizer.zero_grad(set_to_none=True)
 
 
-def train_step(run: Run, state: TrainState, batch: Dict[str, Any], term: TermFlag) -> Tuple[torch.Tensor, bool]:
+def train_step(run: Run, state: TrainState, batch: dict[str, Any], term: TermFlag) -> tuple[torch.Tensor, bool]:
     """Forward, backward and update on one batch; the scheduler and counters advance in
     :func:`run_epoch`. Returns the loss and whether any rank asked to stop (SIGTERM)."""
     wave = batch["waveform"].to(run.device, non_blocking=True)
@@ -119,7 +119,7 @@ class EpochEnd:
     interrupted: bool = False  # SIGTERM
 
 
-def run_epoch(run: Run, state: TrainState, term: TermFlag, indices: Optional[List[int]] = None) -> EpochEnd:
+def run_epoch(run: Run, state: TrainState, term: TermFlag, indices: list[int] | None = None) -> EpochEnd:
     """Train the rest of the current epoch (from state.step_in_epoch), writing last.pt every
     ``checkpoint_every`` steps and on SIGTERM."""
     cfg = run.cfg
@@ -206,12 +206,12 @@ def evaluate(run: Run) -> dict:
     target = torch.cat([g[2] for g in gathered])
     all_bad = sorted({m for g in gathered for m in g[3]})
     # DistributedSampler-style padding repeats a few clips: keep each index once
-    first: Dict[int, int] = {}
+    first: dict[int, int] = {}
     for pos, i in enumerate(index.tolist()):
         first.setdefault(i, pos)
     sel = torch.tensor(sorted(first.values()), dtype=torch.long)
     logits, target = logits[sel], target[sel]
-    res: Dict[str, Any] = {"val_clips": int(len(sel)), "val_bad_files": len(all_bad), "_bad": all_bad}
+    res: dict[str, Any] = {"val_clips": int(len(sel)), "val_bad_files": len(all_bad), "_bad": all_bad}
     if len(sel) == 0:
         return res
     if run.objective.loss_kind == "bce":

@@ -10,8 +10,6 @@ BCE on sigmoid outputs, AMP-safe) or cross-entropy for single-label models.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,14 +24,14 @@ class Mixup:
     def __init__(self, enabled: bool, alpha: float, mix_labels: bool):
         self.enabled, self.alpha, self.mix_labels = enabled, alpha, mix_labels
 
-    def draw(self, batch_size: int, device: torch.device) -> Optional[Tensor]:
+    def draw(self, batch_size: int, device: torch.device) -> Tensor | None:
         """Per-clip weights (B,) for the model, or None when mixup is off."""
         if not self.enabled:
             return None
         lam = np.random.beta(self.alpha, self.alpha, size=batch_size).astype(np.float32)
         return torch.from_numpy(lam).to(device)
 
-    def targets(self, target: Tensor, lam: Optional[Tensor]) -> Tensor:
+    def targets(self, target: Tensor, lam: Tensor | None) -> Tensor:
         return mix_with_reversed(target, lam) if lam is not None and self.mix_labels else target
 
 
@@ -41,7 +39,7 @@ class Objective:
     def __init__(self, loss_kind: str, mixup: Mixup):
         self.loss_kind, self.mixup = loss_kind, mixup
 
-    def loss(self, logits: Tensor, target: Tensor, lam: Optional[Tensor]) -> Tensor:
+    def loss(self, logits: Tensor, target: Tensor, lam: Tensor | None) -> Tensor:
         logits = logits.float()
         soft = self.mixup.targets(target, lam)
         if self.loss_kind == "bce":

@@ -23,7 +23,8 @@ import os
 import re
 import socket
 import time
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -48,8 +49,8 @@ FAULT_ENV = "HTSAT_TRAIN_FAULT"
 LOCK_NAME = ".htsat-train.lock"
 TMP_PREFIX = ".tmp-"
 
-fault_hook: Optional[Callable[[str], None]] = None
-_fault_counts: Dict[str, int] = {}
+fault_hook: Callable[[str], None] | None = None
+_fault_counts: dict[str, int] = {}
 
 
 def fault_point(point: str) -> None:
@@ -84,7 +85,7 @@ class OutputLock:
 
     def __init__(self, folder: str):
         self.path = os.path.join(folder, LOCK_NAME)
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
 
     def _holder(self) -> str:
         try:
@@ -107,7 +108,7 @@ class OutputLock:
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, (json.dumps(info) + "\n").encode())
 
-    def acquire(self) -> Optional[str]:
+    def acquire(self) -> str | None:
         """Take the lock, or raise TrainingError naming its holder. Returns a warning where the
         file system cannot lock (some network file systems): the run goes on unprotected."""
         try:
@@ -129,7 +130,7 @@ class OutputLock:
         self._fd = fd
         return None
 
-    def _acquire_exclusive_file(self) -> Optional[str]:  # pragma: no cover (Windows)
+    def _acquire_exclusive_file(self) -> str | None:  # pragma: no cover (Windows)
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
@@ -166,7 +167,7 @@ class OutputLock:
             _unlink_quietly(self.path)
 
 
-def remove_stale_temporaries(folder: str) -> List[str]:
+def remove_stale_temporaries(folder: str) -> list[str]:
     """Delete the ``.tmp-*`` files a killed run left in ``folder`` (call with the lock held)."""
     removed = []
     patterns = (TMP_PREFIX + "*", "metrics.jsonl.tmp", "metrics.csv.tmp")  # the last two: names of earlier versions
@@ -262,10 +263,10 @@ def write_torch(path: str, obj: Any) -> None:
     write_file(path, lambda f: torch.save(obj, f))
 
 
-def write_metrics(folder: str, history: List[dict]) -> None:
+def write_metrics(folder: str, history: list[dict]) -> None:
     """metrics.jsonl (one JSON object per epoch) and metrics.csv (a column per key ever seen)."""
     write_text(os.path.join(folder, "metrics.jsonl"), "".join(json.dumps(row) + "\n" for row in history))
-    keys: List[str] = []
+    keys: list[str] = []
     for row in history:
         keys += [k for k in row if k not in keys]
     buf = io.StringIO(newline="")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 __all__ = ["original_lr_multiplier", "make_lr_lambda"]
 
@@ -24,7 +24,7 @@ def original_lr_multiplier(epoch: int) -> float:
 
 
 def make_lr_lambda(
-    schedule: str, steps_per_epoch: int, total_epochs: int, warmup_epochs: Optional[float] = None, min_ratio: float = 0.0
+    schedule: str, steps_per_epoch: int, total_epochs: int, warmup_epochs: float | None = None, min_ratio: float = 0.0
 ) -> Callable[[int], float]:
     """Multiplier of the base LR as a function of the optimiser step (LambdaLR over steps).
 

@@ -12,8 +12,9 @@ import contextlib
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, List, Optional
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -60,7 +61,7 @@ class Paths:
 class Logger:
     """Messages from rank 0, and from every rank when they concern that rank."""
 
-    def __init__(self, fn: Optional[Callable[[str], None]], d: Dist):
+    def __init__(self, fn: Callable[[str], None] | None, d: Dist):
         self.fn = fn or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.d = d
 
@@ -78,20 +79,20 @@ class Run:
     log: Logger
     paths: Paths
     device: torch.device
-    classes: List[str]
+    classes: list[str]
     multi_label: bool
     core: HTSAT  # the model itself
     model: torch.nn.Module  # what the loop calls: core, or its DDP wrapper
-    params: List[torch.nn.Parameter]
+    params: list[torch.nn.Parameter]
     train_ds: AudioDataset
     sampler: ResumableSampler
     steps_per_epoch: int
-    val_ds: Optional[AudioDataset]
-    val_loader: Optional[DataLoader]
+    val_ds: AudioDataset | None
+    val_loader: DataLoader | None
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    amp_dtype: Optional[torch.dtype]
-    scaler: Optional[Any]
+    amp_dtype: torch.dtype | None
+    scaler: Any | None
     objective: Objective
     meta: dict  # what last.pt records about the run; resume checks classes/batch_size/world_size/seed
 
@@ -100,13 +101,13 @@ class Run:
         return self.paths.out
 
     @property
-    def metric_name(self) -> Optional[str]:
+    def metric_name(self) -> str | None:
         """The validation metric that picks best.pt."""
         if self.val_loader is None:
             return None
         return "val_mAP" if self.multi_label else "val_accuracy"
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
@@ -140,7 +141,7 @@ def pick_device(cfg: TrainConfig, d: Dist) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     if precision == "fp16" and device.type != "cuda":
@@ -189,7 +190,7 @@ def _init_weights(model: HTSAT, path: str, drop_head: str, log: Logger) -> None:
     log(f"initialised from {path}: {report}")
 
 
-def build_model(cfg: TrainConfig, d: Dist, device: torch.device, classes: List[str], will_resume: bool, log: Logger):
+def build_model(cfg: TrainConfig, d: Dist, device: torch.device, classes: list[str], will_resume: bool, log: Logger):
     """(core model, what the loop calls: core or DDP(core))."""
     seed_everything(cfg.seed)  # identical initial weights on every rank
     overrides = dict(cfg.model_overrides)
@@ -238,7 +239,7 @@ def build_run(cfg: TrainConfig, d: Dist, paths: Paths, log: Logger) -> Run:
     clip_samples = int(round(clip_seconds * mcfg.sample_rate))
     if core.num_frames(clip_samples) > mcfg.max_frames:
         raise ValueError(f"clip_seconds {clip_seconds} is longer than one model image ({mcfg.max_frames} frames)")
-    common: Dict[str, Any] = dict(
+    common: dict[str, Any] = dict(
         pad=cfg.pad, on_error=cfg.on_bad_file, silence_db=cfg.silence_db, seed=cfg.seed, cache=cfg.cache_audio
     )
     train_ds = AudioDataset(items, classes, mcfg.sample_rate, clip_samples, train=True, crop=cfg.crop, **common)

@@ -15,7 +15,7 @@ import json
 import os
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,10 +49,10 @@ class TrainState:
     epoch: int = 0  # epochs completed
     step_in_epoch: int = 0  # steps done in the current epoch
     global_step: int = 0
-    history: List[dict] = field(default_factory=list)  # one metrics row per completed epoch
-    best: Optional[dict] = None  # {"metric", "value", "epoch"} of the best epoch so far
-    top: List[dict] = field(default_factory=list)  # --keep-top: entries like best's, by epoch
-    bad_files: List[str] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # one metrics row per completed epoch
+    best: dict | None = None  # {"metric", "value", "epoch"} of the best epoch so far
+    top: list[dict] = field(default_factory=list)  # --keep-top: entries like best's, by epoch
+    bad_files: list[str] = field(default_factory=list)
     nan_steps: int = 0
     # sums over the current epoch (a resumed epoch reports the whole epoch)
     epoch_loss_sum: float = 0.0
@@ -60,7 +60,7 @@ class TrainState:
     epoch_clips: int = 0
     epoch_time: float = 0.0
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def start_next_epoch(self) -> None:
@@ -74,9 +74,9 @@ class TrainState:
 # ----------------------------------------------------------------------------------------------
 
 
-def get_rng_state(device: torch.device) -> Dict[str, Any]:
+def get_rng_state(device: torch.device) -> dict[str, Any]:
     np_state = np.random.get_state()
-    state: Dict[str, Any] = {
+    state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state(),
@@ -107,7 +107,7 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _payload(run: "Run", **extra: Any) -> dict:
+def _payload(run: Run, **extra: Any) -> dict:
     """The layout of htsat.checkpoint.save_checkpoint (loadable by load_checkpoint / htsat predict)."""
     obj = {"format": FORMAT, "version": FORMAT_VERSION, "config": run.core.config.to_dict(), "state_dict": run.core.state_dict()}
     obj.update(extra)
@@ -116,11 +116,15 @@ def _payload(run: "Run", **extra: Any) -> dict:
 
 _NEWER_STATE_KEYS = ("top",)  # absent from a last.pt of an earlier version: their defaults apply
 _TRAIN_STATE_KEYS = (
-    "meta", "optimizer", "scheduler", "rng", *(f.name for f in dataclasses.fields(TrainState) if f.name not in _NEWER_STATE_KEYS)
+    "meta",
+    "optimizer",
+    "scheduler",
+    "rng",
+    *(f.name for f in dataclasses.fields(TrainState) if f.name not in _NEWER_STATE_KEYS),
 )
 
 
-def save_last(run: "Run", state: TrainState) -> None:
+def save_last(run: Run, state: TrainState) -> None:
     """Write last.pt (all ranks take part: it holds every rank's RNG state)."""
     rng_all = all_gather_objects(run.dist, get_rng_state(run.device))
     if not run.dist.main:
@@ -137,7 +141,7 @@ def save_last(run: "Run", state: TrainState) -> None:
     write_torch(run.paths.last, _payload(run, classes=run.classes, train_state=ts))
 
 
-def save_best(run: "Run", state: TrainState) -> None:
+def save_best(run: Run, state: TrainState) -> None:
     """best.pt from the model as it is now, which must be the weights of the best epoch."""
     best = state.best
     if run.dist.main and best is not None:
@@ -145,7 +149,7 @@ def save_best(run: "Run", state: TrainState) -> None:
         write_torch(run.paths.best, _payload(run, classes=run.classes, metrics=row, best_metric=best["metric"]))
 
 
-def load_last(run: "Run") -> dict:
+def load_last(run: Run) -> dict:
     """last.pt as written by :func:`save_last`, checked against this run's settings."""
     path = run.paths.last
     try:
@@ -179,7 +183,7 @@ def load_last(run: "Run") -> dict:
     return ck
 
 
-def restore(run: "Run", ck: dict) -> TrainState:
+def restore(run: Run, ck: dict) -> TrainState:
     """Model, optimiser, scheduler, scaler and this rank's RNG state from a loaded last.pt."""
     ts = ck["train_state"]
     load_checkpoint(run.core, ck)
@@ -197,11 +201,11 @@ def restore(run: "Run", ck: dict) -> TrainState:
 # ----------------------------------------------------------------------------------------------
 
 
-def _classes_text(classes: List[str]) -> str:
+def _classes_text(classes: list[str]) -> str:
     return "".join(c + "\n" for c in classes)  # the format of data.write_class_list / read_class_list
 
 
-def write_run_files(run: "Run") -> None:
+def write_run_files(run: Run) -> None:
     """classes.txt and train_config.json of a new run (before its first last.pt)."""
     if run.dist.main:
         write_text(run.paths.classes, _classes_text(run.classes))
@@ -217,7 +221,7 @@ def _best_is_current(path: str, row: dict, metric: str) -> bool:
     return same and ck.get("best_metric") == metric
 
 
-def repair_outputs(run: "Run", state: TrainState, ck: dict) -> None:
+def repair_outputs(run: Run, state: TrainState, ck: dict) -> None:
     """After loading last.pt on --resume: rewrite what a kill left behind it. best.pt can be
     rebuilt only from a last.pt written at the end of the best epoch, which is the only last.pt
     that can be ahead of best.pt (best.pt is written right after it)."""

@@ -12,7 +12,7 @@ but the node also links to the saved inputs, so ``torch.autograd.grad(grad, x)``
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -14,8 +14,6 @@ derivative raises (``first_order.first_order_only``) instead of silently being 0
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -76,7 +74,7 @@ def fused_patch_merge(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5
     return out
 
 
-def unsupported_reason(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Optional[str]:
+def unsupported_reason(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> str | None:
     """None when the compiled kernel can run ``patch_merge(x, weight, bias, eps)``, else why not."""
     reason = extension.tensor_reason("x", x, 4)
     if reason:

@@ -1,5 +1,8 @@
 """Fused window attention in Triton: kernels, launchers, torch.library registration and autograd.
 
+(One file per op, over 500 lines on purpose: the kernels, the launch configuration they are compiled
+with, their registration and their autograd formula change together.)
+
 Computes, for every window b of ``qkv`` (B_, N, 3C) and head h (d = C / heads channels each)::
 
     out[b, :, h*d:(h+1)*d] = softmax((q*scale) @ k^T + table[index][:, :, h] + mask[b % nW]) @ v
@@ -46,7 +49,7 @@ import math
 import os
 import struct
 from numbers import Real
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import torch
 import triton
@@ -85,8 +88,17 @@ def _mm(a, b, FP64: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _scores(
-    q, k, bias, mask_ptrs, pair_ok, key_ok, scale_hi, scale_lo,
-    HAS_MASK: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
+    q,
+    k,
+    bias,
+    mask_ptrs,
+    pair_ok,
+    key_ok,
+    scale_hi,
+    scale_lo,
+    HAS_MASK: tl.constexpr,
+    FP64: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Scores of a block of query rows: (q*scale) @ k^T + bias (+ mask); padded keys get -inf.
 
@@ -124,14 +136,34 @@ def _relative_bias(table_ptr, s_tr, s_th, h, offs_m, offs_n, pair_ok, WS: tl.con
 
 @triton.jit
 def _window_attention_fwd_kernel(
-    qkv_ptr, table_ptr, mask_ptr, out_ptr, lse_ptr,
-    s_qb, s_qn, s_qc,
-    s_tr, s_th,
-    s_mw, s_mi, s_mj,
-    s_ob, s_on, s_oc,
-    C, nW, scale_hi, scale_lo,
-    WS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_MASK: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
+    qkv_ptr,
+    table_ptr,
+    mask_ptr,
+    out_ptr,
+    lse_ptr,
+    s_qb,
+    s_qn,
+    s_qc,
+    s_tr,
+    s_th,
+    s_mw,
+    s_mi,
+    s_mj,
+    s_ob,
+    s_on,
+    s_oc,
+    C,
+    nW,
+    scale_hi,
+    scale_lo,
+    WS: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    FP64: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """One program per (window b, head h, block of BLOCK_M query rows); all N keys at once."""
     b = tl.program_id(0)
@@ -159,27 +191,53 @@ def _window_attention_fwd_kernel(
 
     m = tl.max(s, axis=1)
     p = tl.exp(s - m[:, None])
-    l = tl.sum(p, axis=1)
-    p = p / l[:, None]
+    row_sum = tl.sum(p, axis=1)
+    p = p / row_sum[:, None]
     o = _mm(p.to(v.dtype), v, FP64, PREC)
 
     o_ptrs = out_ptr + b.to(tl.int64) * s_ob + offs_m[:, None] * s_on + (h * D + offs_d)[None, :] * s_oc
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     lse_ptrs = lse_ptr + (b.to(tl.int64) * H + h) * N + offs_m
-    tl.store(lse_ptrs, (m + tl.log(l)).to(lse_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(lse_ptrs, (m + tl.log(row_sum)).to(lse_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
 def _window_attention_bwd_kernel(
-    qkv_ptr, table_ptr, mask_ptr, do_ptr, lse_ptr, dqkv_ptr, dbias_ptr,
-    s_qb, s_qn, s_qc,
-    s_tr, s_th,
-    s_mw, s_mi, s_mj,
-    s_db, s_dn, s_dc,
-    s_gb, s_gn, s_gc,
-    B, C, nW, windows_per_group, scale_hi, scale_lo,
-    WS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_MASK: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
+    qkv_ptr,
+    table_ptr,
+    mask_ptr,
+    do_ptr,
+    lse_ptr,
+    dqkv_ptr,
+    dbias_ptr,
+    s_qb,
+    s_qn,
+    s_qc,
+    s_tr,
+    s_th,
+    s_mw,
+    s_mi,
+    s_mj,
+    s_db,
+    s_dn,
+    s_dc,
+    s_gb,
+    s_gn,
+    s_gc,
+    B,
+    C,
+    nW,
+    windows_per_group,
+    scale_hi,
+    scale_lo,
+    WS: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    FP64: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """One program per (group of consecutive windows g, head h).
 
@@ -273,7 +331,7 @@ _INTERPRETED = not isinstance(_window_attention_fwd_kernel, triton.runtime.jit.J
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_args(qkv, table, mask, num_heads, scale) -> Tuple[int, int, int, int, int]:
+def _check_args(qkv, table, mask, num_heads, scale) -> tuple[int, int, int, int, int]:
     """Validate the arguments; returns (B_, N, C, head_dim, window_size). Raises TypeError/ValueError."""
     if not isinstance(qkv, Tensor):
         raise TypeError(f"qkv must be a Tensor, got {type(qkv).__name__}")
@@ -306,8 +364,7 @@ def _check_args(qkv, table, mask, num_heads, scale) -> Tuple[int, int, int, int,
     rows = (2 * ws - 1) ** 2
     if tuple(table.shape) != (rows, num_heads):
         raise ValueError(
-            f"table must be ((2*ws-1)**2, num_heads) = ({rows}, {num_heads}) for window size {ws}, "
-            f"got {tuple(table.shape)}"
+            f"table must be ((2*ws-1)**2, num_heads) = ({rows}, {num_heads}) for window size {ws}, got {tuple(table.shape)}"
         )
     if table.device != qkv.device:
         raise ValueError(f"table is on {table.device} but qkv is on {qkv.device}")
@@ -327,7 +384,7 @@ def _check_args(qkv, table, mask, num_heads, scale) -> Tuple[int, int, int, int,
     return B_, N, C, d, ws
 
 
-def _device_reason(device: torch.device) -> Optional[str]:
+def _device_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu":
@@ -342,7 +399,7 @@ def _device_reason(device: torch.device) -> Optional[str]:
     return f"qkv is on {device.type}; the Triton kernel runs on CUDA (or on CPU with TRITON_INTERPRET=1)"
 
 
-def unsupported_reason(qkv, table, mask, num_heads, scale, dropout_p=0.0) -> Optional[str]:
+def unsupported_reason(qkv, table, mask, num_heads, scale, dropout_p=0.0) -> str | None:
     """None when the fused kernel can run this call, else why not (a human-readable sentence)."""
     if dropout_p:
         return f"the fused window attention has no attention dropout (dropout_p={dropout_p}); the reference has"
@@ -358,7 +415,7 @@ def unsupported_reason(qkv, table, mask, num_heads, scale, dropout_p=0.0) -> Opt
 # ----------------------------------------------------------------------------------------------
 
 
-def _blocks(N: int, d: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
+def _blocks(N: int, d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M query rows per step, BLOCK_N >= N keys, BLOCK_D >= d, num_warps)."""
     block_n = max(16, triton.next_power_of_2(N))
     block_d = max(16, triton.next_power_of_2(d))
@@ -376,8 +433,15 @@ def launch_config(direction: str, N: int, d: int, dtype: torch.dtype, has_mask: 
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
     block_m, block_n, block_d, num_warps = _blocks(N, d, dtype)
     return dict(
-        WS=math.isqrt(N), D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        HAS_MASK=has_mask, FP64=dtype == torch.float64, PREC=_dot_precision(dtype), num_warps=num_warps,
+        WS=math.isqrt(N),
+        D=d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        HAS_MASK=has_mask,
+        FP64=dtype == torch.float64,
+        PREC=_dot_precision(dtype),
+        num_warps=num_warps,
     )
 
 
@@ -390,13 +454,13 @@ def _device_guard(t: Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _split_scale(scale: float) -> Tuple[float, float]:
+def _split_scale(scale: float) -> tuple[float, float]:
     """scale = hi + lo with hi, lo fp32 (kernel float args are fp32; fp64 mode uses hi + lo)."""
     hi = struct.unpack("f", struct.pack("f", float(scale)))[0]
     return hi, float(scale) - hi
 
 
-def _mask_args(mask: Optional[Tensor], dummy: Tensor):
+def _mask_args(mask: Tensor | None, dummy: Tensor):
     if mask is None:
         return dummy, 0, 0, 0, 1, False
     return mask, mask.stride(0), mask.stride(1), mask.stride(2), mask.shape[0], True
@@ -410,9 +474,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fwd_impl(
-    qkv: Tensor, table: Tensor, mask: Optional[Tensor], num_heads: int, scale: float
-) -> Tuple[Tensor, Tensor]:
+def _fwd_impl(qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
     B_, N, C3 = qkv.shape
     C = C3 // 3
     d = C // num_heads
@@ -425,12 +487,26 @@ def _fwd_impl(
     hi, lo = _split_scale(scale)
     with _device_guard(qkv):
         _kernel(_window_attention_fwd_kernel)[(B_, num_heads, triton.cdiv(N, cfg["BLOCK_M"]))](
-            qkv, table, mask_t, out, lse,
-            qkv.stride(0), qkv.stride(1), qkv.stride(2),
-            table.stride(0), table.stride(1),
-            s_mw, s_mi, s_mj,
-            out.stride(0), out.stride(1), out.stride(2),
-            C, nW, hi, lo,
+            qkv,
+            table,
+            mask_t,
+            out,
+            lse,
+            qkv.stride(0),
+            qkv.stride(1),
+            qkv.stride(2),
+            table.stride(0),
+            table.stride(1),
+            s_mw,
+            s_mi,
+            s_mj,
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            C,
+            nW,
+            hi,
+            lo,
             **cfg,
         )
     return out, lse
@@ -472,8 +548,8 @@ def _bias_grad_to_table(dbias: Tensor, ws: int) -> Tensor:
 
 
 def _bwd_impl(
-    grad_out: Tensor, qkv: Tensor, table: Tensor, mask: Optional[Tensor], lse: Tensor, num_heads: int, scale: float
-) -> Tuple[Tensor, Tensor]:
+    grad_out: Tensor, qkv: Tensor, table: Tensor, mask: Tensor | None, lse: Tensor, num_heads: int, scale: float
+) -> tuple[Tensor, Tensor]:
     B_, N, C3 = qkv.shape
     C = C3 // 3
     d = C // num_heads
@@ -490,13 +566,33 @@ def _bwd_impl(
     hi, lo = _split_scale(scale)
     with _device_guard(qkv):
         _kernel(_window_attention_bwd_kernel)[(groups, num_heads)](
-            qkv, table, mask_t, grad_out, lse, dqkv, dbias_parts,
-            qkv.stride(0), qkv.stride(1), qkv.stride(2),
-            table.stride(0), table.stride(1),
-            s_mw, s_mi, s_mj,
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
-            B_, C, nW, per_group, hi, lo,
+            qkv,
+            table,
+            mask_t,
+            grad_out,
+            lse,
+            dqkv,
+            dbias_parts,
+            qkv.stride(0),
+            qkv.stride(1),
+            qkv.stride(2),
+            table.stride(0),
+            table.stride(1),
+            s_mw,
+            s_mi,
+            s_mj,
+            grad_out.stride(0),
+            grad_out.stride(1),
+            grad_out.stride(2),
+            dqkv.stride(0),
+            dqkv.stride(1),
+            dqkv.stride(2),
+            B_,
+            C,
+            nW,
+            per_group,
+            hi,
+            lo,
             **cfg,
         )
     dtable = _bias_grad_to_table(dbias_parts.sum(dim=0), ws).to(table.dtype).contiguous()
@@ -508,16 +604,14 @@ def _bwd_impl(
 # ----------------------------------------------------------------------------------------------
 
 
-def window_attention_fwd(
-    qkv: Tensor, table: Tensor, mask: Optional[Tensor], num_heads: int, scale: float
-) -> Tuple[Tensor, Tensor]:
+def window_attention_fwd(qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
     """(out (B_, N, C), lse (B_, h, N) log-sum-exp of each score row)."""
     return _fwd_impl(qkv, table, mask, num_heads, scale)
 
 
 def window_attention_bwd(
-    grad_out: Tensor, qkv: Tensor, table: Tensor, mask: Optional[Tensor], lse: Tensor, num_heads: int, scale: float
-) -> Tuple[Tensor, Tensor]:
+    grad_out: Tensor, qkv: Tensor, table: Tensor, mask: Tensor | None, lse: Tensor, num_heads: int, scale: float
+) -> tuple[Tensor, Tensor]:
     """(dqkv (B_, N, 3C) in the qkv layout, dtable ((2ws-1)^2, h))."""
     return _bwd_impl(grad_out, qkv, table, mask, lse, num_heads, scale)
 
@@ -560,9 +654,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     # lse is an auxiliary output for the backward; it is marked non-differentiable.
     qkv, table, mask, lse = ctx.saved_tensors
-    dqkv, dtable = torch.ops.htsat_kernels.window_attention_bwd(
-        grad_out, qkv, table, mask, lse, ctx.num_heads, ctx.scale
-    )
+    dqkv, dtable = torch.ops.htsat_kernels.window_attention_bwd(grad_out, qkv, table, mask, lse, ctx.num_heads, ctx.scale)
     return dqkv, dtable, None, None, None
 
 
@@ -575,7 +667,7 @@ torch.library.register_autograd("htsat_kernels::window_attention_fwd", _backward
 
 
 def fused_window_attention(
-    qkv: Tensor, table: Tensor, mask: Optional[Tensor], num_heads: int, scale: float, dropout_p: float = 0.0
+    qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, scale: float, dropout_p: float = 0.0
 ) -> Tensor:
     """Fused window attention; same contract as ``htsat_kernels.reference.window_attention``.
 

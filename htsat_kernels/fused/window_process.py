@@ -21,7 +21,6 @@ unfused ops; their unfused equivalents are in ``htsat_kernels.reference``):
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -73,9 +72,7 @@ def _merge_backward(ctx, grad: Tensor):
     return _ops.window_partition(grad.contiguous(), ctx.window_size, ctx.shift), None, None, None
 
 
-torch.library.register_autograd(
-    "htsat_kernels::window_partition", _partition_backward, setup_context=_partition_setup_context
-)
+torch.library.register_autograd("htsat_kernels::window_partition", _partition_backward, setup_context=_partition_setup_context)
 torch.library.register_autograd("htsat_kernels::window_merge", _merge_backward, setup_context=_merge_setup_context)
 
 
@@ -110,13 +107,13 @@ def fused_window_merge(windows: Tensor, H: int, W: int, shift: int = 0) -> Tenso
     return _ops.window_merge(windows.contiguous(), int(H), int(W), int(shift))
 
 
-def _int_reason(name: str, v) -> Optional[str]:
+def _int_reason(name: str, v) -> str | None:
     if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
         return f"{name} must be an int, got {type(v).__name__}"
     return None
 
 
-def partition_unsupported_reason(x: Tensor, window_size: int, shift: int = 0) -> Optional[str]:
+def partition_unsupported_reason(x: Tensor, window_size: int, shift: int = 0) -> str | None:
     """None when the compiled kernel can run ``window_partition(x, window_size, shift)``, else why not."""
     reason = extension.tensor_reason("x", x, 4) or _int_reason("window_size", window_size) or _int_reason("shift", shift)
     if reason:
@@ -129,7 +126,7 @@ def partition_unsupported_reason(x: Tensor, window_size: int, shift: int = 0) ->
     return None
 
 
-def merge_unsupported_reason(windows: Tensor, H: int, W: int, shift: int = 0) -> Optional[str]:
+def merge_unsupported_reason(windows: Tensor, H: int, W: int, shift: int = 0) -> str | None:
     """None when the compiled kernel can run ``window_merge(windows, H, W, shift)``, else why not."""
     reason = (
         extension.tensor_reason("windows", windows, 3)
@@ -213,9 +210,7 @@ def _merge_add_backward(ctx, grad: Tensor):
 torch.library.register_autograd(
     "htsat_kernels::layer_norm_window_partition", _ln_partition_backward, setup_context=_ln_partition_setup_context
 )
-torch.library.register_autograd(
-    "htsat_kernels::window_merge_add", _merge_add_backward, setup_context=_merge_add_setup_context
-)
+torch.library.register_autograd("htsat_kernels::window_merge_add", _merge_add_backward, setup_context=_merge_add_setup_context)
 
 
 def fused_layer_norm_window_partition(
@@ -242,7 +237,7 @@ def fused_window_merge_add(windows: Tensor, shortcut: Tensor, H: int, W: int, sh
 
 def layer_norm_partition_unsupported_reason(
     x: Tensor, weight: Tensor, bias: Tensor, eps: float, window_size: int, shift: int = 0
-) -> Optional[str]:
+) -> str | None:
     """None when the compiled kernel can run the fused LayerNorm + partition, else why not."""
     reason = partition_unsupported_reason(x, window_size, shift)
     if reason:
@@ -251,7 +246,7 @@ def layer_norm_partition_unsupported_reason(
     return extension.layer_norm_affine_reason(x, weight, bias, C)
 
 
-def merge_add_unsupported_reason(windows: Tensor, shortcut: Tensor, H: int, W: int, shift: int = 0) -> Optional[str]:
+def merge_add_unsupported_reason(windows: Tensor, shortcut: Tensor, H: int, W: int, shift: int = 0) -> str | None:
     """None when the compiled kernel can run the fused window merge + residual add, else why not."""
     reason = merge_unsupported_reason(windows, H, W, shift)
     if reason:
