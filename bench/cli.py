@@ -103,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--archs", type=_csv, default=None, help="--static: comma list of sm_80, sm_86, sm_89, sm_90 (default: sm_80,sm_90)"
     )
     p.add_argument(
+        "--clap",
+        type=int,
+        nargs="?",
+        const=16,
+        default=None,
+        metavar="N",
+        help="CLAP embedding throughput instead of the report: N (16) clips of 10 s through clap-htsat-base, ours vs "
+        "laion-clap's module vs that module patched with htsat_kernels.integrations",
+    )
+    p.add_argument(
         "--inference-files",
         type=int,
         nargs="?",
@@ -194,6 +204,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.static:
         return _static(args)
+    if args.clap:
+        from . import clap
+
+        dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        clap.run(args.out, clips=args.clap, device=dev, threads=args.threads)
+        return 0
     if args.inference_files:
         from . import inference
 
