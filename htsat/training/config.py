@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import os
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass
@@ -240,7 +241,7 @@ def _cli_fields():
 
 def _base_type(annotation: Any) -> Any:
     """int for ``int`` and ``Optional[int]``; None for containers (their metadata says how to parse)."""
-    if typing.get_origin(annotation) is typing.Union:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # Optional[int] and int | None
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         annotation = args[0] if len(args) == 1 else None
     return annotation if annotation in (int, float, str, bool) else None
