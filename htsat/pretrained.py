@@ -11,7 +11,10 @@ files); an interrupted ``.part`` is resumed with an HTTP Range request; a ``.par
 ``HTSAT_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``) never touches the network.
 
 The original HTS-AT checkpoints are in the authors' Google Drive folder, which offers no stable direct
-URL: those entries say so, and the error tells the user where to get the file and where to put it.
+URL: those entries say so, and the error tells the user where to get the file and where to put it. The
+exception is the AudioSet model the authors' own ESC-50 notebook fetches by file id: it is downloaded
+from Drive's direct-download URL, and when Drive answers with a web page instead (its quota, a
+confirmation) the error says where to get the file by hand.
 Facts (file names, metrics, licences) are from the upstream READMEs and issues; sizes and checksums
 are left as None where the source does not publish them (never guessed).
 """
@@ -50,6 +53,10 @@ class DownloadError(OSError):
     """A checkpoint that could not be fetched or checked; the message names the file and where to put it."""
 
 
+class _WebPage(Exception):
+    """The server answered with an HTML page instead of the file."""
+
+
 @dataclass(frozen=True)
 class Pretrained:
     name: str
@@ -66,6 +73,7 @@ class Pretrained:
     size_bytes: int | None = None  # None: not published
     sha256: str | None = None  # None: not published (the hub's own LFS checksum is used when it sends one)
     overrides: dict[str, Any] = field(default_factory=dict)  # HTSATConfig fields the checkpoint needs
+    note: str = ""
 
     @property
     def source(self) -> str:
@@ -91,17 +99,25 @@ def _clap(name: str, preset: str, filename: str, trained_on: str, metric: str) -
     return Pretrained(name, preset, filename, trained_on, metric, CLAP_LICENCE, hub_repo=CLAP_REPO)
 
 
+_AUDIOSET_DATA = "AudioSet (balanced sampler, Swin-T ImageNet init)"
 _AUDIOSET_METRIC = (
-    "AudioSet eval mAP 0.471 (paper, single model; 0.487 for the ensemble of the six released checkpoints); "
+    "AudioSet eval mAP 0.471 (paper, single model; 0.487 for an ensemble of six, as the original's config.py ensembles the six released files); "
     "each released checkpoint about 0.465-0.473 (author, upstream issue #44)"
 )
+# the one original checkpoint with a file link: the authors' ESC-50 notebook (htsat_esc_training.ipynb) fetches it by id
+_AUDIOSET_DRIVE_ID = "1OK8a5XuMVLyeVKF117L8pfxeZYdfSDZv"
 _ENTRIES = [
-    _htsat("htsat-audioset", "htsat-audioset", "HTSAT_AudioSet_Saved_1.ckpt", "AudioSet", "AudioSet (2M clips, balanced sampler, "
-           "ImageNet Swin-T init)", _AUDIOSET_METRIC),
+    Pretrained(
+        "htsat-audioset", "htsat-audioset", "htsat_audioset_pretrain.ckpt", _AUDIOSET_DATA, _AUDIOSET_METRIC, HTSAT_LICENCE,
+        note="the AudioSet model the authors' ESC-50 notebook starts from (its name for the file); third-party scripts "
+        "save it as HTSAT_AudioSet_Saved_1.ckpt, which the authors do not confirm",
+        url=f"https://drive.usercontent.google.com/download?id={_AUDIOSET_DRIVE_ID}&export=download&confirm=t",
+        manual=f"https://drive.google.com/file/d/{_AUDIOSET_DRIVE_ID}/view (or the folder {HTSAT_DRIVE}, subfolder AudioSet)",
+    ),
     *[
         _htsat(f"htsat-audioset-{i}", "htsat-audioset", f"HTSAT_AudioSet_Saved_{i}.ckpt", "AudioSet",
-               f"AudioSet, released checkpoint {i} of the six in the ensemble", _AUDIOSET_METRIC)
-        for i in range(2, 7)
+               _AUDIOSET_DATA, _AUDIOSET_METRIC, note=f"released checkpoint {i} of the six of the ensemble")
+        for i in range(1, 7)
     ],
     _htsat("htsat-esc50", "htsat-esc50", "HTSAT_ESC_exp=1_fold=1_acc=0.985.ckpt", "ESC",
            "ESC-50, fine-tuned from the AudioSet model, one model of the 5-fold cross-validation (esc_fold=1)",
@@ -142,7 +158,7 @@ def offline() -> bool:
 
 
 def _where_from(entry: Pretrained) -> str:
-    return entry.manual or entry.download_url or "?"
+    return entry.manual or entry.download_url or "?"  # a page a person can open first, when there is one
 
 
 def download(name_or_entry: str | Pretrained, *, progress: bool | None = None, timeout: float = 60.0, retries: int = 2) -> str:
@@ -217,6 +233,11 @@ def _http_download(url: str, dest: str, entry: Pretrained, *, show: bool, timeou
             published = _fetch_into(url, part, entry, show=show, timeout=timeout)
         except urllib.error.HTTPError as exc:
             raise DownloadError(f"{entry.name}: cannot download {url} (HTTP {exc.code} {exc.reason}); {put}") from None
+        except _WebPage:
+            raise DownloadError(
+                f"{entry.name}: {url} sent a web page, not the file (Google Drive does so past its download quota or to "
+                f"ask for a confirmation); {put}"
+            ) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
             reason = getattr(exc, "reason", None) or exc
             last = f"{type(exc).__name__}: {reason}" if not str(reason) else str(reason)
@@ -256,6 +277,8 @@ def _fetch_into(url: str, part: str, entry: Pretrained, *, show: bool, timeout: 
             return _fetch_into(url, part, entry, show=show, timeout=timeout)
         raise
     with resp:
+        if (resp.headers.get("Content-Type") or "").startswith("text/html"):
+            raise _WebPage(url)
         if have and resp.status != 206:
             have = 0  # the server ignored the Range: it sends the whole file
         length = resp.headers.get("Content-Length")
@@ -323,7 +346,11 @@ def _cached(entry: Pretrained) -> bool:
 def format_table() -> str:
     rows = [("name", "preset", "file", "source", "cached", "trained on")]
     for e in REGISTRY.values():
-        src = "hub" if e.hub_repo else ("url" if e.url else "manual (Google Drive)")
+        src = (
+            "hub"
+            if e.hub_repo
+            else ("Google Drive file" if e.url and "google.com" in e.url else "url" if e.url else "manual (Google Drive)")
+        )
         rows.append((e.name, e.preset, e.filename, src, "yes" if _cached(e) else "-", e.trained_on))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows)
@@ -337,6 +364,7 @@ def format_long() -> str:
             f"{e.name}\n  preset: {e.preset}\n  file: {e.filename}\n  source: {e.source}\n  trained on: {e.trained_on}\n"
             f"  metric: {e.metric}\n  licence: {e.licence}\n  size: {size}\n  sha256: {e.sha256 or 'not published'}\n"
             f"  cached: {os.path.join(cache_dir(), e.filename) if _cached(e) else 'no'}"
+            + (f"\n  note: {e.note}" if e.note else "")
         )
     return "\n\n".join(blocks)
 

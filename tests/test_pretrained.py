@@ -27,6 +27,7 @@ class _Server:
         self.drops_left = 0
         self.ranges: list[str | None] = []
         self.linked_etag: str | None = None
+        self.content_type = "application/octet-stream"
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -52,6 +53,7 @@ class _Server:
                 if rng:
                     self.send_header("Content-Range", f"bytes {start}-{len(server.payload) - 1}/{len(server.payload)}")
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Type", server.content_type)
                 if server.linked_etag:
                     self.send_header("X-Linked-Etag", f'"{server.linked_etag}"')
                 self.end_headers()
@@ -125,11 +127,14 @@ def test_registry_facts():
         assert e.preset in htsat.PRESETS, e.name
         assert e.url or e.hub_repo or e.manual, e.name
         assert e.sha256 is None or len(e.sha256) == 64
-    assert [reg[f"htsat-audioset{s}"].filename for s in ("", "-2", "-6")] == [
+    assert [reg[f"htsat-audioset-{i}"].filename for i in (1, 2, 6)] == [
         "HTSAT_AudioSet_Saved_1.ckpt",
         "HTSAT_AudioSet_Saved_2.ckpt",
         "HTSAT_AudioSet_Saved_6.ckpt",
     ]
+    assert reg["htsat-audioset"].url.startswith(
+        "https://drive.usercontent.google.com/download?id=1OK8a5XuMVLyeVKF117L8pfxeZYdfSDZv"
+    )
     assert reg["clap-htsat-tiny"].download_url == "https://huggingface.co/lukewys/laion_clap/resolve/main/630k-audioset-best.pt"
     assert reg["clap-htsat-base"].preset == "clap-htsat-base" and reg["htsat-scv2"].overrides == {"cap_fmax": False}
 
@@ -215,11 +220,19 @@ def test_unreachable_and_manual_sources(cache, monkeypatch):
     with pytest.raises(pretrained.DownloadError, match=r"interrupted after 0 bytes .* put it at .*tiny-test.pt"):
         pretrained.download("test-tiny", progress=False, retries=0, timeout=5)
     with pytest.raises(pretrained.DownloadError, match=r"cannot be downloaded automatically; download HTSAT_AudioSet_Saved_1"):
-        htsat.create_model("htsat-audioset", pretrained=True)
+        htsat.create_model("htsat-audioset", pretrained="htsat-audioset-1")
     with pytest.raises(ValueError, match="unknown pretrained checkpoint 'nope'"):
         htsat.create_model(pretrained="nope")
     with pytest.raises(ValueError, match="is a clap-htsat-tiny checkpoint"):
         htsat.create_model("htsat-esc50", pretrained="clap-htsat-tiny")
+
+
+def test_web_page_instead_of_file(server, cache, monkeypatch):
+    server.content_type = "text/html; charset=utf-8"  # what Google Drive sends past its quota
+    _register(monkeypatch, server.url)
+    with pytest.raises(pretrained.DownloadError, match="sent a web page, not the file .* put it at"):
+        pretrained.download("test-tiny", progress=False)
+    assert os.listdir(cache) == []
 
 
 def test_http_404_is_one_line(server, cache, monkeypatch):
@@ -234,7 +247,7 @@ def test_cli_models_and_download(server, cache, monkeypatch, capsys, tiny_payloa
     out = capsys.readouterr().out
     for name in ("htsat-audioset", "htsat-esc50", "htsat-scv2", "clap-htsat-tiny", "clap-htsat-base-music-speech", "test-tiny"):
         assert name in out
-    assert "manual (Google Drive)" in out and "hub" in out
+    assert "manual (Google Drive)" in out and "Google Drive file" in out and "hub" in out
     assert main(["models", "--long"]) == 0
     assert "zero-shot ESC-50 89.98 %" in capsys.readouterr().out
 
@@ -246,7 +259,7 @@ def test_cli_models_and_download(server, cache, monkeypatch, capsys, tiny_payloa
     assert main(["download", "nope"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("htsat: error: unknown pretrained checkpoint 'nope'") and err.count("\n") == 1
-    assert main(["download", "htsat-esc50"]) == 1
+    assert main(["download", "htsat-esc50"]) == 1  # no download link: a manual entry
     err = capsys.readouterr().err
     assert "drive.google.com" in err and "put it at" in err and err.count("\n") == 1 and "Traceback" not in err
     other = pretrained.Pretrained("test-other", "htsat-audioset", "other.pt", "-", "-", "test", url=server.url)
