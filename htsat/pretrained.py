@@ -257,6 +257,8 @@ def _http_download(url: str, dest: str, entry: Pretrained, *, show: bool, timeou
         os.replace(part, dest)
         return
     have = os.path.getsize(part) if os.path.exists(part) else 0
+    if not have:
+        raise DownloadError(f"{entry.name}: cannot download {url} ({last}); {put}")
     raise DownloadError(
         f"{entry.name}: download of {url} interrupted after {have} bytes ({last}); run again to resume from {part}, or {put}"
     )
@@ -285,8 +287,11 @@ def _fetch_into(url: str, part: str, entry: Pretrained, *, show: bool, timeout: 
         total = have + int(length) if length is not None else entry.size_bytes
         bar = None
         if show:
-            from tqdm import tqdm
-
+            try:
+                from tqdm import tqdm
+            except ImportError:  # an optional dependency: no bar without it
+                show = False
+        if show:
             bar = tqdm(
                 total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=entry.filename, file=sys.stderr
             )
