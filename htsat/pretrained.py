@@ -283,6 +283,9 @@ def _fetch_into(url: str, part: str, entry: Pretrained, *, show: bool, timeout: 
             raise _WebPage(url)
         if have and resp.status != 206:
             have = 0  # the server ignored the Range: it sends the whole file
+        elif have and not (resp.headers.get("Content-Range") or "").startswith(f"bytes {have}-"):
+            os.unlink(part)  # a range other than the one asked for: start over on the next attempt
+            raise http.client.HTTPException(f"server answered Range bytes={have}- with {resp.headers.get('Content-Range')!r}")
         length = resp.headers.get("Content-Length")
         total = have + int(length) if length is not None else entry.size_bytes
         bar = None

@@ -185,6 +185,15 @@ def test_dropped_connection_retried_within_one_call(server, cache, monkeypatch, 
     assert server.ranges == [None, "bytes=1000-", "bytes=2000-"]
 
 
+def test_complete_part_restarts_after_416(server, cache, monkeypatch, tiny_payload):
+    payload = tiny_payload[0]
+    _register(monkeypatch, server.url, sha256=hashlib.sha256(payload).hexdigest())
+    cache.mkdir(parents=True)
+    (cache / "tiny-test.pt.part").write_bytes(payload + b"junk")  # longer than the file: the server answers 416
+    path = pretrained.download("test-tiny", progress=False, retries=0)
+    assert open(path, "rb").read() == payload and server.ranges == [f"bytes={len(payload) + 4}-", None]
+
+
 def test_wrong_checksum_rejected(server, cache, monkeypatch):
     _register(monkeypatch, server.url, sha256="0" * 64)
     with pytest.raises(pretrained.DownloadError, match="sha256 mismatch .* file discarded"):
