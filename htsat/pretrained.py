@@ -22,6 +22,7 @@ are left as None where the source does not publish them (never guessed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import os
@@ -182,8 +183,26 @@ def download(name_or_entry: str | Pretrained, *, progress: bool | None = None, t
     if url is None:
         raise DownloadError(f"{entry.name}: {entry.filename} cannot be downloaded automatically; {put}")
     show = sys.stderr.isatty() if progress is None else progress
-    _http_download(url, dest, entry, show=show, timeout=timeout, retries=retries, put=put)
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    with _locked(dest + ".lock"):  # two processes appending to one .part would corrupt it
+        if not os.path.isfile(dest):  # the other process may have finished it meanwhile
+            _http_download(url, dest, entry, show=show, timeout=timeout, retries=retries, put=put)
     return dest
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _have_hf_hub() -> bool:
@@ -224,7 +243,6 @@ def _published_sha256(resp) -> str | None:
 
 
 def _http_download(url: str, dest: str, entry: Pretrained, *, show: bool, timeout: float, retries: int, put: str) -> None:
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     part = dest + ".part"
     expected = entry.sha256.lower() if entry.sha256 else None
     last = ""

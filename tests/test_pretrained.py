@@ -203,7 +203,7 @@ def test_wrong_checksum_rejected(server, cache, monkeypatch):
     _register(monkeypatch, server.url)
     with pytest.raises(pretrained.DownloadError, match="sha256 mismatch"):
         pretrained.download("test-tiny", progress=False)
-    assert os.listdir(cache) == []
+    assert not (cache / "tiny-test.pt").exists() and not (cache / "tiny-test.pt.part").exists()
 
 
 def test_offline_never_touches_the_network(server, cache, monkeypatch, tiny_payload):
@@ -244,7 +244,7 @@ def test_web_page_instead_of_file(server, cache, monkeypatch):
     _register(monkeypatch, server.url)
     with pytest.raises(pretrained.DownloadError, match="sent a web page, not the file .* put it at"):
         pretrained.download("test-tiny", progress=False)
-    assert os.listdir(cache) == []
+    assert not (cache / "tiny-test.pt").exists() and not (cache / "tiny-test.pt.part").exists()
 
 
 def test_http_404_is_one_line(server, cache, monkeypatch):
@@ -304,3 +304,15 @@ def test_hub_entry_offline(cache, monkeypatch, tmp_path, hf_hub):
     assert "\n" not in msg and "downloads are off" in msg
     assert "https://huggingface.co/lukewys/laion_clap/resolve/main/630k-best.pt" in msg
     assert f"put it at {cache / '630k-best.pt'}" in msg
+
+
+def test_concurrent_downloads_fetch_once(server, cache, monkeypatch, tiny_payload):
+    _register(monkeypatch, server.url, sha256=hashlib.sha256(tiny_payload[0]).hexdigest())
+    paths: list[str] = []
+    threads = [threading.Thread(target=lambda: paths.append(pretrained.download("test-tiny", progress=False))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert paths == [str(cache / "tiny-test.pt")] * 3 and len(server.ranges) == 1
+    assert open(paths[0], "rb").read() == tiny_payload[0]
