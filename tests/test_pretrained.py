@@ -316,3 +316,19 @@ def test_concurrent_downloads_fetch_once(server, cache, monkeypatch, tiny_payloa
         t.join(timeout=60)
     assert paths == [str(cache / "tiny-test.pt")] * 3 and len(server.ranges) == 1
     assert open(paths[0], "rb").read() == tiny_payload[0]
+
+
+def test_scv2_entry_builds_the_original_filterbank(cache, monkeypatch):
+    """The original SCV2 model kept fmax 14000 at 16 kHz; its entry carries cap_fmax=False, so an original-layout
+    file put in the cache by hand loads (its mel weights are checked against ours)."""
+    with pytest.warns(UserWarning, match="kept as asked"):
+        original = htsat.create_model("htsat-scv2", cap_fmax=False)
+    cache.mkdir(parents=True)
+    lightning = {"state_dict": {f"sed_model.{k}": v for k, v in original.state_dict().items()}}
+    torch.save(lightning, cache / "HTSAT_SCV2_Saved_2.ckpt")
+    monkeypatch.setenv("HTSAT_OFFLINE", "1")
+    with pytest.warns(UserWarning, match="kept as asked"):
+        model = htsat.create_model("htsat-scv2", pretrained=True)
+    assert model.config.fmax == 14000.0 and model.config.num_classes == 35
+    key = "layers.0.blocks.0.attn.qkv.weight"
+    assert torch.equal(model.state_dict()[key], original.state_dict()[key])
