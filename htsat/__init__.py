@@ -8,6 +8,7 @@ from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint,
 from .config import PRESETS, TINY_OVERRIDES, HTSATConfig, load_config
 from .labels import audioset_labels
 from .model import HTSAT, create_model
+from .pretrained import DownloadError
 
 __all__ = [
     "HTSAT",
@@ -15,6 +16,7 @@ __all__ = [
     "PRESETS",
     "TINY_OVERRIDES",
     "CheckpointError",
+    "DownloadError",
     "audioset_labels",
     "create_model",
     "load_checkpoint",

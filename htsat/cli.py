@@ -129,17 +129,20 @@ def _add_run_arguments(q) -> None:
 
 
 def _add_protocol_parsers(sub) -> None:
-    """htsat average / htsat evaluate (issue 15): their parsers live with their code."""
-    from . import average, evaluate
+    """htsat average / htsat evaluate (issue 15), htsat models / htsat download (issue 16): their parsers live
+    with their code."""
+    from . import average, evaluate, pretrained
 
     average.add_parser(sub)
     evaluate.add_parser(sub)
+    pretrained.add_parsers(sub)
 
 
 def _run_protocol(args) -> int:
-    from . import average, evaluate
+    from . import average, evaluate, pretrained
 
-    return {"average": average.run, "evaluate": evaluate.run}[args.command](args)
+    runners = {"average": average.run, "evaluate": evaluate.run, "models": pretrained.run, "download": pretrained.run}
+    return runners[args.command](args)
 
 
 def _err(msg: str) -> None:
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
     known = (AudioError, ManifestError, OSError, ValueError, BackendUnavailable, TrainingError)  # OSError messages name the file
     try:
-        if args.command in ("average", "evaluate"):
+        if args.command in ("average", "evaluate", "models", "download"):
             return _run_protocol(args)
         if args.command == "train":
             return _run_train(args)

@@ -311,10 +311,35 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def create_model(name: str = "htsat-audioset", *, num_classes: int | None = None, backend: str = "auto", **overrides) -> HTSAT:
-    """Build HTS-AT from a preset name ("htsat-audioset", "htsat-esc50", "htsat-scv2") or a JSON config
-    file; ``overrides`` are HTSATConfig fields. ``backend``: "auto", "reference" or "fused"."""
-    from .config import load_config
+def create_model(
+    name: str | None = None,
+    *,
+    num_classes: int | None = None,
+    backend: str = "auto",
+    pretrained: bool | str = False,
+    **overrides,
+) -> HTSAT:
+    """Build HTS-AT from a preset name ("htsat-audioset", "htsat-esc50", "htsat-scv2", "clap-htsat-tiny", ...), a
+    named pretrained checkpoint (``htsat models`` lists them) or a JSON config file; ``overrides`` are HTSATConfig
+    fields. ``backend``: "auto", "reference" or "fused". ``pretrained=True`` loads the checkpoint registered under
+    ``name``, ``pretrained="NAME"`` that one (downloaded into the cache first, see htsat.pretrained); with
+    ``num_classes`` the checkpoint's head is skipped (fine-tuning with another class count)."""
+    from .config import PRESETS, load_config
+    from .pretrained import REGISTRY, get, load_pretrained
 
-    config = load_config(name, num_classes=num_classes, **overrides)
-    return HTSAT(config, backend=backend)
+    entry = None
+    if pretrained:
+        entry = get(pretrained if isinstance(pretrained, str) else name or "htsat-audioset")
+        if name in PRESETS and name != entry.preset:
+            raise ValueError(f"pretrained {entry.name!r} is a {entry.preset} checkpoint; name={name!r} builds another model")
+        overrides = {**entry.overrides, **overrides}
+    elif name in REGISTRY and name not in PRESETS:
+        entry = REGISTRY[name]  # a checkpoint's name without its weights: its preset
+    preset = entry.preset if entry is not None and (name is None or name in REGISTRY) else name or "htsat-audioset"
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    config = load_config(preset, **overrides)
+    model = HTSAT(config, backend=backend)
+    if pretrained:
+        load_pretrained(model, entry.name, drop_head=num_classes is not None)
+    return model
