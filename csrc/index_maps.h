@@ -82,15 +82,29 @@ HOST_DEVICE inline index_t patch_merge_segment_offset(int k, index_t W) {
   return static_cast<index_t>(k & 1) * W + static_cast<index_t>(k >> 1);
 }
 
+// True when every index below `count` plus `overshoot` (a last block's threads past the end) fits int32:
+// the kernels and the CPU twins then run these maps in 32-bit arithmetic (a 64-bit division is a ~70
+// instruction call on a GPU), and in int64 otherwise. Memory offsets stay below `count` either way.
+HOST_DEVICE constexpr bool fits_int32_index(int64_t count, int64_t overshoot) {
+  return count >= 0 && overshoot >= 0 && count <= INT32_MAX - overshoot;
+}
+
 // Row sources of the gathered LayerNorm (gathered_layer_norm.h): output row `row` is the concatenation of
-// kSegments segments of C channels, segment k read from pixel row base(row) + offset(k).
+// kSegments segments of C channels, segment k read from pixel row base(row) + offset(k), in the index type
+// of the caller (int32 where fits_int32_index says so, else int64).
 
 // Patch merging: 2x2 gather, LayerNorm(4C).
 struct PatchMergeRows {
   static constexpr int kSegments = 4;
   int64_t H, W;
-  HOST_DEVICE inline int64_t base(int64_t row) const { return patch_merge_base_pixel<int64_t>(row, H, W); }
-  HOST_DEVICE inline int64_t offset(int k) const { return patch_merge_segment_offset<int64_t>(k, W); }
+  template <typename index_t>
+  HOST_DEVICE inline index_t base(index_t row) const {
+    return patch_merge_base_pixel<index_t>(row, static_cast<index_t>(H), static_cast<index_t>(W));
+  }
+  template <typename index_t = int64_t>
+  HOST_DEVICE inline index_t offset(int k) const {
+    return patch_merge_segment_offset<index_t>(k, static_cast<index_t>(W));
+  }
 };
 
 // Fused norm1 LayerNorm(C) + window partition: windowed token row `row` is the LayerNorm of the one pixel
@@ -98,8 +112,10 @@ struct PatchMergeRows {
 struct WindowRows {
   static constexpr int kSegments = 1;
   WindowGeometry g;
-  HOST_DEVICE inline int64_t base(int64_t row) const { return window_token_to_pixel<int64_t>(row, g); }
-  HOST_DEVICE inline int64_t offset(int) const { return 0; }
+  template <typename index_t>
+  HOST_DEVICE inline index_t base(index_t row) const { return window_token_to_pixel<index_t>(row, g); }
+  template <typename index_t = int64_t>
+  HOST_DEVICE inline index_t offset(int) const { return 0; }
 };
 
 }  // namespace htsat
