@@ -41,12 +41,6 @@ inline int64_t gathered_layer_norm_rows_per_chunk(int64_t rows) {
 // overshoot covers the last block's threads past the end). CUDA kernels and CPU twins take the same path.
 inline bool gathered_layer_norm_int32_index(int64_t rows, int64_t n) { return fits_int32_index(rows * n, n + 1024); }
 
-// Pixel row of segment 0 of output row `row`, the map evaluated in int32 when `int32_index`, else int64.
-template <typename Rows>
-HOST_DEVICE inline int64_t gathered_row_base(const Rows& src, int64_t row, bool int32_index) {
-  return int32_index ? static_cast<int64_t>(src.base(static_cast<int32_t>(row))) : src.base(row);
-}
-
 // x (pixels, C) of `dtype`; weight, bias (n = kSegments * C,); out (rows, n); mean, rstd (rows,) in the
 // accumulation type.
 template <typename Rows>

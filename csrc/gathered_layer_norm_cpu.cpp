@@ -18,7 +18,7 @@ namespace {
 template <typename Rows, typename scalar_t, typename acc_t>
 HTSAT_INLINE void gather_row(const scalar_t* __restrict__ x, int64_t row, const Rows& src, int64_t C,
                              bool int32_index, acc_t* __restrict__ buf) {
-  const int64_t base = gathered_row_base(src, row, int32_index);
+  const int64_t base = map_row_base(src, row, int32_index);
   for (int k = 0; k < Rows::kSegments; ++k) {
     const scalar_t* __restrict__ seg = x + (base + src.offset(k)) * C;
     acc_t* __restrict__ dst = buf + k * C;
@@ -146,7 +146,7 @@ HTSAT_INLINE void layer_norm_backward_chunks(const BackwardChunks<Rows, scalar_t
         pb[i] += dyi;
       }
       const acc_t mean_g = sum_lanes(gv, n) * inv_n, mean_gx = dot_lanes(gv, xh, n) * inv_n;
-      const int64_t base = gathered_row_base(a.src, r, a.int32_index);
+      const int64_t base = map_row_base(a.src, r, a.int32_index);
       for (int k = 0; k < Rows::kSegments; ++k) {
         scalar_t* __restrict__ dst = a.grad_x + (base + a.src.offset(k)) * C;
         const acc_t* __restrict__ gk = gv + k * C;
