@@ -2,8 +2,10 @@
 // maps: patch merging (PatchMergeRows) and the fused norm1 + shifted window partition (WindowRows).
 //
 // Forward: one warp per output row (4 rows per 128-thread block): the warp reads the gathered segments
-// (coalesced along C), reduces the mean, then the centred variance (two passes; the re-reads hit L1/L2),
-// and writes the normalised row; mean and rstd are saved in the accumulation type (fp32, fp64 for fp64).
+// (coalesced along C) once, in 16-byte vectors kept in registers where C and the pointers allow
+// (otherwise element by element, re-reading the row from L1/L2), reduces the mean, then the centred
+// variance, and writes the normalised row; mean and rstd are saved in the accumulation type (fp32, fp64
+// for fp64).
 // Backward: one warp per row for dx (scattered back through the same map; each input element belongs
 // to exactly one row), then the weight/bias gradient reduced deterministically: per-chunk partials in
 // row order, then a fixed-order sum over the chunks (no float atomics). The caller
@@ -86,6 +88,88 @@ __global__ void __launch_bounds__(kRowThreads)
       const index_t i = k * C + c;
       const acc_t v = (static_cast<acc_t>(x[w.seg[k] + c]) - mean) * rstd;
       y[i] = static_cast<scalar_t>(v * static_cast<acc_t>(weight[i]) + static_cast<acc_t>(bias[i]));
+    }
+  if (w.lane == 0) {
+    mean_out[w.row] = mean;
+    rstd_out[w.row] = rstd;
+  }
+}
+
+// 16 bytes of consecutive elements.
+template <typename scalar_t>
+struct alignas(16) Vec16 {
+  static constexpr int kSize = 16 / static_cast<int>(sizeof(scalar_t));
+  scalar_t v[kSize];
+};
+
+// Forward with each row read once, in 16-byte vectors held in registers: lane l holds vectors l + 32 j
+// (j < kPerLane) of every segment, reduces the mean and then the centred variance from registers, and
+// writes the output in 16-byte vectors. The host launches it only when C is a multiple of the vector,
+// every pointer is 16-byte aligned (so is every row: offsets are multiples of C), the segment fits in
+// kPerLane vectors per lane and the indices fit int32; the element-wise formula is the scalar kernel's.
+template <typename Rows, typename scalar_t, typename acc_t, int kPerLane>
+__global__ void __launch_bounds__(kRowThreads)
+    gathered_layer_norm_forward_vec_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
+                                           const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
+                                           acc_t* __restrict__ mean_out, acc_t* __restrict__ rstd_out, Rows src,
+                                           int32_t rows, int32_t C, acc_t eps) {
+  using V = Vec16<scalar_t>;
+  constexpr int kSeg = Rows::kSegments;
+  WarpRow<Rows, int32_t> w;
+  if (w.row >= rows) return;  // uniform per warp
+  w.locate(src, C);
+  const int32_t n = kSeg * C;
+  const int32_t seg_vecs = C / V::kSize;
+
+  V v[kSeg][kPerLane] = {};  // fully initialised (zeros past the row): keeps the array in registers
+#pragma unroll
+  for (int k = 0; k < kSeg; ++k)
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j)
+      if (j * kWarpSize + w.lane < seg_vecs)
+        v[k][j] = reinterpret_cast<const V*>(x + w.seg[k])[j * kWarpSize + w.lane];
+  acc_t sum = 0;  // the zeros past the row add nothing
+#pragma unroll
+  for (int k = 0; k < kSeg; ++k)
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j)
+#pragma unroll
+      for (int e = 0; e < V::kSize; ++e) sum += static_cast<acc_t>(v[k][j].v[e]);
+  const acc_t mean = warp_sum(sum) / static_cast<acc_t>(n);
+
+  acc_t sq = 0;
+#pragma unroll
+  for (int k = 0; k < kSeg; ++k)
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j)
+      if (j * kWarpSize + w.lane < seg_vecs) {
+#pragma unroll
+        for (int e = 0; e < V::kSize; ++e) {
+          const acc_t d = static_cast<acc_t>(v[k][j].v[e]) - mean;
+          sq += d * d;
+        }
+      }
+  const acc_t rstd = inv_sqrt(warp_sum(sq) / static_cast<acc_t>(n) + eps);
+
+  V* y = reinterpret_cast<V*>(out + w.row * n);
+  const V* wv = reinterpret_cast<const V*>(weight);
+  const V* bv = reinterpret_cast<const V*>(bias);
+#pragma unroll
+  for (int k = 0; k < kSeg; ++k)
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int32_t q = j * kWarpSize + w.lane;
+      if (q < seg_vecs) {
+        const int32_t i = k * seg_vecs + q;  // vector i of the output row, of weight and of bias
+        const V wi = wv[i], bi = bv[i];
+        V o;
+#pragma unroll
+        for (int e = 0; e < V::kSize; ++e) {
+          const acc_t t = (static_cast<acc_t>(v[k][j].v[e]) - mean) * rstd;
+          o.v[e] = static_cast<scalar_t>(t * static_cast<acc_t>(wi.v[e]) + static_cast<acc_t>(bi.v[e]));
+        }
+        y[i] = o;
+      }
     }
   if (w.lane == 0) {
     mean_out[w.row] = mean;
@@ -201,6 +285,31 @@ void gathered_layer_norm_forward_cuda(const GatheredLayerNormForward<Rows>& a) {
   dispatch_floating(a.dtype, "gathered_layer_norm_forward_cuda", [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
+    const scalar_t* x = static_cast<const scalar_t*>(a.x);
+    const scalar_t* weight = static_cast<const scalar_t*>(a.weight);
+    const scalar_t* bias = static_cast<const scalar_t*>(a.bias);
+    scalar_t* out = static_cast<scalar_t*>(a.out);
+    // the vector kernel: 1, 2 or 4 vectors of each segment per lane
+    constexpr int64_t kVec = Vec16<scalar_t>::kSize;
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(weight) |
+                           reinterpret_cast<uintptr_t>(bias) | reinterpret_cast<uintptr_t>(out);
+    const int64_t per_lane = (a.C / kVec + kWarpSize - 1) / kWarpSize;
+    if (a.int32_index && a.C % kVec == 0 && addr % 16 == 0 && per_lane <= 4) {
+      const auto launch = [&](auto kernel) {
+        kernel<<<blocks, kRowThreads, 0, stream>>>(x, weight, bias, out, static_cast<acc_t*>(a.mean),
+                                                   static_cast<acc_t*>(a.rstd), a.src, static_cast<int32_t>(a.rows),
+                                                   static_cast<int32_t>(a.C), static_cast<acc_t>(a.eps));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (per_lane <= 1) {
+        launch(gathered_layer_norm_forward_vec_kernel<Rows, scalar_t, acc_t, 1>);
+      } else if (per_lane <= 2) {
+        launch(gathered_layer_norm_forward_vec_kernel<Rows, scalar_t, acc_t, 2>);
+      } else {
+        launch(gathered_layer_norm_forward_vec_kernel<Rows, scalar_t, acc_t, 4>);
+      }
+      return;
+    }
     dispatch_index(a.int32_index, [&](auto itag) {
       using index_t = decltype(itag);
       gathered_layer_norm_forward_kernel<Rows, scalar_t, acc_t, index_t><<<blocks, kRowThreads, 0, stream>>>(

@@ -5,7 +5,8 @@
 // else 8/4/2): the copy is dtype-agnostic and therefore bit-exact (every dtype of the extension is at least
 // 2 bytes wide, so no 1-byte variant is built). The token -> pixel map is the one in index_maps.h, shared
 // with the CPU twin. 32-bit index math with precomputed divisors (FastDivisor) when the element count
-// allows, 64-bit division otherwise; memory offsets are always 64-bit. The caller (window_copy.cpp) has checked the sizes and made the device current.
+// allows, 64-bit division otherwise; memory offsets are always 64-bit. The caller (window_copy.cpp) has
+// checked the sizes and made the device current.
 #include <cstdint>
 
 #include <c10/cuda/CUDAException.h>
