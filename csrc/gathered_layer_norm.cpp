@@ -25,7 +25,8 @@ TensorTriple gathered_forward(const at::Tensor& x, const at::Tensor& weight, con
     const GatheredLayerNormForward<Rows> args{x.const_data_ptr(),    weight.const_data_ptr(), bias.const_data_ptr(),
                                               out.mutable_data_ptr(), mean.mutable_data_ptr(), rstd.mutable_data_ptr(),
                                               x.scalar_type(),        eps,                     src,
-                                              rows,                   C};
+                                              rows,                   C,
+                                              gathered_layer_norm_int32_index(rows, out.size(-1))};
     HTSAT_LAUNCH(x, gathered_layer_norm_forward, args);
   }
   return {out, mean, rstd};
@@ -55,7 +56,7 @@ TensorTriple gathered_backward(const at::Tensor& grad_out, const at::Tensor& x, 
                                              partials.mutable_data_ptr(),  x.scalar_type(),
                                              src,                          rows,
                                              C,                            per_chunk,
-                                             n_chunks};
+                                             n_chunks,                     gathered_layer_norm_int32_index(rows, n)};
   HTSAT_LAUNCH(x, gathered_layer_norm_backward, args);
   return {grad_x, grad_weight, grad_bias};
 }

@@ -36,6 +36,11 @@ inline int64_t gathered_layer_norm_rows_per_chunk(int64_t rows) {
   return per < 1 ? 1 : per;
 }
 
+// Whether the index math of a map with `rows` output rows of n = kSegments * C elements runs in int32 (every
+// element index of x, out and the partials is below rows * n, which the op checked fits int64; the
+// overshoot covers the last block's threads past the end). CUDA kernels and CPU twins take the same path.
+inline bool gathered_layer_norm_int32_index(int64_t rows, int64_t n) { return fits_int32_index(rows * n, n + 1024); }
+
 // x (pixels, C) of `dtype`; weight, bias (n = kSegments * C,); out (rows, n); mean, rstd (rows,) in the
 // accumulation type.
 template <typename Rows>
@@ -50,6 +55,7 @@ struct GatheredLayerNormForward {
   double eps;
   Rows src;
   int64_t rows, C;
+  bool int32_index;  // gathered_layer_norm_int32_index(rows, n)
 };
 
 // grad_out (rows, n); grad_x like x; grad_weight, grad_bias (n,); partials (2, n_chunks, n) accumulation-type
@@ -68,6 +74,7 @@ struct GatheredLayerNormBackward {
   c10::ScalarType dtype;
   Rows src;
   int64_t rows, C, per_chunk, n_chunks;
+  bool int32_index;  // gathered_layer_norm_int32_index(rows, n)
 };
 
 // gathered_layer_norm_cpu.cpp, and gathered_layer_norm_cuda.cu (built with the CUDA part only); both

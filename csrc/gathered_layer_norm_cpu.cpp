@@ -17,8 +17,8 @@ namespace {
 // Gathers row `row` into buf (acc_t): Rows::kSegments contiguous runs of C elements.
 template <typename Rows, typename scalar_t, typename acc_t>
 HTSAT_INLINE void gather_row(const scalar_t* __restrict__ x, int64_t row, const Rows& src, int64_t C,
-                             acc_t* __restrict__ buf) {
-  const int64_t base = src.base(row);
+                             bool int32_index, acc_t* __restrict__ buf) {
+  const int64_t base = map_row_base(src, row, int32_index);
   for (int k = 0; k < Rows::kSegments; ++k) {
     const scalar_t* __restrict__ seg = x + (base + src.offset(k)) * C;
     acc_t* __restrict__ dst = buf + k * C;
@@ -77,6 +77,7 @@ struct ForwardRows {
   acc_t eps;
   Rows src;
   int64_t C;
+  bool int32_index;
 };
 
 // Rows [begin, end) of the forward; v is an n-element scratch row.
@@ -88,7 +89,7 @@ HTSAT_INLINE void layer_norm_forward_rows(const ForwardRows<Rows, scalar_t, acc_
   const acc_t* __restrict__ w = a.weight;
   const acc_t* __restrict__ b = a.bias;
   for (int64_t r = begin; r < end; ++r) {
-    gather_row(a.x, r, a.src, C, v);
+    gather_row(a.x, r, a.src, C, a.int32_index, v);
     const acc_t mu = sum_lanes(v, n) * inv_n;
     const acc_t rs = acc_t(1) / std::sqrt(centred_square_sum_lanes(v, mu, n) * inv_n + a.eps);
     scalar_t* __restrict__ y = a.out + r * n;
@@ -116,6 +117,7 @@ struct BackwardChunks {
   acc_t* part_b;
   Rows src;
   int64_t C, rows, per_chunk;
+  bool int32_index;
 };
 
 // Chunks [cbegin, cend) of the backward: dx of each row, and the chunk's partial weight/bias sums.
@@ -132,7 +134,7 @@ HTSAT_INLINE void layer_norm_backward_chunks(const BackwardChunks<Rows, scalar_t
     std::fill(pb, pb + n, acc_t(0));
     const int64_t r_end = std::min(a.rows, (chunk + 1) * a.per_chunk);
     for (int64_t r = chunk * a.per_chunk; r < r_end; ++r) {
-      gather_row(a.x, r, a.src, C, xh);
+      gather_row(a.x, r, a.src, C, a.int32_index, xh);
       const acc_t mu = a.mean[r], rs = a.rstd[r];
       const scalar_t* __restrict__ dy = a.grad_out + r * n;
       for (int64_t i = 0; i < n; ++i) {
@@ -144,7 +146,7 @@ HTSAT_INLINE void layer_norm_backward_chunks(const BackwardChunks<Rows, scalar_t
         pb[i] += dyi;
       }
       const acc_t mean_g = sum_lanes(gv, n) * inv_n, mean_gx = dot_lanes(gv, xh, n) * inv_n;
-      const int64_t base = a.src.base(r);
+      const int64_t base = map_row_base(a.src, r, a.int32_index);
       for (int k = 0; k < Rows::kSegments; ++k) {
         scalar_t* __restrict__ dst = a.grad_x + (base + a.src.offset(k)) * C;
         const acc_t* __restrict__ gk = gv + k * C;
@@ -244,7 +246,8 @@ void gathered_layer_norm_forward_cpu(const GatheredLayerNormForward<Rows>& a) {
                                                   static_cast<acc_t*>(a.rstd),
                                                   static_cast<acc_t>(a.eps),
                                                   a.src,
-                                                  a.C};
+                                                  a.C,
+                                                  a.int32_index};
     // ~32K elements per task at least: small maps stay on few threads.
     at::parallel_for(0, a.rows, std::max<int64_t>(1, 32768 / n), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> buf(n);
@@ -275,7 +278,8 @@ void gathered_layer_norm_backward_cpu(const GatheredLayerNormBackward<Rows>& a) 
                                                      a.src,
                                                      a.C,
                                                      a.rows,
-                                                     a.per_chunk};
+                                                     a.per_chunk,
+                                                     a.int32_index};
     // Pass 1, chunks of rows per task: dx of each row, and each chunk's partial weight/bias sums.
     const int64_t chunk_grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, a.per_chunk * n));
     at::parallel_for(0, n_chunks, chunk_grain, [&](int64_t cbegin, int64_t cend) {

@@ -18,10 +18,13 @@ template <typename Fn>
 void for_each_window_row_run(const WindowGeometry& g, int64_t grain_elems, const Fn& fn) {
   const int64_t ws = g.ws, W = g.W;
   const int64_t segments = g.batch * g.H * g.W / ws;  // W is a multiple of ws
+  // the CUDA kernels' 32-bit map (fast divisors) whenever it would serve them: every token index fits
+  const WindowRows map(g);
+  const bool int32_index = fits_int32_index(g.batch * g.H * g.W, 0);
   at::parallel_for(0, segments, std::max<int64_t>(1, grain_elems / (g.channels * ws)), [&](int64_t begin, int64_t end) {
     for (int64_t seg = begin; seg < end; ++seg) {
       const int64_t t = seg * ws;
-      const int64_t p = window_token_to_pixel<int64_t>(t, g);
+      const int64_t p = map_row_base(map, t, int32_index);
       const int64_t w0 = p % W;
       const int64_t first = std::min(ws, W - w0);  // tokens before the column wraps to 0
       fn(t, p, first);

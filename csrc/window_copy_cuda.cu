@@ -4,8 +4,9 @@
 // One thread moves one vector of a token row (16 bytes when C * sizeof(dtype) and both pointers allow,
 // else 8/4/2): the copy is dtype-agnostic and therefore bit-exact (every dtype of the extension is at least
 // 2 bytes wide, so no 1-byte variant is built). The token -> pixel map is the one in index_maps.h, shared
-// with the CPU twin. 32-bit index math when the element count allows, 64-bit otherwise; memory offsets
-// are always 64-bit. The caller (window_copy.cpp) has checked the sizes and made the device current.
+// with the CPU twin. 32-bit index math with precomputed divisors (FastDivisor) when the element count
+// allows, 64-bit division otherwise; memory offsets are always 64-bit. The caller (window_copy.cpp) has
+// checked the sizes and made the device current.
 #include <cstdint>
 
 #include <c10/cuda/CUDAException.h>
@@ -21,14 +22,14 @@ constexpr int kThreads = 256;
 
 template <typename vec_t, typename index_t, bool kMerge>
 __global__ void __launch_bounds__(kThreads)
-    window_copy_kernel(const vec_t* __restrict__ src, vec_t* __restrict__ dst, WindowGeometry g, index_t row_vecs,
-                       index_t total) {
+    window_copy_kernel(const vec_t* __restrict__ src, vec_t* __restrict__ dst, WindowRows map, index_t row_vecs,
+                       FastDivisor row_vecs_div, index_t total) {
   const index_t idx = static_cast<index_t>(blockIdx.x) * static_cast<index_t>(kThreads) +
                       static_cast<index_t>(threadIdx.x);
   if (idx >= total) return;
-  const index_t token = idx / row_vecs;
+  const index_t token = divide<index_t>(idx, row_vecs, row_vecs_div);
   const index_t v = idx - token * row_vecs;
-  const index_t pixel = window_token_to_pixel<index_t>(token, g);
+  const index_t pixel = map.base(token);
   const int64_t pixel_offset = static_cast<int64_t>(pixel) * static_cast<int64_t>(row_vecs) + v;
   if constexpr (kMerge) {
     dst[pixel_offset] = src[idx];
@@ -55,11 +56,14 @@ void launch_window_copy(const WindowCopy& a, int64_t row_bytes) {
   const vec_t* s = static_cast<const vec_t*>(a.src);
   vec_t* d = static_cast<vec_t*>(a.dst);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const WindowRows map(a.g);
+  const FastDivisor row_vecs_div(row_vecs);
   if (fits_int32(total)) {
-    window_copy_kernel<vec_t, int32_t, kMerge>
-        <<<blocks, kThreads, 0, stream>>>(s, d, a.g, static_cast<int32_t>(row_vecs), static_cast<int32_t>(total));
+    window_copy_kernel<vec_t, int32_t, kMerge><<<blocks, kThreads, 0, stream>>>(
+        s, d, map, static_cast<int32_t>(row_vecs), row_vecs_div, static_cast<int32_t>(total));
   } else {
-    window_copy_kernel<vec_t, int64_t, kMerge><<<blocks, kThreads, 0, stream>>>(s, d, a.g, row_vecs, total);
+    window_copy_kernel<vec_t, int64_t, kMerge>
+        <<<blocks, kThreads, 0, stream>>>(s, d, map, row_vecs, row_vecs_div, total);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -90,16 +94,16 @@ struct alignas(sizeof(scalar_t) * kVec) Pack {
 template <typename scalar_t, int kVec, typename index_t>
 __global__ void __launch_bounds__(kThreads)
     window_merge_add_kernel(const scalar_t* __restrict__ windows, const scalar_t* __restrict__ shortcut,
-                            scalar_t* __restrict__ out, WindowGeometry g, index_t row_packs, index_t total) {
+                            scalar_t* __restrict__ out, WindowRows map, index_t row_packs,
+                            FastDivisor row_packs_div, index_t total) {
   using P = Pack<scalar_t, kVec>;
   using acc_t = acc_type<scalar_t>;  // as torch's add: a + b in opmath, rounded once
   const index_t idx = static_cast<index_t>(blockIdx.x) * static_cast<index_t>(kThreads) +
                       static_cast<index_t>(threadIdx.x);
   if (idx >= total) return;
-  const index_t token = idx / row_packs;
+  const index_t token = divide<index_t>(idx, row_packs, row_packs_div);
   const index_t v = idx - token * row_packs;
-  const int64_t pixel_offset =
-      static_cast<int64_t>(window_token_to_pixel<index_t>(token, g)) * static_cast<int64_t>(row_packs) + v;
+  const int64_t pixel_offset = static_cast<int64_t>(map.base(token)) * static_cast<int64_t>(row_packs) + v;
   const P w = reinterpret_cast<const P*>(windows)[idx];
   const P s = reinterpret_cast<const P*>(shortcut)[pixel_offset];
   P o;
@@ -117,11 +121,14 @@ void launch_window_merge_add(const WindowMergeAdd& a) {
   const scalar_t* w = static_cast<const scalar_t*>(a.windows);
   const scalar_t* s = static_cast<const scalar_t*>(a.shortcut);
   scalar_t* o = static_cast<scalar_t*>(a.out);
+  const WindowRows map(a.g);
+  const FastDivisor row_packs_div(row_packs);
   if (fits_int32(total)) {
-    window_merge_add_kernel<scalar_t, kVec, int32_t>
-        <<<blocks, kThreads, 0, stream>>>(w, s, o, a.g, static_cast<int32_t>(row_packs), static_cast<int32_t>(total));
+    window_merge_add_kernel<scalar_t, kVec, int32_t><<<blocks, kThreads, 0, stream>>>(
+        w, s, o, map, static_cast<int32_t>(row_packs), row_packs_div, static_cast<int32_t>(total));
   } else {
-    window_merge_add_kernel<scalar_t, kVec, int64_t><<<blocks, kThreads, 0, stream>>>(w, s, o, a.g, row_packs, total);
+    window_merge_add_kernel<scalar_t, kVec, int64_t>
+        <<<blocks, kThreads, 0, stream>>>(w, s, o, map, row_packs, row_packs_div, total);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

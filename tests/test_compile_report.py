@@ -142,7 +142,6 @@ def test_cuda_fp64_kernels_do_not_spill(cuda_report, arch):
     assert not bad, bad
 
 
-@pytest.mark.xfail(strict=True, reason="issue #10: the gathered LayerNorm kernels call 64-bit division helpers per row")
 def test_cuda_kernels_have_no_64bit_division(cuda_report):
     # kernels templated on a 64-bit index type are the fallback for tensors past 2^31 elements
     hts = [r for r in cuda_report if ", long" not in r["kernel"]]
