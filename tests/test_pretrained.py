@@ -8,11 +8,11 @@ import threading
 
 import pytest
 import torch
+from cli_helpers import _one_thread  # noqa: F401  (autouse: one torch thread)
 
 import htsat
 from htsat import pretrained
 from htsat.cli import main
-from tests.cli_helpers import _one_thread  # noqa: F401  (autouse: one torch thread)
 
 TINY = dict(htsat.TINY_OVERRIDES, spec_size=64, depths=(1, 1, 1, 1), clip_seconds=1.0, long_hop_seconds=0.5, num_classes=7)
 
