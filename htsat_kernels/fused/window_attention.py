@@ -262,7 +262,10 @@ def _window_attention_bwd_kernel(
         dbias = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
     else:
         dbias = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    slot_ptr = dbias_ptr + (g.to(tl.int64) * H + h) * N * N
+    # slot (N*N + 1 elements): the (N, N) bias gradient, then a zero that the host-side gather
+    # reads for key positions outside the window (so the buffer can be allocated with empty)
+    slot_ptr = dbias_ptr + (g.to(tl.int64) * H + h) * (N * N + 1)
+    tl.store(slot_ptr + N * N, 0.0)
     out_ty = dqkv_ptr.dtype.element_ty
 
     start = g * windows_per_group
@@ -309,9 +312,12 @@ def _window_attention_bwd_kernel(
                 dbias += ds
             else:
                 slot_ptrs = slot_ptr + offs_m[:, None] * N + offs_n[None, :]
-                tl.debug_barrier()
-                acc = tl.load(slot_ptrs, mask=pair_ok, other=0.0)
-                tl.store(slot_ptrs, acc + ds.to(acc.dtype), mask=pair_ok)
+                if b == start:  # the first window writes the slot, the others add to it
+                    tl.store(slot_ptrs, ds.to(dbias_ptr.dtype.element_ty), mask=pair_ok)
+                else:
+                    tl.debug_barrier()
+                    acc = tl.load(slot_ptrs, mask=pair_ok, other=0.0)
+                    tl.store(slot_ptrs, acc + ds.to(acc.dtype), mask=pair_ok)
         dk_ptrs = dqkv_ptr + b64 * s_gb + offs_n[:, None] * s_gn + ch * s_gc + C * s_gc
         tl.store(dk_ptrs, dk.to(out_ty), mask=kv_mask)
         tl.store(dk_ptrs + C * s_gc, dv.to(out_ty), mask=kv_mask)
@@ -523,28 +529,45 @@ def _num_groups(B_: int, num_heads: int, device: torch.device) -> int:
     return -(-B_ // per_group)
 
 
-def _table_gather_index(ws: int, device: torch.device) -> Tensor:
-    """((2ws-1)^2, N) int64: for table row (dh, dw) and query token i, the flat (i, j) position
-    of the key j = i - (dh, dw) in an (N*N) bias gradient, or N*N (a zero slot) if j is outside."""
+_GATHER_INDEX: dict[tuple[int, int, str], Tensor] = {}
+
+
+def _table_gather_index(ws: int, heads: int, device: torch.device) -> Tensor:
+    """((2ws-1)^2 * heads * N,) int64 index into one group's (heads, N*N + 1) slots, laid out as
+    (table row, head, query token): for table row (dh, dw), head h and query token i, the flat
+    position of (i, j = i - (dh, dw)) in head h's slot, or the slot's trailing zero if j is outside.
+
+    Cached per (ws, heads, device) in eager mode; built afresh while tracing (a tensor made under a
+    fake or proxy mode must not outlive the trace)."""
+    tracing = torch.compiler.is_compiling() or torch.utils._python_dispatch.is_in_torch_dispatch_mode()
+    key = (ws, heads, str(device))
+    if not tracing and key in _GATHER_INDEX:
+        return _GATHER_INDEX[key]
     n = ws * ws
     rel = torch.arange(2 * ws - 1, device=device) - (ws - 1)
     pos = torch.arange(ws, device=device)
-    key = pos[None, :] - rel[:, None]  # (2ws-1, ws): key coordinate for each offset and query coordinate
-    ok = (key >= 0) & (key < ws)
+    key_pos = pos[None, :] - rel[:, None]  # (2ws-1, ws): key coordinate for each offset and query coordinate
+    ok = (key_pos >= 0) & (key_pos < ws)
     query = pos[:, None] * ws + pos[None, :]  # (ws, ws) query token index
-    key_tok = key[:, None, :, None] * ws + key[None, :, None, :]  # (dh, dw, qh, qw)
+    key_tok = key_pos[:, None, :, None] * ws + key_pos[None, :, None, :]  # (dh, dw, qh, qw)
     flat = query[None, None] * n + key_tok
     valid = ok[:, None, :, None] & ok[None, :, None, :]
-    return torch.where(valid, flat, torch.full_like(flat, n * n)).reshape((2 * ws - 1) ** 2, n)
+    flat = torch.where(valid, flat, torch.full_like(flat, n * n)).reshape((2 * ws - 1) ** 2, 1, n)
+    head = torch.arange(heads, device=device).reshape(1, heads, 1) * (n * n + 1)
+    index = (flat + head).reshape(-1)
+    if not tracing:
+        _GATHER_INDEX[key] = index
+    return index
 
 
-def _bias_grad_to_table(dbias: Tensor, ws: int) -> Tensor:
-    """(h, N, N) bias gradient -> ((2ws-1)^2, h) table gradient, in a fixed summation order."""
-    h, n, _ = dbias.shape
-    flat = torch.cat([dbias.reshape(h, n * n), dbias.new_zeros(h, 1)], dim=1)
-    index = _table_gather_index(ws, dbias.device)
-    gathered = torch.index_select(flat, 1, index.reshape(-1)).reshape(h, index.shape[0], n)
-    return gathered.sum(dim=2).t()
+def _bias_grad_to_table(parts: Tensor, ws: int) -> Tensor:
+    """(groups, h, N*N + 1) bias-gradient slots -> ((2ws-1)^2, h) table gradient in two launches
+    (a gather and one fixed-shape sum over groups and query tokens): no atomics, bit-identical runs."""
+    groups, h, _ = parts.shape
+    n = ws * ws
+    index = _table_gather_index(ws, h, parts.device)
+    gathered = torch.index_select(parts.reshape(groups, -1), 1, index)
+    return gathered.reshape(groups, (2 * ws - 1) ** 2, h, n).sum(dim=(0, 3))
 
 
 def _bwd_impl(
@@ -559,8 +582,8 @@ def _bwd_impl(
         return dqkv.zero_(), torch.zeros_like(table)
     groups = _num_groups(B_, num_heads, qkv.device)
     per_group = -(-B_ // groups)
-    # zeroed: with several row blocks per window the kernel adds into its slot
-    dbias_parts = torch.zeros((groups, num_heads, N, N), dtype=_acc_dtype(qkv.dtype), device=qkv.device)
+    # every element is written by the kernel (its first window stores, the others add)
+    dbias_parts = torch.empty((groups, num_heads, N * N + 1), dtype=_acc_dtype(qkv.dtype), device=qkv.device)
     mask_t, s_mw, s_mi, s_mj, nW, has_mask = _mask_args(mask, qkv)
     cfg = launch_config("backward", N, d, qkv.dtype, has_mask)
     hi, lo = _split_scale(scale)
@@ -595,7 +618,7 @@ def _bwd_impl(
             lo,
             **cfg,
         )
-    dtable = _bias_grad_to_table(dbias_parts.sum(dim=0), ws).to(table.dtype).contiguous()
+    dtable = _bias_grad_to_table(dbias_parts, ws).to(table.dtype)
     return dqkv, dtable
 
 
