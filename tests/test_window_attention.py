@@ -444,3 +444,52 @@ def test_second_derivative_raises():
     (dqkv,) = torch.autograd.grad(out.pow(2).sum(), (qkv,), create_graph=True)
     with pytest.raises(RuntimeError, match="fused window_attention has no second derivative"):
         torch.autograd.grad(dqkv.sum(), (qkv,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dot precision and the fp64 choice (selection logic: the interpreter computes every dot exactly)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fp32_dots_follow_pytorchs_fp32_matmul_setting():
+    from types import SimpleNamespace
+
+    # new torch: fp32_precision ("none" defers to the generic torch.backends.fp32_precision)
+    assert wa._dot_precision(torch.float32, SimpleNamespace(fp32_precision="tf32")) == "tf32"
+    assert wa._dot_precision(torch.float32, SimpleNamespace(fp32_precision="ieee")) == "tf32x3"
+    generic = getattr(torch.backends, "fp32_precision", "ieee")
+    want = "tf32" if generic == "tf32" else "tf32x3"
+    assert wa._dot_precision(torch.float32, SimpleNamespace(fp32_precision="none")) == want
+    # older torch: allow_tf32 only
+    assert wa._dot_precision(torch.float32, SimpleNamespace(allow_tf32=True)) == "tf32"
+    assert wa._dot_precision(torch.float32, SimpleNamespace(allow_tf32=False)) == "tf32x3"
+    # never "ieee" for fp32 (no tensor cores); fp16/bf16 precision is exact on tensor cores anyway
+    assert wa.launch_config("backward", 64, 24, torch.float32, True)["PREC"] in ("tf32", "tf32x3")
+    assert wa.launch_config("forward", 64, 24, torch.float16, True)["PREC"] == "ieee"
+
+
+def test_fp32_dot_precision_reads_the_live_torch_setting():
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch without fp32_precision")
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert wa.launch_config("forward", 64, 24, torch.float32, False)["PREC"] == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert wa.launch_config("forward", 64, 24, torch.float32, False)["PREC"] == "tf32x3"
+    finally:
+        matmul.fp32_precision = before
+
+
+def test_auto_keeps_the_reference_for_fp64_on_a_gpu():
+    from types import SimpleNamespace
+
+    from htsat_kernels import ops
+
+    decline = ops.OPS["window_attention"].fused.auto_declines
+    fake_gpu = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)
+    assert "float64" in decline(fake_gpu, None, None, 2, 1.0)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert decline(SimpleNamespace(device=torch.device("cuda"), dtype=dtype), None, None, 2, 1.0) is None
+    assert decline(torch.zeros(1, dtype=torch.float64), None, None, 2, 1.0) is None  # CPU: the interpreter

@@ -32,8 +32,10 @@ are ``torch.library.triton_op`` s whose kernel launches go through ``torch.libra
 interpreted function, which cannot be traced), the same bodies are registered as opaque
 ``torch.library.custom_op`` s with explicit fake implementations instead.
 
-Supported: fp16, bf16, fp32 (fp32 dots use ``input_precision="ieee"``, not TF32) and fp64 (dots
-as broadcast-and-sum, meant for gradcheck); N = ws^2 <= 256 tokens; head dim <= 64. The table
+Supported: fp16, bf16, fp32 (fp32 dots on tensor cores as PyTorch's fp32 matmul setting says:
+``input_precision="tf32"`` where TF32 is allowed, else "tf32x3", about fp32 accuracy) and fp64
+(dots as broadcast-and-sum, meant for gradcheck: ``backend="auto"`` keeps the reference for fp64
+CUDA tensors, only ``backend="fused"`` runs it); N = ws^2 <= 256 tokens; head dim <= 64. The table
 and mask may have any floating dtype (they are read and used in the compute precision); the
 table gradient comes back in the table's dtype. The mask gets no gradient (it is a buffer), and
 the backward is not itself differentiable (a second derivative raises; no double backward). No
@@ -74,8 +76,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _mm(a, b, FP64: tl.constexpr, PREC: tl.constexpr):
     """a (M, K) @ b (K, N): tl.dot (fp32 accumulation), or an exact fp64 broadcast-and-sum.
 
-    PREC is "ieee" (fp32 inputs must not drop to TF32), or "upcast": operands are converted to
-    fp32 first (exact for bf16), because the Triton interpreter's dot misreads bf16 data.
+    PREC is tl.dot's input_precision ("ieee" for fp16/bf16; "tf32" or "tf32x3" for fp32, after
+    PyTorch's fp32 matmul setting), or "upcast": operands are converted to fp32 first (exact for
+    bf16), because the Triton interpreter's dot misreads bf16 data.
     """
     if FP64:
         c = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
@@ -472,7 +475,25 @@ def _mask_args(mask: Tensor | None, dummy: Tensor):
     return mask, mask.stride(0), mask.stride(1), mask.stride(2), mask.shape[0], True
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def _fp32_matmul_allows_tf32(matmul: Any = None) -> bool:
+    """PyTorch's own setting for fp32 matmuls on CUDA: ``torch.backends.cuda.matmul.fp32_precision``
+    ("tf32" / "ieee", or "none": the generic ``torch.backends.fp32_precision``) where it exists,
+    ``allow_tf32`` on older torch (reading ``allow_tf32`` after the new API was used can raise)."""
+    matmul = torch.backends.cuda.matmul if matmul is None else matmul
+    prec = getattr(matmul, "fp32_precision", None)
+    if prec is None:
+        return bool(matmul.allow_tf32)
+    if prec == "none":
+        prec = getattr(torch.backends, "fp32_precision", "ieee")
+    return prec == "tf32"
+
+
+def _dot_precision(dtype: torch.dtype, matmul: Any = None) -> str:
+    """tl.dot's input_precision: fp32 follows PyTorch's fp32 matmul setting on tensor cores, "tf32"
+    where TF32 is allowed, else "tf32x3" (three TF32 products: about fp32 accuracy; "ieee" has no
+    tensor-core path and spills); bf16 under the interpreter upcasts (its dot misreads bf16)."""
+    if dtype == torch.float32:
+        return "tf32" if _fp32_matmul_allows_tf32(matmul) else "tf32x3"
     return "upcast" if _INTERPRETED and dtype == torch.bfloat16 else "ieee"
 
 
