@@ -9,7 +9,7 @@ Computes, for every window b of ``qkv`` (B_, N, 3C) and head h (d = C / heads ch
 
 exactly as ``htsat_kernels.reference.window_attention`` does, without any (B_, h, N, N) tensor:
 
-* forward: one program per (window, head) (and per block of query rows when N > 64, e.g.
+* forward: one program per (window, head), heads fastest in launch order (and per block of query rows when N > 64, e.g.
   ws = 12: N = 144 keys padded to 256, 32 query rows per program). q, k, v are read straight from the qkv Linear output
   with its strides (no permute, no contiguous copy); the head dim (24 for HTS-AT) is padded to
   the next power of two >= 16 in registers through masked loads; the relative-position index is
@@ -169,13 +169,16 @@ def _window_attention_fwd_kernel(
     FP64: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """One program per (window b, head h, block of BLOCK_M query rows); all N keys at once."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    H = tl.num_programs(1)
+    """One program per (window b, head h, block of BLOCK_M query rows); all N keys at once.
+
+    Heads vary fastest in launch order (program b * H + h), so the heads of one window run
+    together: its qkv rows and mask slice are read from DRAM once and hit L2 for the other heads."""
+    H = C // D
+    b = tl.program_id(0) // H
+    h = tl.program_id(0) % H
     N = WS * WS
 
-    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
@@ -586,7 +589,7 @@ def _fwd_impl(qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, s
     cfg = launch_config("forward", N, d, qkv.dtype, has_mask)
     hi, lo = _split_scale(scale)
     with _device_guard(qkv):
-        _kernel(_window_attention_fwd_kernel)[(B_, num_heads, triton.cdiv(N, cfg["BLOCK_M"]))](
+        _kernel(_window_attention_fwd_kernel)[(B_ * num_heads, triton.cdiv(N, cfg["BLOCK_M"]))](
             qkv,
             table,
             mask_t,
