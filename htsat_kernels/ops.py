@@ -130,6 +130,13 @@ def _slower_on_cpu_in_fp16(x: Tensor, *args) -> str | None:
     return None
 
 
+def _attention_fp64_on_gpu(qkv: Tensor, *args) -> str | None:
+    """The Triton kernel's fp64 dots are a broadcast-and-sum (meant for gradcheck) that spills on a GPU."""
+    if qkv.device.type == "cuda" and qkv.dtype == torch.float64:
+        return "the fused kernel runs float64 on CUDA without tensor cores (use backend='fused' to force it)"
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # Shared pieces of the declarations
 
@@ -364,7 +371,13 @@ OPS: dict[str, OpSpec] = _table(
         label="window attention",
         reference=reference.window_attention,
         check=checks.check_window_attention,
-        fused=Fused("window_attention", "fused_window_attention", "unsupported_reason", auto_on_cpu=False),
+        fused=Fused(
+            "window_attention",
+            "fused_window_attention",
+            "unsupported_reason",
+            auto_on_cpu=False,
+            auto_declines=_attention_fp64_on_gpu,
+        ),
         sample=_attention_sample,
         grad_args=("qkv", "table"),
         traffic=_attention_traffic,

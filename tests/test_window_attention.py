@@ -444,3 +444,103 @@ def test_second_derivative_raises():
     (dqkv,) = torch.autograd.grad(out.pow(2).sum(), (qkv,), create_graph=True)
     with pytest.raises(RuntimeError, match="fused window_attention has no second derivative"):
         torch.autograd.grad(dqkv.sum(), (qkv,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dot precision and the fp64 choice (selection logic: the interpreter computes every dot exactly)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fp32_dots_follow_pytorchs_fp32_matmul_setting():
+    from types import SimpleNamespace
+
+    # new torch: fp32_precision ("none" defers to the generic torch.backends.fp32_precision)
+    assert wa._dot_precision(torch.float32, SimpleNamespace(fp32_precision="tf32")) == "tf32"
+    assert wa._dot_precision(torch.float32, SimpleNamespace(fp32_precision="ieee")) == "tf32x3"
+    generic = getattr(torch.backends, "fp32_precision", "ieee")
+    want = "tf32" if generic == "tf32" else "tf32x3"
+    assert wa._dot_precision(torch.float32, SimpleNamespace(fp32_precision="none")) == want
+    # older torch: allow_tf32 only
+    assert wa._dot_precision(torch.float32, SimpleNamespace(allow_tf32=True)) == "tf32"
+    assert wa._dot_precision(torch.float32, SimpleNamespace(allow_tf32=False)) == "tf32x3"
+    # never "ieee" for fp32 (no tensor cores); fp16/bf16 precision is exact on tensor cores anyway
+    assert wa.launch_config("backward", 64, 24, torch.float32, True)["PREC"] in ("tf32", "tf32x3")
+    assert wa.launch_config("forward", 64, 24, torch.float16, True)["PREC"] == "ieee"
+
+
+def test_fp32_dot_precision_reads_the_live_torch_setting():
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch without fp32_precision")
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert wa.launch_config("forward", 64, 24, torch.float32, False)["PREC"] == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert wa.launch_config("forward", 64, 24, torch.float32, False)["PREC"] == "tf32x3"
+    finally:
+        matmul.fp32_precision = before
+
+
+def test_auto_keeps_the_reference_for_fp64_on_a_gpu():
+    from types import SimpleNamespace
+
+    from htsat_kernels import ops
+
+    decline = ops.OPS["window_attention"].fused.auto_declines
+    fake_gpu = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)
+    assert "float64" in decline(fake_gpu, None, None, 2, 1.0)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert decline(SimpleNamespace(device=torch.device("cuda"), dtype=dtype), None, None, 2, 1.0) is None
+    assert decline(torch.zeros(1, dtype=torch.float64), None, None, 2, 1.0) is None  # CPU: the interpreter
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward grid sizing and the table-gradient reduction (host side)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_blocks_per_sm_follow_registers_and_shared_memory():
+    from types import SimpleNamespace
+
+    h200 = SimpleNamespace(
+        regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048, shared_memory_per_multiprocessor=233472
+    )
+    assert wa._blocks_per_sm(255, 0, 4, h200) == 2  # 8192 registers per warp: 8 warps
+    assert wa._blocks_per_sm(128, 33792, 4, h200) == 4
+    assert wa._blocks_per_sm(121, 33792, 4, h200) == 4  # 3968 -> 4096 registers per warp
+    assert wa._blocks_per_sm(64, 100 * 1024, 4, h200) == 2  # shared memory limits
+    assert wa._blocks_per_sm(32, 0, 4, h200) == 16  # threads limit
+    # CPU / interpreter: the documented default, no compile
+    assert wa._resident_blocks(None, None, {}, torch.device("cpu")) == wa.DEFAULT_BLOCKS_PER_SM
+
+
+@pytest.mark.parametrize("B_,nW", [(1, 1), (7, 1), (8, 4), (128 * 64, 64), (128 * 4, 4), (3 * 16, 16)])
+def test_backward_groups_hold_windows_of_one_position(B_, nW):
+    groups = wa._num_groups(B_, nW, 4, torch.device("cpu"), wa.DEFAULT_BLOCKS_PER_SM)
+    assert groups % nW == 0 and 1 <= groups // nW <= B_ // nW
+    per_group = -(-(B_ // nW) // (groups // nW))
+    assert (groups // nW - 1) * per_group < B_ // nW  # every group gets at least one window
+
+
+def test_table_gradient_index_is_cached_and_matches_a_direct_sum():
+    ws, heads = 3, 2
+    n, block_n = ws * ws, 16
+    slot = block_n * block_n + 4
+    index = wa._table_gather_index(ws, heads, block_n, torch.device("cpu"))
+    assert wa._table_gather_index(ws, heads, block_n, torch.device("cpu")) is index
+    g = torch.Generator().manual_seed(0)
+    parts = torch.full((3, heads, 2 * slot), float("nan"))  # unread elements stay NaN
+    dbias = torch.randn(3, heads, n, n, generator=g, dtype=torch.float64).float()
+    view = parts[:, :, : block_n * block_n].reshape(3, heads, block_n, block_n)
+    view.zero_()
+    view[:, :, :n, :n] = dbias
+    parts[:, :, block_n * block_n] = 0.0
+    got = wa._bias_grad_to_table(parts, ws, block_n)
+    want = torch.zeros((2 * ws - 1) ** 2, heads, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            r = (i // ws - j // ws + ws - 1) * (2 * ws - 1) + (i % ws - j % ws + ws - 1)
+            want[r] += dbias[:, :, i, j].double().sum(0)
+    assert got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

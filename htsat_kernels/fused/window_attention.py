@@ -9,21 +9,22 @@ Computes, for every window b of ``qkv`` (B_, N, 3C) and head h (d = C / heads ch
 
 exactly as ``htsat_kernels.reference.window_attention`` does, without any (B_, h, N, N) tensor:
 
-* forward: one program per (window, head) (and per block of query rows when N > 64, e.g.
+* forward: one program per (window, head), heads fastest in launch order (and per block of query rows when N > 64, e.g.
   ws = 12: N = 144 keys padded to 256, 32 query rows per program). q, k, v are read straight from the qkv Linear output
   with its strides (no permute, no contiguous copy); the head dim (24 for HTS-AT) is padded to
   the next power of two >= 16 in registers through masked loads; the relative-position index is
   computed from token coordinates in the kernel and the bias gathered from the ((2ws-1)^2, h)
   table; the (nW, N, N) additive mask of shifted blocks is read for window ``b % nW``. Softmax
   runs in fp32 (fp64 for fp64 inputs); only the per-row log-sum-exp (B_, h, N) is saved.
-* backward: one program per (group of consecutive windows, head). It recomputes the scores from
-  q, k and the saved log-sum-exp (D_i = sum_j P_ij dP_ij is formed in-kernel, so the output is not
-  needed), writes dq, dk, dv into a (B_, N, 3C) tensor in the qkv layout,
-  and accumulates dS over its windows into a private (N, N) slot of a (groups, h, N, N) buffer
-  (independent of the batch size; for N > 64 the window is walked in row blocks, dk/dv stay in
-  registers and the slot is updated by read-modify-write, never shared). The table gradient is then reduced deterministically in torch:
-  a fixed-shape sum over groups followed by a gather with a fixed ((2ws-1)^2, N) index and a sum,
-  so no atomics touch the table and repeated runs are bit-identical.
+* backward: one program per (group of windows at one window position, head): the windows of a
+  group share the mask slice and the bias, so bias + mask is built once into a private scratch.
+  Each window goes through ``_bwd_window`` (not inlined: see there), which recomputes the scores
+  from q, k and the saved log-sum-exp (D_i = sum_j P_ij dP_ij is formed in-kernel, so the output
+  is not needed), writes dq, dk, dv into a (B_, N, 3C) tensor in the qkv layout, and adds dS into
+  the program's own slot of a (groups, h, 2*SLOT) buffer (independent of the batch size; never
+  shared, no atomics). The table gradient is then reduced deterministically in torch: a gather
+  with a fixed, cached index and one fixed-shape sum, so repeated runs are bit-identical. The
+  number of groups follows the blocks per SM that the compiled kernel fits (``_resident_blocks``).
 
 Registration: ``htsat_kernels::window_attention_fwd`` and ``htsat_kernels::window_attention_bwd``
 are ``torch.library.triton_op`` s whose kernel launches go through ``torch.library.wrap_triton``
@@ -32,8 +33,10 @@ are ``torch.library.triton_op`` s whose kernel launches go through ``torch.libra
 interpreted function, which cannot be traced), the same bodies are registered as opaque
 ``torch.library.custom_op`` s with explicit fake implementations instead.
 
-Supported: fp16, bf16, fp32 (fp32 dots use ``input_precision="ieee"``, not TF32) and fp64 (dots
-as broadcast-and-sum, meant for gradcheck); N = ws^2 <= 256 tokens; head dim <= 64. The table
+Supported: fp16, bf16, fp32 (fp32 dots on tensor cores as PyTorch's fp32 matmul setting says:
+``input_precision="tf32"`` where TF32 is allowed, else "tf32x3", about fp32 accuracy) and fp64
+(dots as broadcast-and-sum, meant for gradcheck: ``backend="auto"`` keeps the reference for fp64
+CUDA tensors, only ``backend="fused"`` runs it); N = ws^2 <= 256 tokens; head dim <= 64. The table
 and mask may have any floating dtype (they are read and used in the compute precision); the
 table gradient comes back in the table's dtype. The mask gets no gradient (it is a buffer), and
 the backward is not itself differentiable (a second derivative raises; no double backward). No
@@ -74,8 +77,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _mm(a, b, FP64: tl.constexpr, PREC: tl.constexpr):
     """a (M, K) @ b (K, N): tl.dot (fp32 accumulation), or an exact fp64 broadcast-and-sum.
 
-    PREC is "ieee" (fp32 inputs must not drop to TF32), or "upcast": operands are converted to
-    fp32 first (exact for bf16), because the Triton interpreter's dot misreads bf16 data.
+    PREC is tl.dot's input_precision ("ieee" for fp16/bf16; "tf32" or "tf32x3" for fp32, after
+    PyTorch's fp32 matmul setting), or "upcast": operands are converted to fp32 first (exact for
+    bf16), because the Triton interpreter's dot misreads bf16 data.
     """
     if FP64:
         c = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
@@ -165,13 +169,16 @@ def _window_attention_fwd_kernel(
     FP64: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """One program per (window b, head h, block of BLOCK_M query rows); all N keys at once."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    H = tl.num_programs(1)
+    """One program per (window b, head h, block of BLOCK_M query rows); all N keys at once.
+
+    Heads vary fastest in launch order (program b * H + h), so the heads of one window run
+    together: its qkv rows and mask slice are read from DRAM once and hit L2 for the other heads."""
+    H = C // D
+    b = tl.program_id(0) // H
+    h = tl.program_id(0) % H
     N = WS * WS
 
-    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
@@ -199,6 +206,104 @@ def _window_attention_fwd_kernel(
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     lse_ptrs = lse_ptr + (b.to(tl.int64) * H + h) * N + offs_m
     tl.store(lse_ptrs, (m + tl.log(row_sum)).to(lse_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit(noinline=True)
+def _bwd_window(
+    qkv_ptr,
+    do_ptr,
+    lse_ptr,
+    dqkv_ptr,
+    slot_ptr,
+    s_qb,
+    s_qn,
+    s_qc,
+    s_db,
+    s_dn,
+    s_dc,
+    s_gb,
+    s_gn,
+    s_gc,
+    C,
+    b,
+    h,
+    H,
+    first,
+    scale_hi,
+    scale_lo,
+    WS: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    FP64: tl.constexpr,
+    PREC: tl.constexpr,
+    SLOT: tl.constexpr,
+):
+    """Backward of one window b and head h: dq, dk, dv stored, dS added into the program's slot.
+
+    Not inlined on purpose: inlined into the window loop, the compiler hoists every loop-invariant
+    pointer and index tile out of it and keeps them live across windows (255 registers and spills);
+    as a call, each window starts from scalars. Bias + mask (-inf on padding) are read from the
+    program's scratch with the same offsets as the slot."""
+    N = WS * WS
+    NUM_RB = BLOCK_N // BLOCK_M
+    if FP64:
+        acc_ty = tl.float64
+    else:
+        acc_ty = tl.float32
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    key_ok = offs_n < N
+    d_ok = offs_d < D
+    kv_mask = key_ok[:, None] & d_ok[None, :]
+    ch = (h * D + offs_d)[None, :]
+    b64 = b.to(tl.int64)
+    base = qkv_ptr + b64 * s_qb + ch * s_qc
+    k = tl.load(base + offs_n[:, None] * s_qn + C * s_qc, mask=kv_mask, other=0.0)
+    v = tl.load(base + offs_n[:, None] * s_qn + 2 * C * s_qc, mask=kv_mask, other=0.0)
+    out_ty = dqkv_ptr.dtype.element_ty
+    dk_ptrs = dqkv_ptr + b64 * s_gb + offs_n[:, None] * s_gn + ch * s_gc + C * s_gc
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_ty)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_ty)
+    for rb in range(NUM_RB):
+        offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < N
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(base + offs_m[:, None] * s_qn, mask=q_mask, other=0.0)
+        if FP64:
+            qs = q * scale_hi + q * scale_lo  # scale = hi + lo: fp64 precision from two fp32 args
+        else:
+            qs = (q.to(tl.float32) * scale_hi).to(q.dtype)  # like the reference: rounded to the input dtype
+        tile = offs_m[:, None] * BLOCK_N + offs_n[None, :]
+        s = _mm(qs, tl.trans(k), FP64, PREC) + tl.load(slot_ptr + SLOT + tile).to(acc_ty)
+        lse = tl.load(lse_ptr + (b64 * H + h) * N + offs_m, mask=row_ok, other=0.0)
+        p = tl.exp(s - lse.to(acc_ty)[:, None])  # 0 on padded rows and keys (-inf scores)
+        do = tl.load(do_ptr + b64 * s_db + offs_m[:, None] * s_dn + ch * s_dc, mask=q_mask, other=0.0)
+        do = do.to(v.dtype)
+        dv += _mm(tl.trans(p.to(v.dtype)), do, FP64, PREC)
+        if NUM_RB == 1:  # stored at once: its registers are free for the rest of the window
+            tl.store(dk_ptrs + C * s_gc, dv.to(out_ty), mask=kv_mask)
+        dp = _mm(do, tl.trans(v), FP64, PREC)
+        delta = tl.sum(p * dp, axis=1)
+        ds = p * (dp - delta[:, None])
+        dk += _mm(tl.trans(ds.to(qs.dtype)), qs, FP64, PREC)
+        dq = _mm(ds.to(k.dtype), k, FP64, PREC)
+        if FP64:
+            dq = dq * scale_hi + dq * scale_lo
+        else:
+            dq = dq * scale_hi
+        tl.store(dqkv_ptr + b64 * s_gb + offs_m[:, None] * s_gn + ch * s_gc, dq.to(out_ty), mask=q_mask)
+        slot_ptrs = slot_ptr + tile
+        if first:  # the program's first window writes the slot, the others add to it
+            tl.store(slot_ptrs, ds.to(slot_ptr.dtype.element_ty))
+        else:
+            tl.debug_barrier()
+            acc = tl.load(slot_ptrs)
+            tl.store(slot_ptrs, acc + ds.to(acc.dtype))
+    tl.store(dk_ptrs, dk.to(out_ty), mask=kv_mask)
+    if NUM_RB > 1:
+        tl.store(dk_ptrs + C * s_gc, dv.to(out_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -239,87 +344,67 @@ def _window_attention_bwd_kernel(
     FP64: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """One program per (group of consecutive windows g, head h).
+    """One program per (group g of windows at one window position, head h).
 
-    For each window: recompute the scores block by block of query rows, store dq, accumulate
-    dk, dv over the row blocks in registers and store them, and add dS into this program's
-    own (N, N) slot of the bias-gradient buffer (registers when one row block covers the window,
-    else a read-modify-write of the slot, which no other program touches: no atomics).
+    Group g holds the windows b = j * nW + (g % nW) for a range of j, which share one mask slice
+    and the bias: bias + mask is built once into the program's scratch. Per program, 2 * SLOT
+    elements of ``dbias_ptr``: the (BLOCK_N, BLOCK_N) bias gradient summed over the group's
+    windows (no other program touches it: no atomics), a zero the host-side gather reads for keys
+    outside the window, then the bias + mask scratch.
     """
     g = tl.program_id(0)
     h = tl.program_id(1)
     H = tl.num_programs(1)
     N = WS * WS
-    NUM_RB = (N + BLOCK_M - 1) // BLOCK_M
-
+    SLOT: tl.constexpr = BLOCK_N * BLOCK_N + 4
+    w = g % nW
+    slot_ptr = dbias_ptr + (g.to(tl.int64) * H + h) * (2 * SLOT)
+    tl.store(slot_ptr + BLOCK_N * BLOCK_N, 0.0)
+    offs_m = tl.arange(0, BLOCK_N)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    key_ok = offs_n < N
-    d_ok = offs_d < D
-    kv_mask = key_ok[:, None] & d_ok[None, :]
-    ch = (h * D + offs_d)[None, :]
-    if FP64:
-        dbias = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
-    else:
-        dbias = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    slot_ptr = dbias_ptr + (g.to(tl.int64) * H + h) * N * N
-    out_ty = dqkv_ptr.dtype.element_ty
+    pair_ok = (offs_m < N)[:, None] & (offs_n < N)[None, :]
+    bm = _relative_bias(table_ptr, s_tr, s_th, h, offs_m, offs_n, pair_ok, WS, FP64)
+    if HAS_MASK:
+        mk = tl.load(mask_ptr + w * s_mw + offs_m[:, None] * s_mi + offs_n[None, :] * s_mj, mask=pair_ok, other=0.0)
+        bm += mk.to(bm.dtype)
+    bm = tl.where(pair_ok, bm, float("-inf"))
+    tl.store(slot_ptr + SLOT + offs_m[:, None] * BLOCK_N + offs_n[None, :], bm.to(dbias_ptr.dtype.element_ty))
+    tl.debug_barrier()  # the scratch is read back in another layout
 
-    start = g * windows_per_group
-    end = tl.minimum(start + windows_per_group, B)
-    for b in range(start, end):
-        b64 = tl.cast(b, tl.int64)
-        base = qkv_ptr + b64 * s_qb + ch * s_qc
-        k = tl.load(base + offs_n[:, None] * s_qn + C * s_qc, mask=kv_mask, other=0.0)
-        v = tl.load(base + offs_n[:, None] * s_qn + 2 * C * s_qc, mask=kv_mask, other=0.0)
-        if FP64:
-            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float64)
-            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float64)
-        else:
-            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for rb in range(NUM_RB):
-            offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < N
-            pair_ok = row_ok[:, None] & key_ok[None, :]
-            q_mask = row_ok[:, None] & d_ok[None, :]
-            bias = _relative_bias(table_ptr, s_tr, s_th, h, offs_m, offs_n, pair_ok, WS, FP64)
-            mask_ptrs = mask_ptr + (b % nW) * s_mw + offs_m[:, None] * s_mi + offs_n[None, :] * s_mj
-            q = tl.load(base + offs_m[:, None] * s_qn, mask=q_mask, other=0.0)
-            s, qs = _scores(q, k, bias, mask_ptrs, pair_ok, key_ok, scale_hi, scale_lo, HAS_MASK, FP64, PREC)
-            do = tl.load(do_ptr + b64 * s_db + offs_m[:, None] * s_dn + ch * s_dc, mask=q_mask, other=0.0)
-            do = do.to(v.dtype)
-            lse = tl.load(lse_ptr + (b64 * H + h) * N + offs_m, mask=row_ok, other=0.0)
-
-            p = tl.exp(s - lse.to(s.dtype)[:, None])
-            p = tl.where(pair_ok, p, 0.0)
-            dv += _mm(tl.trans(p.to(v.dtype)), do, FP64, PREC)
-            dp = _mm(do, tl.trans(v), FP64, PREC)
-            delta = tl.sum(p * dp, axis=1)
-            ds = p * (dp - delta[:, None])
-            dq = _mm(ds.to(k.dtype), k, FP64, PREC)
-            if FP64:
-                dq = dq * scale_hi + dq * scale_lo
-            else:
-                dq = dq * scale_hi
-            dk += _mm(tl.trans(ds.to(qs.dtype)), qs, FP64, PREC)
-            dq_ptrs = dqkv_ptr + b64 * s_gb + offs_m[:, None] * s_gn + ch * s_gc
-            tl.store(dq_ptrs, dq.to(out_ty), mask=q_mask)
-            if NUM_RB == 1:
-                dbias += ds
-            else:
-                slot_ptrs = slot_ptr + offs_m[:, None] * N + offs_n[None, :]
-                tl.debug_barrier()
-                acc = tl.load(slot_ptrs, mask=pair_ok, other=0.0)
-                tl.store(slot_ptrs, acc + ds.to(acc.dtype), mask=pair_ok)
-        dk_ptrs = dqkv_ptr + b64 * s_gb + offs_n[:, None] * s_gn + ch * s_gc + C * s_gc
-        tl.store(dk_ptrs, dk.to(out_ty), mask=kv_mask)
-        tl.store(dk_ptrs + C * s_gc, dv.to(out_ty), mask=kv_mask)
-
-    if NUM_RB == 1:
-        offs_m = tl.arange(0, BLOCK_M)
-        slot_ptrs = slot_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(slot_ptrs, dbias.to(dbias_ptr.dtype.element_ty), mask=(offs_m < N)[:, None] & key_ok[None, :])
+    start = (g // nW) * windows_per_group
+    end = tl.minimum(start + windows_per_group, B // nW)
+    for j in range(start, end):
+        _bwd_window(
+            qkv_ptr,
+            do_ptr,
+            lse_ptr,
+            dqkv_ptr,
+            slot_ptr,
+            s_qb,
+            s_qn,
+            s_qc,
+            s_db,
+            s_dn,
+            s_dc,
+            s_gb,
+            s_gn,
+            s_gc,
+            C,
+            j * nW + w,
+            h,
+            H,
+            j == start,
+            scale_hi,
+            scale_lo,
+            WS,
+            D,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            FP64,
+            PREC,
+            SLOT,
+        )
 
 
 # Under TRITON_INTERPRET=1 triton.jit returns an interpreted function, which torch cannot trace.
@@ -466,7 +551,25 @@ def _mask_args(mask: Tensor | None, dummy: Tensor):
     return mask, mask.stride(0), mask.stride(1), mask.stride(2), mask.shape[0], True
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def _fp32_matmul_allows_tf32(matmul: Any = None) -> bool:
+    """PyTorch's own setting for fp32 matmuls on CUDA: ``torch.backends.cuda.matmul.fp32_precision``
+    ("tf32" / "ieee", or "none": the generic ``torch.backends.fp32_precision``) where it exists,
+    ``allow_tf32`` on older torch (reading ``allow_tf32`` after the new API was used can raise)."""
+    matmul = torch.backends.cuda.matmul if matmul is None else matmul
+    prec = getattr(matmul, "fp32_precision", None)
+    if prec is None:
+        return bool(matmul.allow_tf32)
+    if prec == "none":
+        prec = getattr(torch.backends, "fp32_precision", "ieee")
+    return prec == "tf32"
+
+
+def _dot_precision(dtype: torch.dtype, matmul: Any = None) -> str:
+    """tl.dot's input_precision: fp32 follows PyTorch's fp32 matmul setting on tensor cores, "tf32"
+    where TF32 is allowed, else "tf32x3" (three TF32 products: about fp32 accuracy; "ieee" has no
+    tensor-core path and spills); bf16 under the interpreter upcasts (its dot misreads bf16)."""
+    if dtype == torch.float32:
+        return "tf32" if _fp32_matmul_allows_tf32(matmul) else "tf32x3"
     return "upcast" if _INTERPRETED and dtype == torch.bfloat16 else "ieee"
 
 
@@ -486,7 +589,7 @@ def _fwd_impl(qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, s
     cfg = launch_config("forward", N, d, qkv.dtype, has_mask)
     hi, lo = _split_scale(scale)
     with _device_guard(qkv):
-        _kernel(_window_attention_fwd_kernel)[(B_, num_heads, triton.cdiv(N, cfg["BLOCK_M"]))](
+        _kernel(_window_attention_fwd_kernel)[(B_ * num_heads, triton.cdiv(N, cfg["BLOCK_M"]))](
             qkv,
             table,
             mask_t,
@@ -512,39 +615,96 @@ def _fwd_impl(qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, s
     return out, lse
 
 
-def _num_groups(B_: int, num_heads: int, device: torch.device) -> int:
-    """Windows are split into this many groups for the backward (one program per group and head)."""
+DEFAULT_BLOCKS_PER_SM = 4  # backward programs per SM assumed where the compiled kernel cannot be read
+_RESIDENT: dict[tuple, int] = {}
+
+
+def _blocks_per_sm(n_regs: int, shared: int, num_warps: int, props: Any) -> int:
+    """Resident blocks per SM of a kernel (CUDA occupancy rules: registers allocated per warp in
+    units of 256, 1 KB of shared memory reserved per block) on a device with ``props``."""
+    regs_per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // regs_per_warp // num_warps
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    by_smem = smem // (shared + 1024) if shared else by_threads
+    return max(1, min(by_regs, by_threads, by_smem))
+
+
+def _resident_blocks(fn, make_args, cfg: dict, device: torch.device) -> int:
+    """Blocks per SM of the backward kernel as compiled for ``device`` (registers and shared memory
+    read from the compiled kernel, cached per configuration and device); DEFAULT_BLOCKS_PER_SM on
+    CPU, while tracing (fake tensors cannot specialise a compile) or if the metadata is unreadable."""
+    if device.type != "cuda" or _INTERPRETED:
+        return DEFAULT_BLOCKS_PER_SM
+    if torch.compiler.is_compiling() or torch.utils._python_dispatch.is_in_torch_dispatch_mode():
+        return DEFAULT_BLOCKS_PER_SM
+    key = (tuple(sorted(cfg.items())), str(device))
+    if key not in _RESIDENT:
+        try:
+            kernel = fn.warmup(*make_args(), grid=(1,), **cfg)
+            kernel._init_handles()  # loads the binary: sets n_regs
+            n_regs = int(kernel.n_regs)
+            shared = int(getattr(kernel.metadata, "shared", 0) or 0)
+            _RESIDENT[key] = _blocks_per_sm(n_regs, shared, cfg["num_warps"], torch.cuda.get_device_properties(device))
+        except Exception:  # an unexpected Triton API: the documented default, never a failed backward
+            _RESIDENT[key] = DEFAULT_BLOCKS_PER_SM
+    return _RESIDENT[key]
+
+
+def _num_groups(B_: int, nW: int, num_heads: int, device: torch.device, blocks_per_sm: int) -> int:
+    """Groups of windows for the backward (one program per group and head): a multiple of nW (a
+    group holds windows of one window position), about ``blocks_per_sm`` programs per SM."""
+    per_pos = B_ // nW  # windows at each window position
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        target = max(1, -(-4 * sms // num_heads))  # about 4 programs per SM
+        target = max(1, -(-blocks_per_sm * sms // num_heads))
     else:
         target = 4
-    per_group = -(-B_ // min(B_, target))
-    return -(-B_ // per_group)
+    chunks = max(1, min(per_pos, round(target / nW)))
+    per_chunk = -(-per_pos // chunks)
+    return nW * -(-per_pos // per_chunk)
 
 
-def _table_gather_index(ws: int, device: torch.device) -> Tensor:
-    """((2ws-1)^2, N) int64: for table row (dh, dw) and query token i, the flat (i, j) position
-    of the key j = i - (dh, dw) in an (N*N) bias gradient, or N*N (a zero slot) if j is outside."""
+_GATHER_INDEX: dict[tuple[int, int, int, str], Tensor] = {}
+
+
+def _table_gather_index(ws: int, heads: int, block_n: int, device: torch.device) -> Tensor:
+    """((2ws-1)^2 * heads * N,) int64 index into one group's heads * 2*SLOT elements (SLOT =
+    block_n^2 + 4; the kernel's bias gradient of (query i, key j) at i * block_n + j, a zero at
+    block_n^2), laid out as (table row, head, query token): for table row (dh, dw), head h and
+    query i, the position of (i, j = i - (dh, dw)), or the zero if j is outside the window.
+
+    Cached per (ws, heads, block_n, device) in eager mode; built afresh while tracing (a tensor made
+    under a fake or proxy mode must not outlive the trace)."""
+    tracing = torch.compiler.is_compiling() or torch.utils._python_dispatch.is_in_torch_dispatch_mode()
+    key = (ws, heads, block_n, str(device))
+    if not tracing and key in _GATHER_INDEX:
+        return _GATHER_INDEX[key]
     n = ws * ws
     rel = torch.arange(2 * ws - 1, device=device) - (ws - 1)
     pos = torch.arange(ws, device=device)
-    key = pos[None, :] - rel[:, None]  # (2ws-1, ws): key coordinate for each offset and query coordinate
-    ok = (key >= 0) & (key < ws)
+    key_pos = pos[None, :] - rel[:, None]  # (2ws-1, ws): key coordinate for each offset and query coordinate
+    ok = (key_pos >= 0) & (key_pos < ws)
     query = pos[:, None] * ws + pos[None, :]  # (ws, ws) query token index
-    key_tok = key[:, None, :, None] * ws + key[None, :, None, :]  # (dh, dw, qh, qw)
-    flat = query[None, None] * n + key_tok
+    key_tok = key_pos[:, None, :, None] * ws + key_pos[None, :, None, :]  # (dh, dw, qh, qw)
+    flat = query[None, None] * block_n + key_tok
     valid = ok[:, None, :, None] & ok[None, :, None, :]
-    return torch.where(valid, flat, torch.full_like(flat, n * n)).reshape((2 * ws - 1) ** 2, n)
+    flat = torch.where(valid, flat, torch.full_like(flat, block_n * block_n)).reshape((2 * ws - 1) ** 2, 1, n)
+    head = torch.arange(heads, device=device).reshape(1, heads, 1) * (2 * (block_n * block_n + 4))
+    index = (flat + head).reshape(-1)
+    if not tracing:
+        _GATHER_INDEX[key] = index
+    return index
 
 
-def _bias_grad_to_table(dbias: Tensor, ws: int) -> Tensor:
-    """(h, N, N) bias gradient -> ((2ws-1)^2, h) table gradient, in a fixed summation order."""
-    h, n, _ = dbias.shape
-    flat = torch.cat([dbias.reshape(h, n * n), dbias.new_zeros(h, 1)], dim=1)
-    index = _table_gather_index(ws, dbias.device)
-    gathered = torch.index_select(flat, 1, index.reshape(-1)).reshape(h, index.shape[0], n)
-    return gathered.sum(dim=2).t()
+def _bias_grad_to_table(parts: Tensor, ws: int, block_n: int) -> Tensor:
+    """(groups, h, 2*SLOT) per-program slots -> ((2ws-1)^2, h) table gradient in two launches (a
+    gather and one fixed-shape sum over groups and query tokens): no atomics, bit-identical runs."""
+    groups, h, _ = parts.shape
+    n = ws * ws
+    index = _table_gather_index(ws, h, block_n, parts.device)
+    gathered = torch.index_select(parts.reshape(groups, -1), 1, index)
+    return gathered.reshape(groups, (2 * ws - 1) ** 2, h, n).sum(dim=(0, 3))
 
 
 def _bwd_impl(
@@ -557,45 +717,30 @@ def _bwd_impl(
     dqkv = torch.empty((B_, N, C3), dtype=qkv.dtype, device=qkv.device)
     if B_ == 0:
         return dqkv.zero_(), torch.zeros_like(table)
-    groups = _num_groups(B_, num_heads, qkv.device)
-    per_group = -(-B_ // groups)
-    # zeroed: with several row blocks per window the kernel adds into its slot
-    dbias_parts = torch.zeros((groups, num_heads, N, N), dtype=_acc_dtype(qkv.dtype), device=qkv.device)
     mask_t, s_mw, s_mi, s_mj, nW, has_mask = _mask_args(mask, qkv)
     cfg = launch_config("backward", N, d, qkv.dtype, has_mask)
     hi, lo = _split_scale(scale)
+    block_n = cfg["BLOCK_N"]
+    acc = _acc_dtype(qkv.dtype)
+
+    def launch_args(groups: int) -> tuple:
+        per_group = -(-(B_ // nW) // (groups // nW))
+        # every element of a program's 2*SLOT is written (or never read) by the kernel
+        parts = torch.empty((groups, num_heads, 2 * (block_n * block_n + 4)), dtype=acc, device=qkv.device)
+        strides: tuple = (qkv.stride(0), qkv.stride(1), qkv.stride(2), table.stride(0), table.stride(1), s_mw, s_mi, s_mj)
+        strides += (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dqkv.stride(0), dqkv.stride(1), dqkv.stride(2))
+        return (qkv, table, mask_t, grad_out, lse, dqkv, parts, *strides, B_, C, nW, per_group, hi, lo)
+
     with _device_guard(qkv):
-        _kernel(_window_attention_bwd_kernel)[(groups, num_heads)](
-            qkv,
-            table,
-            mask_t,
-            grad_out,
-            lse,
-            dqkv,
-            dbias_parts,
-            qkv.stride(0),
-            qkv.stride(1),
-            qkv.stride(2),
-            table.stride(0),
-            table.stride(1),
-            s_mw,
-            s_mi,
-            s_mj,
-            grad_out.stride(0),
-            grad_out.stride(1),
-            grad_out.stride(2),
-            dqkv.stride(0),
-            dqkv.stride(1),
-            dqkv.stride(2),
-            B_,
-            C,
-            nW,
-            per_group,
-            hi,
-            lo,
-            **cfg,
-        )
-    dtable = _bias_grad_to_table(dbias_parts.sum(dim=0), ws).to(table.dtype).contiguous()
+        blocks = DEFAULT_BLOCKS_PER_SM
+        if qkv.device.type == "cuda":
+            provisional = _num_groups(B_, nW, num_heads, qkv.device, DEFAULT_BLOCKS_PER_SM)
+            blocks = _resident_blocks(_window_attention_bwd_kernel, lambda: launch_args(provisional), cfg, qkv.device)
+        groups = _num_groups(B_, nW, num_heads, qkv.device, blocks)
+        args = launch_args(groups)
+        _kernel(_window_attention_bwd_kernel)[(groups, num_heads)](*args, **cfg)
+    dbias_parts = args[6]
+    dtable = _bias_grad_to_table(dbias_parts, ws, block_n).to(table.dtype)
     return dqkv, dtable
 
 
