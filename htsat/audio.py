@@ -76,6 +76,18 @@ def resample(wave: np.ndarray, orig_rate: int, target_rate: int, *, quality: str
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def _existing_audio_path(path: PathLike) -> str:
+    """The path as a str; AudioError when it is missing, a folder or an empty file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise AudioError(path, "file not found")
+    if os.path.isdir(path):
+        raise AudioError(path, "is a directory, not an audio file")
+    if os.path.getsize(path) == 0:
+        raise AudioError(path, "empty file (0 bytes)")
+    return path
+
+
 def load_audio(
     path: PathLike,
     sample_rate: int | None = None,
@@ -94,13 +106,7 @@ def load_audio(
     Raises :class:`AudioError` naming the file when it is missing, unreadable, corrupt, empty or
     contains non-finite samples.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise AudioError(path, "file not found")
-    if os.path.isdir(path):
-        raise AudioError(path, "is a directory, not an audio file")
-    if os.path.getsize(path) == 0:
-        raise AudioError(path, "empty file (0 bytes)")
+    path = _existing_audio_path(path)
     sf = _soundfile()
     try:
         data, rate = sf.read(path, dtype="float32", always_2d=True)
@@ -264,13 +270,7 @@ def stream_audio(path: PathLike, sample_rate: int, *, block_seconds: float = 30.
     ``MAX_PEAK`` raise :class:`AudioError`. A file that ends before its header says, or whose decoding
     fails part way, is read as far as it goes: ``warn(message)`` is called with a line naming it.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise AudioError(path, "file not found")
-    if os.path.isdir(path):
-        raise AudioError(path, "is a directory, not an audio file")
-    if os.path.getsize(path) == 0:
-        raise AudioError(path, "empty file (0 bytes)")
+    path = _existing_audio_path(path)
     sf = _soundfile()
     try:
         f = sf.SoundFile(path)
