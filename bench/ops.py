@@ -99,8 +99,9 @@ def shape_str(op: str, st: Stage, B: int) -> str:
 # Peers for window attention
 
 
-def sdpa_window_attention(qkv, table, mask, num_heads: int, scale: float):
-    """Window attention through F.scaled_dot_product_attention with a dense bias+mask tensor.
+def sdpa_window_attention(qkv, table, mask, num_heads: int, scale: float, dropout_p: float = 0.0):
+    """Window attention through F.scaled_dot_product_attention with a dense bias+mask tensor
+    (the op's signature; the benchmark runs without attention dropout).
 
     Windows and heads are folded into one axis, (B, nW*h, N, d), so the (nW*h, N, N) bias+mask
     broadcasts over the clips as a 4-D attn_mask (the layout SDPA's fused kernels accept).
@@ -186,7 +187,7 @@ def provider_fn(op: str, provider: str, ctx: RunContext, section: str = "ops") -
         compiled = ctx.memoize(("flex", op), lambda: torch.compile(flex_window_attention, dynamic=False))
         index = ctx.memoize(("flex_index", str(ctx.device)), lambda: hk.reference.relative_position_index(WINDOW, ctx.device))
 
-        def flex(qkv, table, mask, num_heads, scale):
+        def flex(qkv, table, mask, num_heads, scale, dropout_p=0.0):  # the op's signature; no dropout here
             return compiled(qkv, table, mask, num_heads, scale, index)
 
         return flex
