@@ -566,14 +566,17 @@ class ResumableSampler(Sampler):
     def set_start(self, start: int) -> None:
         self.start = max(0, min(int(start), self.num_samples))
 
-    def shard(self) -> list[int]:
-        """This rank's full index list for the current epoch."""
+    def order(self) -> list[int]:
+        """This epoch's order of the ``n`` indices, the same on every rank (subclasses draw others)."""
         if self.shuffle:
             g = torch.Generator()
             g.manual_seed(self.seed + self.epoch)
-            idx = torch.randperm(self.n, generator=g).tolist()
-        else:
-            idx = list(range(self.n))
+            return torch.randperm(self.n, generator=g).tolist()
+        return list(range(self.n))
+
+    def shard(self) -> list[int]:
+        """This rank's full index list for the current epoch."""
+        idx = self.order()
         if self.total_size > len(idx):
             pad = self.total_size - len(idx)
             idx += (idx * math.ceil(pad / len(idx)))[:pad]

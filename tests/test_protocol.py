@@ -351,7 +351,7 @@ def test_balanced_sampler_resume_mid_epoch_and_shards(replicas):
             assert list(r) == full[start:] and len(r) == len(full) - start
         shards.append(full)
     s.set_epoch(2)
-    queue = s.queue()
+    queue = s.order()
     merged = [shards[k % replicas][k // replicas] for k in range(sum(map(len, shards)))]
     assert merged[: len(queue)] == queue  # rank-strided like DistributedSampler, padding at the end
 

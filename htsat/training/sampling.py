@@ -20,7 +20,6 @@ takes fractions (e.g. 0.5 on a small set, or more epochs when an epoch is short)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -76,7 +75,7 @@ class BalancedSampler(ResumableSampler):
         if len(self.drawable) == 0:
             raise ValueError("balanced sampler: no class has a training clip")
 
-    def queue(self) -> list[int]:
+    def order(self) -> list[int]:
         """This epoch's queue of ``n`` clip indices (the same on every rank)."""
         rng = np.random.default_rng([self.seed, self.epoch, 0xBA1A])
         out: list[int] = []
@@ -85,15 +84,6 @@ class BalancedSampler(ResumableSampler):
                 m = self.members[c]
                 out.append(int(m[rng.integers(len(m))]))
         return out[: self.n]
-
-    def shard(self) -> list[int]:
-        idx = self.queue()
-        if self.total_size > len(idx):
-            pad = self.total_size - len(idx)
-            idx += (idx * math.ceil(pad / len(idx)))[:pad]
-        else:
-            idx = idx[: self.total_size]
-        return idx[self.rank : self.total_size : self.num_replicas]
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "kind": "balanced"}
