@@ -210,24 +210,18 @@ def _window_attention_fwd_kernel(
 
 @triton.jit(noinline=True)
 def _bwd_window(
-    qkv_ptr,
+    q_ptr,
     do_ptr,
     lse_ptr,
-    dqkv_ptr,
+    dq_ptr,
     slot_ptr,
-    s_qb,
     s_qn,
     s_qc,
-    s_db,
     s_dn,
     s_dc,
-    s_gb,
     s_gn,
     s_gc,
     C,
-    b,
-    h,
-    H,
     first,
     scale_hi,
     scale_lo,
@@ -240,12 +234,17 @@ def _bwd_window(
     PREC: tl.constexpr,
     SLOT: tl.constexpr,
 ):
-    """Backward of one window b and head h: dq, dk, dv stored, dS added into the program's slot.
+    """Backward of one window and head: dq, dk, dv stored, dS added into the program's slot.
 
-    Not inlined on purpose: inlined into the window loop, the compiler hoists every loop-invariant
-    pointer and index tile out of it and keeps them live across windows (255 registers and spills);
-    as a call, each window starts from scalars. Bias + mask (-inf on padding) are read from the
-    program's scratch with the same offsets as the slot."""
+    The pointers are those of the window and head (q and its dq at channel h*d of window b, the
+    log-sum-exp row of (b, h)). Not inlined on purpose: inlined into the window loop, the compiler
+    hoists every loop-invariant pointer and index tile out of it and keeps them live across
+    windows (255 registers and spills); as a call, each window starts from a few scalars.
+
+    Works on transposed tiles, keys as rows: S^T = k @ (q*scale)^T, so P^T and dS^T feed dv = P^T @ dO
+    and dk = dS^T @ (q*scale) straight from registers (only dq = dS @ k goes through shared memory),
+    which needs fewer registers than the query-row form. Bias + mask (-inf on padding) are read
+    from the program's scratch with the same offsets as the slot."""
     N = WS * WS
     NUM_RB = BLOCK_N // BLOCK_M
     if FP64:
@@ -257,52 +256,52 @@ def _bwd_window(
     key_ok = offs_n < N
     d_ok = offs_d < D
     kv_mask = key_ok[:, None] & d_ok[None, :]
-    ch = (h * D + offs_d)[None, :]
-    b64 = b.to(tl.int64)
-    base = qkv_ptr + b64 * s_qb + ch * s_qc
-    k = tl.load(base + offs_n[:, None] * s_qn + C * s_qc, mask=kv_mask, other=0.0)
-    v = tl.load(base + offs_n[:, None] * s_qn + 2 * C * s_qc, mask=kv_mask, other=0.0)
-    out_ty = dqkv_ptr.dtype.element_ty
-    dk_ptrs = dqkv_ptr + b64 * s_gb + offs_n[:, None] * s_gn + ch * s_gc + C * s_gc
+    kv_offs = offs_n[:, None] * s_qn + offs_d[None, :] * s_qc
+    k = tl.load(q_ptr + C * s_qc + kv_offs, mask=kv_mask, other=0.0)
+    v = tl.load(q_ptr + 2 * C * s_qc + kv_offs, mask=kv_mask, other=0.0)
+    out_ty = dq_ptr.dtype.element_ty
+    dk_ptrs = dq_ptr + C * s_gc + offs_n[:, None] * s_gn + offs_d[None, :] * s_gc
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_ty)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_ty)
-    for rb in range(NUM_RB):
+    for rb in range(NUM_RB):  # blocks of BLOCK_M queries: the columns of the tiles
         offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N
         q_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(base + offs_m[:, None] * s_qn, mask=q_mask, other=0.0)
+        q = tl.load(q_ptr + offs_m[:, None] * s_qn + offs_d[None, :] * s_qc, mask=q_mask, other=0.0)
         if FP64:
             qs = q * scale_hi + q * scale_lo  # scale = hi + lo: fp64 precision from two fp32 args
         else:
             qs = (q.to(tl.float32) * scale_hi).to(q.dtype)  # like the reference: rounded to the input dtype
-        tile = offs_m[:, None] * BLOCK_N + offs_n[None, :]
-        s = _mm(qs, tl.trans(k), FP64, PREC) + tl.load(slot_ptr + SLOT + tile).to(acc_ty)
-        lse = tl.load(lse_ptr + (b64 * H + h) * N + offs_m, mask=row_ok, other=0.0)
-        p = tl.exp(s - lse.to(acc_ty)[:, None])  # 0 on padded rows and keys (-inf scores)
-        do = tl.load(do_ptr + b64 * s_db + offs_m[:, None] * s_dn + ch * s_dc, mask=q_mask, other=0.0)
+        tile = offs_m[None, :] * BLOCK_N + offs_n[:, None]  # (key j, query i): the slot's entry (i, j)
+        st = _mm(k, tl.trans(qs), FP64, PREC) + tl.load(slot_ptr + SLOT + tile).to(acc_ty)
+        lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
+        pt = tl.exp(st - lse.to(acc_ty)[None, :])  # 0 on padded rows and keys (-inf scores)
+        do = tl.load(do_ptr + offs_m[:, None] * s_dn + offs_d[None, :] * s_dc, mask=q_mask, other=0.0)
         do = do.to(v.dtype)
-        dv += _mm(tl.trans(p.to(v.dtype)), do, FP64, PREC)
+        dv += _mm(pt.to(v.dtype), do, FP64, PREC)
         if NUM_RB == 1:  # stored at once: its registers are free for the rest of the window
             tl.store(dk_ptrs + C * s_gc, dv.to(out_ty), mask=kv_mask)
-        dp = _mm(do, tl.trans(v), FP64, PREC)
-        delta = tl.sum(p * dp, axis=1)
-        ds = p * (dp - delta[:, None])
-        dk += _mm(tl.trans(ds.to(qs.dtype)), qs, FP64, PREC)
-        dq = _mm(ds.to(k.dtype), k, FP64, PREC)
+        dpt = _mm(v, tl.trans(do), FP64, PREC)
+        delta = tl.sum(pt * dpt, axis=0)  # D_i = sum_j P_ij dP_ij, per query (column)
+        dst = pt * (dpt - delta[None, :])
+        dk += _mm(dst.to(qs.dtype), qs, FP64, PREC)
+        if NUM_RB == 1:  # likewise, and dk's dot is not interleaved with dq's
+            tl.store(dk_ptrs, dk.to(out_ty), mask=kv_mask)
+        dq = _mm(tl.trans(dst.to(k.dtype)), k, FP64, PREC)
         if FP64:
             dq = dq * scale_hi + dq * scale_lo
         else:
             dq = dq * scale_hi
-        tl.store(dqkv_ptr + b64 * s_gb + offs_m[:, None] * s_gn + ch * s_gc, dq.to(out_ty), mask=q_mask)
+        tl.store(dq_ptr + offs_m[:, None] * s_gn + offs_d[None, :] * s_gc, dq.to(out_ty), mask=q_mask)
         slot_ptrs = slot_ptr + tile
         if first:  # the program's first window writes the slot, the others add to it
-            tl.store(slot_ptrs, ds.to(slot_ptr.dtype.element_ty))
+            tl.store(slot_ptrs, dst.to(slot_ptr.dtype.element_ty))
         else:
             tl.debug_barrier()
             acc = tl.load(slot_ptrs)
-            tl.store(slot_ptrs, acc + ds.to(acc.dtype))
-    tl.store(dk_ptrs, dk.to(out_ty), mask=kv_mask)
+            tl.store(slot_ptrs, acc + dst.to(acc.dtype))
     if NUM_RB > 1:
+        tl.store(dk_ptrs, dk.to(out_ty), mask=kv_mask)
         tl.store(dk_ptrs + C * s_gc, dv.to(out_ty), mask=kv_mask)
 
 
@@ -374,25 +373,20 @@ def _window_attention_bwd_kernel(
     start = (g // nW) * windows_per_group
     end = tl.minimum(start + windows_per_group, B // nW)
     for j in range(start, end):
+        b = (j * nW + w).to(tl.int64)
         _bwd_window(
-            qkv_ptr,
-            do_ptr,
-            lse_ptr,
-            dqkv_ptr,
+            qkv_ptr + b * s_qb + h * D * s_qc,
+            do_ptr + b * s_db + h * D * s_dc,
+            lse_ptr + (b * H + h) * N,
+            dqkv_ptr + b * s_gb + h * D * s_gc,
             slot_ptr,
-            s_qb,
             s_qn,
             s_qc,
-            s_db,
             s_dn,
             s_dc,
-            s_gb,
             s_gn,
             s_gc,
             C,
-            j * nW + w,
-            h,
-            H,
             j == start,
             scale_hi,
             scale_lo,
