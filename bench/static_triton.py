@@ -279,7 +279,7 @@ def _compile_group(job: dict) -> list[dict]:
     for i, st in enumerate(job["stages"]):
         rec: dict = {"stage_index": i}
         try:
-            config = mod.launch_config(direction, st.window**2, st.C // st.heads, dtype, job["has_mask"])
+            config = mod.launch_config(direction, st.window**2, st.C // st.heads, dtype, job["has_mask"], cc)
             args = build_args(direction, st, job["dtype"], job["has_mask"], sms)
             sig, constexprs, attrs, options = _specialise(fn, backend, args, config)
             key = (

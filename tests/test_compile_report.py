@@ -3,8 +3,9 @@ sm_80 and sm_90 on this CPU machine, and use the hardware as the design says.
 
 A representative subset is compiled (every Triton kernel, sm_80 and sm_90, bf16 and fp16, the
 first HTS-AT stage with and without the shift mask: its specialisation is that of a real launch at
-batch 128); ``python -m bench --static`` compiles every stage, preset and dtype. Known shortfalls
-are strict xfails naming the issue that fixes them, so the fix flips the test.
+batch 128; fp32 at the first stage of HTS-AT and of clap-large); ``python -m bench --static``
+compiles every stage, preset and dtype. Known shortfalls are strict xfails naming the issue that
+fixes them, so the fix flips the test.
 """
 
 import pytest
@@ -68,9 +69,6 @@ def test_attention_backward_does_not_spill(report):
     assert not bad, _ids(bad)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue #10: at sm_80 the attention backward needs 162-166 registers (3 blocks of 4 warps per SM)"
-)
 def test_attention_backward_fits_four_blocks_per_sm(report):
     bad = [r for r in _triton(report, "backward") if r["registers"] > 128 or r["blocks_per_sm"] < 4]
     assert not bad, _ids(bad)
@@ -89,9 +87,59 @@ def test_report_launches_what_the_launcher_launches(report):
             stage.C // stage.heads,
             getattr(torch, {"bf16": "bfloat16"}.get(r["dtype"], "float16")),
             r["has_mask"],
+            int(r["arch"].split("_")[1]),  # the launcher reads the device's compute capability
         )
         want["PREC"] = "ieee"  # the launcher's choice when compiled (this process runs the interpreter)
         assert r["config"] == want
+
+
+def test_backward_config_follows_the_arch():
+    """Wide heads (clap-large, d = 64) split the head dim in chunks, narrower on sm_80 (no wgmma);
+    the N > 64 and fp64 paths take one chunk; fp32 takes narrow chunks everywhere."""
+    import torch
+
+    from htsat_kernels.fused import window_attention as wa
+
+    def dc(N, d, dtype, arch):
+        return wa.launch_config("backward", N, d, dtype, True, arch)["DC"]
+
+    assert dc(64, 24, torch.bfloat16, 80) == dc(64, 24, torch.bfloat16, 90) == 32  # HTS-AT: one chunk
+    assert (dc(64, 64, torch.bfloat16, 80), dc(64, 64, torch.bfloat16, 90), dc(64, 64, torch.bfloat16, None)) == (16, 32, 32)
+    assert dc(64, 24, torch.float32, 80) == 16 and dc(64, 64, torch.float32, 90) == 8
+    assert dc(144, 64, torch.bfloat16, 80) == 64 and dc(64, 24, torch.float64, 80) == 32
+    assert "DC" not in wa.launch_config("forward", 64, 64, torch.bfloat16, True, 80)
+    # the fp32 forward takes 16 query rows per program on sm_80 (no spills), 64 on sm_90
+    assert [wa.launch_config("forward", 64, 24, torch.float32, True, a)["BLOCK_M"] for a in (80, 90, None)] == [16, 64, 64]
+
+
+@pytest.fixture(scope="module")
+def report_fp32():
+    """fp32 at stage 1 of HTS-AT (d = 24) and of clap-large (d = 64), both archs, both block kinds."""
+    stages = [s for s in st.preset_stages() if s.stage == 1 and s.preset in ("htsat-audioset", "clap-htsat-large")]
+    assert len(stages) == 2
+    return cr.build_report(archs=ARCHS, dtypes=("fp32",), stages=stages, include_cuda=False)
+
+
+def test_fp32_attention_uses_tensor_cores_without_spills(report_fp32):
+    import torch
+
+    from htsat_kernels.fused import window_attention as wa
+
+    recs = _triton(report_fp32)
+    assert not [r for r in report_fp32["records"] if r.get("error")]
+    assert {(r["arch"], r["direction"], r["preset"]) for r in recs} == {
+        (a, d, p) for a in ARCHS for d in ("forward", "backward") for p in ("htsat-audioset", "clap-htsat-large")
+    }
+    by_preset = {s.preset: s for s in st.preset_stages() if s.stage == 1}
+    for r in recs:
+        stage = by_preset[r["preset"]]
+        arch = int(r["arch"].split("_")[1])
+        want = wa.launch_config(r["direction"], stage.window**2, stage.C // stage.heads, torch.float32, r["has_mask"], arch)
+        assert r["config"] == want and want["PREC"] in ("tf32", "tf32x3")  # tensor-core precisions
+        assert r["dots"] > 0 and r["dots_on_tensor_cores"] == r["dots"], _ids([r])
+        assert r["wgmma" if r["arch"] == "sm_90" else "mma_sync"] > 0, _ids([r])
+    bad = [f"{r['preset']} " + _ids([r])[0] for r in recs if r["spill_bytes"]]
+    assert not bad, bad
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,9 +259,9 @@ def test_the_launchers_take_their_config_from_launch_config(monkeypatch):
     calls = []
     real = wa.launch_config
 
-    def spy(direction, N, d, dtype, has_mask):
-        calls.append((direction, N, d, dtype, has_mask))
-        return real(direction, N, d, dtype, has_mask)
+    def spy(direction, N, d, dtype, has_mask, arch=None):
+        calls.append((direction, N, d, dtype, has_mask, arch))
+        return real(direction, N, d, dtype, has_mask, arch)
 
     monkeypatch.setattr(wa, "launch_config", spy)
     ws, h, C = 4, 2, 16
@@ -221,7 +269,7 @@ def test_the_launchers_take_their_config_from_launch_config(monkeypatch):
     table = torch.randn((2 * ws - 1) ** 2, h, requires_grad=True)
     out = hk.window_attention(qkv, table, None, h, (C // h) ** -0.5, backend="fused")
     out.sum().backward()
-    assert calls == [("forward", 16, 8, torch.float32, False), ("backward", 16, 8, torch.float32, False)]
+    assert calls == [("forward", 16, 8, torch.float32, False, None), ("backward", 16, 8, torch.float32, False, None)]
 
 
 def test_a_cpu_only_extension_gives_a_note_not_a_crash():

@@ -121,6 +121,61 @@ def test_matches_reference_fp32(ws, heads, d, nW, B, masked):
         assert rel_err(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize(
+    "d,dtype,dc",
+    [
+        (24, torch.float32, 32),  # HTS-AT: the head dim in one chunk
+        (24, torch.float32, 16),  # fp32 on either arch
+        (64, torch.float32, 8),  # clap-large fp32
+        (64, torch.bfloat16, 16),  # clap-large bf16 on sm_80
+        (64, torch.bfloat16, 32),  # clap-large bf16 on sm_90
+        (40, torch.float32, 16),  # d padded to 64: a chunk of padding only
+    ],
+)
+def test_backward_head_dim_chunks(monkeypatch, d, dtype, dc):
+    """Every chunk width of the backward (``launch_config``'s DC, chosen per arch) gives the same
+    values and gradients: the launcher is made to use ``dc`` whatever the interpreter's default."""
+    real = wa.launch_config
+
+    def forced(direction, N, d_, dtype_, has_mask, arch=None):
+        cfg = real(direction, N, d_, dtype_, has_mask, arch)
+        if direction == "backward":
+            assert cfg["BLOCK_D"] % dc == 0
+            cfg["DC"] = dc
+        return cfg
+
+    monkeypatch.setattr(wa, "launch_config", forced)
+    ws, heads, nW = 8, 2, 2
+    qkv, table, mask = make_inputs(2, nW, ws, heads, d, dtype, True)
+    scale = d**-0.5
+    go = grad_out_like(qkv, heads)
+    want = truth(qkv, table, mask, heads, scale, go)
+    got = run(wa.fused_window_attention, qkv, table, mask, heads, scale, go)
+    if dtype == torch.float32:
+        for name, a, b in zip(("out", "dqkv", "dtable"), got, want):
+            assert rel_err(a, b) < 1e-5, name
+        return
+    ref = run(reference.window_attention, qkv, table, mask, heads, scale, go)
+    for name, a, r, t in zip(("out", "dqkv", "dtable"), got, ref, want):
+        tol = 2 * max_err(r, t) + 1e-2 * t.abs().max().item()
+        assert max_err(a, t) <= tol, f"{name}: fused {max_err(a, t):.3g} vs reference {max_err(r, t):.3g}"
+
+
+def test_forward_in_blocks_of_16_query_rows(monkeypatch):
+    """The fp32 forward on sm_80 runs 16 query rows per program (``launch_config``): same values."""
+    real = wa.launch_config
+    monkeypatch.setattr(
+        wa, "launch_config", lambda *a, **k: {**real(*a, **k), "BLOCK_M": 16} if a[0] == "forward" else real(*a, **k)
+    )
+    ws, heads, d, nW = 8, 2, 24, 2
+    qkv, table, mask = make_inputs(1, nW, ws, heads, d, torch.float32, True)
+    go = grad_out_like(qkv, heads)
+    got = run(wa.fused_window_attention, qkv, table, mask, heads, d**-0.5, go)
+    want = truth(qkv, table, mask, heads, d**-0.5, go)
+    for name, a, b in zip(("out", "dqkv", "dtable"), got, want):
+        assert rel_err(a, b) < 1e-5, name
+
+
 def test_noncontiguous_qkv_and_grad_out():
     ws, heads, d, nW = 8, 2, 24, 2
     qkv, table, mask = make_inputs(1, nW, ws, heads, d, torch.float32, True, noncontig=True)

@@ -10,7 +10,7 @@ Computes, for every window b of ``qkv`` (B_, N, 3C) and head h (d = C / heads ch
 exactly as ``htsat_kernels.reference.window_attention`` does, without any (B_, h, N, N) tensor:
 
 * forward: one program per (window, head), heads fastest in launch order (and per block of query rows when N > 64, e.g.
-  ws = 12: N = 144 keys padded to 256, 32 query rows per program). q, k, v are read straight from the qkv Linear output
+  ws = 12: N = 144 keys padded to 256, 32 query rows per program; fp32 on sm_80: 16 rows). q, k, v are read straight from the qkv Linear output
   with its strides (no permute, no contiguous copy); the head dim (24 for HTS-AT) is padded to
   the next power of two >= 16 in registers through masked loads; the relative-position index is
   computed from token coordinates in the kernel and the bias gathered from the ((2ws-1)^2, h)
@@ -22,9 +22,15 @@ exactly as ``htsat_kernels.reference.window_attention`` does, without any (B_, h
   from q, k and the saved log-sum-exp (D_i = sum_j P_ij dP_ij is formed in-kernel, so the output
   is not needed), writes dq, dk, dv into a (B_, N, 3C) tensor in the qkv layout, and adds dS into
   the program's own slot of a (groups, h, 2*SLOT) buffer (independent of the batch size; never
-  shared, no atomics). The table gradient is then reduced deterministically in torch: a gather
-  with a fixed, cached index and one fixed-shape sum, so repeated runs are bit-identical. The
-  number of groups follows the blocks per SM that the compiled kernel fits (``_resident_blocks``).
+  shared). Its tiles are transposed, keys as rows (S^T = k q^T: P^T and dS^T feed dv and dk from
+  registers), and wide heads (d = 64) and fp32 go through the head dim in chunks of DC columns
+  (``_bwd_window_chunks``; DC per dtype and arch from ``launch_config``: 128 registers or fewer
+  for bf16/fp16, no spills for fp32). The chunked path adds dS with relaxed atomic adds, each
+  element always by the same thread in window order, so its sums are as deterministic as the
+  load-add-store of the other path. The table gradient is then reduced deterministically in
+  torch: a gather with a fixed, cached index and one fixed-shape sum, so repeated runs are
+  bit-identical. The number of groups follows the blocks per SM that the compiled kernel fits
+  (``_resident_blocks``).
 
 Registration: ``htsat_kernels::window_attention_fwd`` and ``htsat_kernels::window_attention_bwd``
 are ``torch.library.triton_op`` s whose kernel launches go through ``torch.library.wrap_triton``
@@ -208,6 +214,125 @@ def _window_attention_fwd_kernel(
     tl.store(lse_ptrs, (m + tl.log(row_sum)).to(lse_ptr.dtype.element_ty), mask=row_ok)
 
 
+@triton.jit
+def _mm_acc(a, b, acc, FP64: tl.constexpr, PREC: tl.constexpr):
+    """acc + a @ b, accumulated in the dot itself (``_mm`` otherwise: a product, then an add, needs
+    a second accumulator tile)."""
+    if FP64:
+        c = acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    elif PREC == "upcast":
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        c = tl.dot(a, b, acc, input_precision=PREC)
+    return c
+
+
+@triton.jit
+def _qs_chunk(q_ptr, offs_m, cc, row_ok, c_ok, s_qn, s_qc, scale_hi, scale_lo, FP64: tl.constexpr):
+    """q * scale for columns cc of the head (rounded to the input dtype, like the reference)."""
+    q = tl.load(q_ptr + offs_m[:, None] * s_qn + cc[None, :] * s_qc, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+    if FP64:
+        qs = q * scale_hi + q * scale_lo  # scale = hi + lo: fp64 precision from two fp32 args
+    else:
+        qs = (q.to(tl.float32) * scale_hi).to(q.dtype)
+    return qs
+
+
+@triton.jit
+def _bwd_window_chunks(
+    q_ptr,
+    do_ptr,
+    lse_ptr,
+    dq_ptr,
+    slot_ptr,
+    s_qn,
+    s_qc,
+    s_dn,
+    s_dc,
+    s_gn,
+    s_gc,
+    C,
+    first,
+    scale_hi,
+    scale_lo,
+    WS: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    FP64: tl.constexpr,
+    PREC: tl.constexpr,
+    SLOT: tl.constexpr,
+    DC: tl.constexpr,
+):
+    """``_bwd_window`` for one block of all N queries, the head dim in chunks of DC columns.
+
+    For wide heads (d = 64): a dot operand of the full head dim would hold 64 of its columns in
+    every warp. S^T and dP^T accumulate over the chunks (first S^T, then dP^T: never both
+    accumulating at once); dv, dk, dq are computed and stored chunk by chunk."""
+    N = WS * WS
+    if FP64:
+        acc_ty = tl.float64
+    else:
+        acc_ty = tl.float32
+    in_ty = q_ptr.dtype.element_ty
+    out_ty = dq_ptr.dtype.element_ty
+    offs_n = tl.arange(0, BLOCK_N)  # keys: the rows of the transposed tiles
+    offs_m = tl.arange(0, BLOCK_N)  # queries: their columns
+    offs_c = tl.arange(0, DC)
+    key_ok = offs_n < N
+    row_ok = offs_m < N
+    tile = offs_m[None, :] * BLOCK_N + offs_n[:, None]  # (key j, query i): the slot's entry (i, j)
+    st = tl.load(slot_ptr + SLOT + tile).to(acc_ty)
+    for c in range(BLOCK_D // DC):
+        cc = c * DC + offs_c
+        c_ok = cc < D
+        k = tl.load(
+            q_ptr + C * s_qc + offs_n[:, None] * s_qn + cc[None, :] * s_qc, mask=key_ok[:, None] & c_ok[None, :], other=0.0
+        )
+        qs = _qs_chunk(q_ptr, offs_m, cc, row_ok, c_ok, s_qn, s_qc, scale_hi, scale_lo, FP64)
+        st = _mm_acc(k, tl.trans(qs), st, FP64, PREC)
+    lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
+    pt = tl.exp(st - lse.to(acc_ty)[None, :])  # 0 on padded rows and keys (-inf scores)
+    dpt = pt * 0.0  # zeros that wait for pt: the compiler cannot start dP^T's dots before the exp
+    for c in range(BLOCK_D // DC):
+        cc = c * DC + offs_c
+        c_ok = cc < D
+        v = tl.load(
+            q_ptr + 2 * C * s_qc + offs_n[:, None] * s_qn + cc[None, :] * s_qc, mask=key_ok[:, None] & c_ok[None, :], other=0.0
+        )
+        do = tl.load(do_ptr + offs_m[:, None] * s_dn + cc[None, :] * s_dc, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        dpt = _mm_acc(v, tl.trans(do.to(in_ty)), dpt, FP64, PREC)
+    delta = tl.sum(pt * dpt, axis=0)  # D_i = sum_j P_ij dP_ij, per query (column)
+    ptb = pt.to(in_ty)
+    dst = pt * (dpt - delta[None, :])
+    slot_ptrs = slot_ptr + tile
+    if first:  # the program's first window writes the slot, the others add to it
+        tl.store(slot_ptrs, dst.to(slot_ptr.dtype.element_ty))
+    else:  # a red.add: no 32 registers of loaded sums (a load-add-store spills fp32 at sm_80); one
+        # thread per element, in window order: deterministic
+        tl.atomic_add(slot_ptrs, dst.to(slot_ptr.dtype.element_ty), sem="relaxed")
+    dstb = dst.to(in_ty)
+    for c in range(BLOCK_D // DC):
+        cc = c * DC + offs_c
+        c_ok = cc < D
+        kv_mask = key_ok[:, None] & c_ok[None, :]
+        q_mask = row_ok[:, None] & c_ok[None, :]
+        dk_ptrs = dq_ptr + C * s_gc + offs_n[:, None] * s_gn + cc[None, :] * s_gc
+        do = tl.load(do_ptr + offs_m[:, None] * s_dn + cc[None, :] * s_dc, mask=q_mask, other=0.0)
+        dv = _mm(ptb, do.to(in_ty), FP64, PREC)
+        tl.store(dk_ptrs + C * s_gc, dv.to(out_ty), mask=kv_mask)
+        qs = _qs_chunk(q_ptr, offs_m, cc, row_ok, c_ok, s_qn, s_qc, scale_hi, scale_lo, FP64)
+        dk = _mm(dstb, qs, FP64, PREC)
+        tl.store(dk_ptrs, dk.to(out_ty), mask=kv_mask)
+        k = tl.load(q_ptr + C * s_qc + offs_n[:, None] * s_qn + cc[None, :] * s_qc, mask=kv_mask, other=0.0)
+        dq = _mm(tl.trans(dstb), k, FP64, PREC)
+        if FP64:
+            dq = dq * scale_hi + dq * scale_lo
+        else:
+            dq = dq * scale_hi
+        tl.store(dq_ptr + offs_m[:, None] * s_gn + cc[None, :] * s_gc, dq.to(out_ty), mask=q_mask)
+
+
 @triton.jit(noinline=True)
 def _bwd_window(
     q_ptr,
@@ -233,6 +358,7 @@ def _bwd_window(
     FP64: tl.constexpr,
     PREC: tl.constexpr,
     SLOT: tl.constexpr,
+    DC: tl.constexpr,
 ):
     """Backward of one window and head: dq, dk, dv stored, dS added into the program's slot.
 
@@ -251,6 +377,12 @@ def _bwd_window(
         acc_ty = tl.float64
     else:
         acc_ty = tl.float32
+    if DC < BLOCK_D:
+        _bwd_window_chunks(
+            q_ptr, do_ptr, lse_ptr, dq_ptr, slot_ptr, s_qn, s_qc, s_dn, s_dc, s_gn, s_gc, C, first, scale_hi, scale_lo,
+            WS, D, BLOCK_N, BLOCK_D, FP64, PREC, SLOT, DC,
+        )  # fmt: skip
+        return
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     key_ok = offs_n < N
@@ -342,13 +474,14 @@ def _window_attention_bwd_kernel(
     HAS_MASK: tl.constexpr,
     FP64: tl.constexpr,
     PREC: tl.constexpr,
+    DC: tl.constexpr,
 ):
     """One program per (group g of windows at one window position, head h).
 
     Group g holds the windows b = j * nW + (g % nW) for a range of j, which share one mask slice
     and the bias: bias + mask is built once into the program's scratch. Per program, 2 * SLOT
     elements of ``dbias_ptr``: the (BLOCK_N, BLOCK_N) bias gradient summed over the group's
-    windows (no other program touches it: no atomics), a zero the host-side gather reads for keys
+    windows (no other program touches it), a zero the host-side gather reads for keys
     outside the window, then the bias + mask scratch.
     """
     g = tl.program_id(0)
@@ -398,6 +531,7 @@ def _window_attention_bwd_kernel(
             FP64,
             PREC,
             SLOT,
+            DC,
         )
 
 
@@ -504,14 +638,33 @@ def _blocks(N: int, d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     return block_m, block_n, block_d, num_warps
 
 
-def launch_config(direction: str, N: int, d: int, dtype: torch.dtype, has_mask: bool) -> dict:
+def _bwd_chunk(block_m: int, block_n: int, block_d: int, dtype: torch.dtype, arch: int | None) -> int:
+    """DC, the head-dim columns per chunk of the backward (``_bwd_window_chunks`` when < BLOCK_D):
+    the narrowest that keeps the kernel within 128 registers (bf16/fp16) or without spills (fp32,
+    whose tf32x3 dots hold three operand splits), from the compile report at sm_80 and sm_90."""
+    if block_m < block_n or dtype == torch.float64:  # several query blocks (N > 64), or fp64: one chunk
+        return block_d
+    if dtype == torch.float32:
+        return min(block_d, 16 if block_d <= 32 else 8)
+    if block_d <= 32:
+        return block_d
+    return 32 if (arch or DEFAULT_ARCH) >= 90 else 16
+
+
+DEFAULT_ARCH = 90  # the configuration of the interpreter (CPU) and of a device of unknown capability
+
+
+def launch_config(direction: str, N: int, d: int, dtype: torch.dtype, has_mask: bool, arch: int | None = None) -> dict:
     """Compile-time parameters (constexprs and num_warps) of the ``direction`` ("forward" or
-    "backward") kernel for one call. The launchers and the compile report (bench/compile_report.py)
-    both call this, so the report compiles exactly what a launch would."""
+    "backward") kernel for one call on a device of compute capability ``arch`` (major * 10 + minor,
+    e.g. 80 or 90; None: as DEFAULT_ARCH). The launchers and the compile report
+    (bench/compile_report.py) both call this, so the report compiles exactly what a launch would."""
     if direction not in ("forward", "backward"):
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
     block_m, block_n, block_d, num_warps = _blocks(N, d, dtype)
-    return dict(
+    if direction == "forward" and dtype == torch.float32 and (arch or DEFAULT_ARCH) < 90:
+        block_m = min(block_m, 16)  # sm_80's tf32x3 mma.sync operands spill at 32 or 64 query rows
+    cfg = dict(
         WS=math.isqrt(N),
         D=d,
         BLOCK_M=block_m,
@@ -522,6 +675,17 @@ def launch_config(direction: str, N: int, d: int, dtype: torch.dtype, has_mask: 
         PREC=_dot_precision(dtype),
         num_warps=num_warps,
     )
+    if direction == "backward":
+        cfg["DC"] = _bwd_chunk(block_m, block_n, block_d, dtype, arch)
+    return cfg
+
+
+def _device_arch(device: torch.device) -> int | None:
+    """Compute capability of a CUDA device as major * 10 + minor; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
 
 
 def _kernel(fn):
@@ -580,7 +744,7 @@ def _fwd_impl(qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, s
     if B_ == 0:
         return out, lse
     mask_t, s_mw, s_mi, s_mj, nW, has_mask = _mask_args(mask, qkv)
-    cfg = launch_config("forward", N, d, qkv.dtype, has_mask)
+    cfg = launch_config("forward", N, d, qkv.dtype, has_mask, _device_arch(qkv.device))
     hi, lo = _split_scale(scale)
     with _device_guard(qkv):
         _kernel(_window_attention_fwd_kernel)[(B_ * num_heads, triton.cdiv(N, cfg["BLOCK_M"]))](
@@ -712,7 +876,7 @@ def _bwd_impl(
     if B_ == 0:
         return dqkv.zero_(), torch.zeros_like(table)
     mask_t, s_mw, s_mi, s_mj, nW, has_mask = _mask_args(mask, qkv)
-    cfg = launch_config("backward", N, d, qkv.dtype, has_mask)
+    cfg = launch_config("backward", N, d, qkv.dtype, has_mask, _device_arch(qkv.device))
     hi, lo = _split_scale(scale)
     block_n = cfg["BLOCK_N"]
     acc = _acc_dtype(qkv.dtype)
