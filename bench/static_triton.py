@@ -3,7 +3,8 @@
 
 Each kernel is compiled with ``triton.compile(ASTSource(fn, signature, constexprs, attrs),
 target=GPUTarget("cuda", arch, 32))`` at the launch configuration its module's ``launch_config``
-returns (the launcher calls the same function) for each HTS-AT stage of each preset, with the
+returns for that arch (the launcher calls the same function with its device's compute capability)
+for each HTS-AT stage of each preset, with the
 argument specialisation a real launch at batch 128 would get (Triton's own binder on meta
 tensors: 16-byte alignment, ints divisible by 16, ints equal to 1 become constants). Compiles run
 in worker processes that import the kernels with ``TRITON_INTERPRET=0`` (the calling process may
