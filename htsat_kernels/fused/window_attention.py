@@ -24,8 +24,8 @@ exactly as ``htsat_kernels.reference.window_attention`` does, without any (B_, h
   the program's own slot of a (groups, h, 2*SLOT) buffer (independent of the batch size; never
   shared). Its tiles are transposed, keys as rows (S^T = k q^T: P^T and dS^T feed dv and dk from
   registers), and wide heads (d = 64) and fp32 go through the head dim in chunks of DC columns
-  (``_bwd_window_chunks``; DC per dtype and arch from ``launch_config``: 128 registers or fewer
-  for bf16/fp16, no spills for fp32). The chunked path adds dS with relaxed atomic adds, each
+  (``_bwd_window_chunks``; DC per dtype and arch from ``launch_config``: at most 128 registers
+  for bf16/fp16 but clap-large bf16 at sm_90 (130), no spills for fp32). The chunked path adds dS with relaxed atomic adds, each
   element always by the same thread in window order, so its sums are as deterministic as the
   load-add-store of the other path. The table gradient is then reduced deterministically in
   torch: a gather with a fixed, cached index and one fixed-shape sum, so repeated runs are
@@ -640,8 +640,9 @@ def _blocks(N: int, d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
 
 def _bwd_chunk(block_m: int, block_n: int, block_d: int, dtype: torch.dtype, arch: int | None) -> int:
     """DC, the head-dim columns per chunk of the backward (``_bwd_window_chunks`` when < BLOCK_D):
-    the narrowest that keeps the kernel within 128 registers (bf16/fp16) or without spills (fp32,
-    whose tf32x3 dots hold three operand splits), from the compile report at sm_80 and sm_90."""
+    the one with the fewest registers (bf16/fp16: 128 or fewer but d = 64 at sm_90, 130) or without
+    spills (fp32, whose tf32x3 dots hold three operand splits), from the compile report at sm_80
+    and sm_90."""
     if block_m < block_n or dtype == torch.float64:  # several query blocks (N > 64), or fp64: one chunk
         return block_d
     if dtype == torch.float32:
