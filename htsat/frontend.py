@@ -110,6 +110,20 @@ class LogMel(nn.Module):
         return 10.0 * torch.log10(torch.clamp(mel, min=self.amin))
 
 
+class FrontEnd(nn.Module):
+    """Waveform (B, samples) -> log-mel (B, 1, frames, mel_bins): the model's spectrogram and log-mel
+    modules (shared, not copied) run in ``dtype`` with autocast off, also under autocast or in a model cast
+    to half precision (a full-scale tone overflows fp16 in the power spectrum)."""
+
+    def __init__(self, spectrogram: Spectrogram, logmel: LogMel, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.spectrogram, self.logmel, self.dtype = spectrogram, logmel, dtype
+
+    def forward(self, waveform: Tensor) -> Tensor:
+        with torch.autocast(device_type=waveform.device.type, enabled=False):
+            return self.logmel(self.spectrogram(waveform.to(self.dtype)))
+
+
 def expected_frontend_constants(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> dict[str, Tensor]:
     """The derived front-end tensors under their state_dict names, for checking imported checkpoints."""
     real, imag = dft_weights(n_fft)

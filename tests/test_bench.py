@@ -274,3 +274,17 @@ def test_readme_shows_latest_gpu_run(quick_run, tmp_path):
     assert "nvidia-h100-80gb-hbm3_2026-02-01.json" in block  # the latest one is cited
     assert "| window_attention |" in block
     assert text.count(START) == 1 and text.count(END) == 1
+
+
+def test_inference_files_record(tmp_path):
+    """`python -m bench --inference-files N`: each path at each thread count, the best of each, their ratio."""
+    pytest.importorskip("soundfile")
+    pytest.importorskip("soxr")
+    from bench import inference
+
+    rec = inference.run(tmp_path, n_files=3, seconds=6.0, batch_size=4, num_workers=1, threads=1, repeats=1)
+    assert {(r["path"], r["torch_threads"]) for r in rec["runs"]} == {("loop", 1), ("batched", 1)}
+    assert all(r["files_per_s"] > 0 for r in rec["runs"])
+    assert rec["frontend_in_workers"] is True
+    assert rec["speedup"] == pytest.approx(rec["best"]["batched"]["files_per_s"] / rec["best"]["loop"]["files_per_s"], abs=0.01)
+    assert json.loads(next(tmp_path.glob("inference_cpu_*.json")).read_text())["runs"] == rec["runs"]
