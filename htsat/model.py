@@ -99,18 +99,23 @@ class HTSAT(nn.Module):
         """(B, samples) -> (B, 1, frames, mel_bins) log-mel after bn0 (``mel_features``, then bn0)."""
         return self._normalize_mel(self.mel_features(waveform))
 
-    def front_end(self) -> FrontEnd:
-        """The parameter-free front end (STFT, mel, log) as its own module, e.g. for DataLoader workers."""
-        return FrontEnd(
-            self.spectrogram_extractor, self.logmel_extractor, torch.float64 if self._dtype() == torch.float64 else torch.float32
-        )
+    def front_end(self, stft: str = "conv") -> FrontEnd:
+        """The parameter-free front end (STFT, mel, log) as its own module, e.g. for DataLoader workers;
+        ``stft="fft"``: the same DFT by ``torch.stft`` (see FrontEnd)."""
+        return FrontEnd(self.spectrogram_extractor, self.logmel_extractor, self._front_dtype(), stft)
 
     def mel_features(self, waveform: Tensor) -> Tensor:
-        """(B, samples) -> (B, 1, frames, mel_bins) log-mel before bn0, in float32 (float64 for a double model)."""
-        return self.front_end()(waveform)
+        """(B, samples) -> (B, 1, frames, mel_bins) log-mel before bn0, in float32 (float64 for a double
+        model), also under autocast or in a model cast to half (a full-scale tone overflows fp16 in the
+        power spectrum): what ``front_end()`` computes."""
+        with torch.autocast(device_type=waveform.device.type, enabled=False):
+            return self.logmel_extractor(self.spectrogram_extractor(waveform.to(self._front_dtype())))
 
     def _dtype(self) -> torch.dtype:
         return self.bn0.weight.dtype
+
+    def _front_dtype(self) -> torch.dtype:
+        return torch.float64 if self._dtype() == torch.float64 else torch.float32
 
     def _normalize_mel(self, mel: Tensor) -> Tensor:
         with torch.autocast(device_type=mel.device.type, enabled=False):
