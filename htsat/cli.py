@@ -110,7 +110,7 @@ def _add_run_arguments(q) -> None:
         "--num-workers",
         type=int,
         default=min(4, max(0, (os.cpu_count() or 1) - 1)),
-        help="processes decoding and resampling audio (0: in the main process)",
+        help="processes decoding and resampling audio, and on CPU computing the log-mel (0: all in the main process)",
     )
     q.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     q.add_argument("--backend", default="auto", choices=BACKENDS)
