@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_input_arguments(q) -> None:
     q.add_argument("files", nargs="+", help="audio files, folders (searched recursively), glob patterns or @list.txt files")
     q.add_argument(
-        "--checkpoint", required=True, help="our checkpoint (from htsat train), an original HTS-AT .ckpt or a CLAP one"
+        "--checkpoint",
+        required=True,
+        help="our checkpoint (from htsat train), an original HTS-AT .ckpt, a CLAP one, or a name of `htsat models`",
     )
     q.add_argument(
         "--model",
