@@ -171,10 +171,9 @@ class Predictor:
         labels_file: str | None = None,
         **kwargs,
     ) -> Predictor:
+        from . import pretrained
         from .checkpoint import FORMAT, model_from_checkpoint, read_checkpoint, saved_config
         from .config import load_config
-
-        from . import pretrained
 
         dev = resolve_device(device)
         entry = None
