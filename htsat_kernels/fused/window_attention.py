@@ -221,8 +221,9 @@ def _window_attention_fwd_kernel(
     k = tl.load(base + offs_n[:, None] * s_qn + C * s_qc, mask=kv_mask, other=0.0)
     v = tl.load(base + offs_n[:, None] * s_qn + 2 * C * s_qc, mask=kv_mask, other=0.0)
     s, qs = _scores(q, k, bias, mask_ptrs, pair_ok, key_ok, scale_hi, scale_lo, HAS_MASK, FP64, PREC)
-    if shift > 0:  # the shift mask computed, not read: one (N, N) slice per program was more bytes than q, k, v
-        s = s + _grid_mask(b % nW, win_rows, win_cols, shift, offs_m, offs_n, WS).to(s.dtype)
+    if not HAS_MASK:  # no grid code in the mask-tensor variant (it costs that one registers)
+        if shift > 0:  # the shift mask computed, not read: one (N, N) slice per program was more bytes than q, k, v
+            s = s + _grid_mask(b % nW, win_rows, win_cols, shift, offs_m, offs_n, WS).to(s.dtype)
 
     m = tl.max(s, axis=1)
     p = tl.exp(s - m[:, None])
@@ -398,7 +399,7 @@ def _window_attention_bwd_kernel(
     if HAS_MASK:
         mk = tl.load(mask_ptr + w * s_mw + offs_m[:, None] * s_mi + offs_n[None, :] * s_mj, mask=pair_ok, other=0.0)
         bm += mk.to(bm.dtype)
-    if shift > 0:  # the shift mask of a rolled grid, computed as in the forward
+    elif shift > 0:  # the shift mask of a rolled grid, computed as in the forward
         bm += _grid_mask(w, win_rows, win_cols, shift, offs_m, offs_n, WS).to(bm.dtype)
     bm = tl.where(pair_ok, bm, float("-inf"))
     tl.store(slot_ptr + SLOT + offs_m[:, None] * BLOCK_N + offs_n[None, :], bm.to(dbias_ptr.dtype.element_ty))
