@@ -221,7 +221,7 @@ def _window_attention_fwd_kernel(
     k = tl.load(base + offs_n[:, None] * s_qn + C * s_qc, mask=kv_mask, other=0.0)
     v = tl.load(base + offs_n[:, None] * s_qn + 2 * C * s_qc, mask=kv_mask, other=0.0)
     s, qs = _scores(q, k, bias, mask_ptrs, pair_ok, key_ok, scale_hi, scale_lo, HAS_MASK, FP64, PREC)
-    if not HAS_MASK:  # no grid code in the mask-tensor variant (it costs that one registers)
+    if not HAS_MASK:  # the mask-tensor variant gets no grid code (it would cost it registers)
         if shift > 0:  # the shift mask computed, not read: one (N, N) slice per program was more bytes than q, k, v
             s = s + _grid_mask(b % nW, win_rows, win_cols, shift, offs_m, offs_n, WS).to(s.dtype)
 
