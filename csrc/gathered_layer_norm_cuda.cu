@@ -519,8 +519,9 @@ void gathered_layer_norm_backward_cuda(const GatheredLayerNormBackward<Rows>& a)
     const uintptr_t addr = reinterpret_cast<uintptr_t>(grad_out) | reinterpret_cast<uintptr_t>(x) |
                            reinterpret_cast<uintptr_t>(weight) | reinterpret_cast<uintptr_t>(grad_x);
     const int64_t per_lane = (a.C / kVec + kWarpSize - 1) / kWarpSize;
-    // dy and x of every segment stay in registers: 4 vectors per lane of each only for one segment
-    constexpr int64_t kMaxPerLane = Rows::kSegments == 1 ? 4 : 2;
+    // dy and x of every segment stay in registers: 4 vectors per lane of each for one segment, 3 for four
+    // (patch merge at n = 1536 in fp32)
+    constexpr int64_t kMaxPerLane = Rows::kSegments == 1 ? 4 : 3;
     const size_t row_bytes = static_cast<size_t>(n) * kSliceBytes;
     if (a.int32_index && a.C % kVec == 0 && addr % 16 == 0 && per_lane <= kMaxPerLane &&
         row_bytes <= static_cast<size_t>(shared_optin)) {
@@ -535,6 +536,8 @@ void gathered_layer_norm_backward_cuda(const GatheredLayerNormBackward<Rows>& a)
         launch(gathered_layer_norm_backward_vec_kernel<Rows, scalar_t, acc_t, 2>);
       } else if constexpr (kMaxPerLane == 4) {
         launch(gathered_layer_norm_backward_vec_kernel<Rows, scalar_t, acc_t, 4>);
+      } else {
+        launch(gathered_layer_norm_backward_vec_kernel<Rows, scalar_t, acc_t, 3>);
       }
     } else {
       // Column windows of at most shared_optin / kSliceBytes accumulators: one launch unless n is very wide.
