@@ -110,6 +110,17 @@ class PatchMergeCases:
             atol = 1e-3 * max(1.0, t.abs().max().item())
             assert err_f <= 2 * err_r + atol, f"{name}: fused error {err_f} vs reference {err_r}"
 
+    @pytest.mark.parametrize("C", [96, 192, 384, 2100], ids=lambda c: f"C={c}")
+    def test_backward_variants_match_reference(self, C):
+        # float32 on CUDA: 16-byte vectors, 1 / 2 / 3 per lane and segment; n = 8400 is too wide for the
+        # shared accumulators of one launch (done in column windows); a few rows so every warp gets one
+        x, w, b = _inputs((2, 4, 2, C), torch.float32, self.device)
+        g = torch.randn(2, 2, 4 * C, device=self.device)
+        fused = _run(pm.fused_patch_merge, x, w, b, g)
+        ref = _run(reference.patch_merge, x, w, b, g)
+        for name, f, r in zip(("out", "grad_x", "grad_weight", "grad_bias"), fused, ref):
+            torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
     def test_saved_statistics(self):
         x, w, b = _inputs((2, 8, 12, 5), torch.float32, self.device)
         out, mean, rstd = torch.ops.htsat_kernels.patch_merge_forward(x, w, b, 1e-5)
