@@ -102,6 +102,32 @@ def roofline_rows(stages: list[StageShape], dtype: str = "bf16") -> list[dict]:
     return rows
 
 
+def roofline_markdown(preset: str = "htsat-audioset", dtype: str = "bf16") -> str:
+    """The README's roofline table: the ideal time of every op at each stage of ``preset`` at batch
+    ``BATCH``, forward and backward, on each roofline device ("H100 SXM / H200" in us per call).
+    ``tests/test_roofline.py`` checks that the README holds exactly this text."""
+    from .static_triton import preset_stages
+
+    stages = [s for s in preset_stages() if s.preset == preset]
+    rows = roofline_rows(stages, dtype)
+    devs = list(ROOFLINE_DEVICES)
+    labels = [s.label for s in stages]
+    head = "| op | direction | " + " | ".join(f"stage {s.stage} ({s.H}×{s.W}×{s.C})" for s in stages) + " |"
+    lines = [head, "|---|---|" + "---|" * len(labels)]
+    for op in dict.fromkeys(r["op"] for r in rows):
+        for direction in ("forward", "backward"):
+            cells = []
+            for label in labels:
+                r = next((r for r in rows if r["op"] == op and r["direction"] == direction and r["stage"] == label), None)
+                if r is None:
+                    cells.append("-")
+                    continue
+                us = " / ".join(f"{r['ideal_us'][d]:.0f}" if r["ideal_us"][d] >= 10 else f"{r['ideal_us'][d]:.1f}" for d in devs)
+                cells.append(f"{us} ({r['bytes'] / 1e6:.0f} MB)")
+            lines.append(f"| `{op}` | {direction} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------------------------
 # The report
 

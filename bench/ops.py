@@ -1,7 +1,8 @@
 """Per-op cases: the four hot ops at HTS-AT's stage shapes, every provider, dtype and mode.
 
 Stages (window 8, N = 64 tokens, head dim 24; 10 s input): the block shapes of each stage. Stages
-1-3 are benchmarked in their shifted form (shift 4, additive (nW, N, N) mask), which is the more
+1-3 are benchmarked in their shifted form (shift 4; as the model calls it, the shift mask given by
+the grid, ``shifted_grid``, which the peers turn into the additive (nW, N, N) mask), the more
 expensive of their two block kinds; stage 4 is one window per clip and never shifted.
 ``patch_merge`` runs at the end of stages 1-3 (stage 4 has no downsample).
 
@@ -99,9 +100,10 @@ def shape_str(op: str, st: Stage, B: int) -> str:
 # Peers for window attention
 
 
-def sdpa_window_attention(qkv, table, mask, num_heads: int, scale: float, dropout_p: float = 0.0):
+def sdpa_window_attention(qkv, table, mask, num_heads: int, scale: float, dropout_p: float = 0.0, shifted_grid=None):
     """Window attention through F.scaled_dot_product_attention with a dense bias+mask tensor
-    (the op's signature; the benchmark runs without attention dropout).
+    (the op's signature; the benchmark runs without attention dropout; a ``shifted_grid`` becomes
+    its mask tensor, cached).
 
     Windows and heads are folded into one axis, (B, nW*h, N, d), so the (nW*h, N, N) bias+mask
     broadcasts over the clips as a 4-D attn_mask (the layout SDPA's fused kernels accept).
@@ -111,6 +113,8 @@ def sdpa_window_attention(qkv, table, mask, num_heads: int, scale: float, dropou
     B_, N, C3 = qkv.shape
     C = C3 // 3
     d = C // num_heads
+    if shifted_grid is not None:
+        mask = hk.reference.grid_mask(shifted_grid, hk.reference.window_size_of(N), qkv.device)
     nW = mask.shape[0] if mask is not None else 1
     B = B_ // nW
     parts = qkv.view(B, nW, N, 3, num_heads, d).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, d)
@@ -187,7 +191,9 @@ def provider_fn(op: str, provider: str, ctx: RunContext, section: str = "ops") -
         compiled = ctx.memoize(("flex", op), lambda: torch.compile(flex_window_attention, dynamic=False))
         index = ctx.memoize(("flex_index", str(ctx.device)), lambda: hk.reference.relative_position_index(WINDOW, ctx.device))
 
-        def flex(qkv, table, mask, num_heads, scale, dropout_p=0.0):  # the op's signature; no dropout here
+        def flex(qkv, table, mask, num_heads, scale, dropout_p=0.0, shifted_grid=None):  # the op's signature; no dropout
+            if shifted_grid is not None:  # flex reads a mask tensor (cached)
+                mask = hk.reference.grid_mask(shifted_grid, WINDOW, qkv.device)
             return compiled(qkv, table, mask, num_heads, scale, index)
 
         return flex

@@ -103,11 +103,15 @@ def _attention_args(direction: str, st: StageShape, dtype: str, has_mask: bool, 
     acc = torch.float64 if dtype == "fp64" else torch.float32
     qkv = meta((B_, N, 3 * C), dtype=lo)
     table = meta(((2 * st.window - 1) ** 2, h), dtype=side)
-    if has_mask:
+    no_grid = dict(win_rows=1, win_cols=1, shift=0)
+    if has_mask:  # a mask tensor (the public ``mask`` argument)
         mask = meta((st.nW, N, N), dtype=side)
-        mask_args = dict(mask_ptr=mask, s_mw=mask.stride(0), s_mi=mask.stride(1), s_mj=mask.stride(2), nW=st.nW)
+        mask_args = dict(mask_ptr=mask, s_mw=mask.stride(0), s_mi=mask.stride(1), s_mj=mask.stride(2), nW=st.nW, **no_grid)
+    elif st.shifted:  # the model's shifted blocks: no mask tensor, the shift mask computed from the grid
+        grid = dict(win_rows=st.H // st.window, win_cols=st.W // st.window, shift=st.window // 2)
+        mask_args = dict(mask_ptr=qkv, s_mw=0, s_mi=0, s_mj=0, nW=st.nW, **grid)
     else:  # the launcher passes qkv as a dummy pointer with zero strides and nW = 1
-        mask_args = dict(mask_ptr=qkv, s_mw=0, s_mi=0, s_mj=0, nW=1)
+        mask_args = dict(mask_ptr=qkv, s_mw=0, s_mi=0, s_mj=0, nW=1, **no_grid)
     common = dict(
         qkv_ptr=qkv,
         table_ptr=table,

@@ -32,7 +32,8 @@ TensorTriple gathered_forward(const at::Tensor& x, const at::Tensor& weight, con
   return {out, mean, rstd};
 }
 
-// grad_x scattered back through the row map; grad_weight / grad_bias reduced over fixed chunks of rows.
+// grad_x scattered back through the row map; grad_weight / grad_bias summed per fixed chunk of rows in the
+// same pass, then the chunks' partial rows reduced in a fixed order (gathered_layer_norm.h).
 template <typename Rows>
 TensorTriple gathered_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& mean, const at::Tensor& rstd, const Rows& src) {
@@ -46,7 +47,7 @@ TensorTriple gathered_backward(const at::Tensor& grad_out, const at::Tensor& x, 
     return {grad_x, grad_weight, grad_bias};
   }
   const int64_t per_chunk = gathered_layer_norm_rows_per_chunk(rows);
-  const int64_t n_chunks = (rows + per_chunk - 1) / per_chunk;  // <= 512
+  const int64_t n_chunks = (rows + per_chunk - 1) / per_chunk;  // <= 1024
   at::Tensor partials = at::empty({2, n_chunks, n}, stat_options(x));
   const c10::OptionalDeviceGuard guard(launch_device(x));
   const GatheredLayerNormBackward<Rows> args{grad_out.const_data_ptr(),    x.const_data_ptr(),

@@ -1,6 +1,7 @@
 // C++ CPU twins of the gathered-LayerNorm kernels (gathered_layer_norm.h): the same row maps as the CUDA
 // kernels (index_maps.h), the same LayerNorm algebra, the same deterministic reduction of the weight/bias
-// gradient. "auto" uses them on CPU, so they are real kernels: lane-parallel reductions in a fixed order
+// gradient (one pass over x and dy per chunk of rows, then a fixed-order sum of the chunks' partials).
+// "auto" uses them on CPU, so they are real kernels: lane-parallel reductions in a fixed order
 // (bit-identical between the baseline and AVX2 builds of each loop, cpu_isa.h).
 #include <algorithm>
 #include <cmath>
@@ -120,20 +121,25 @@ struct BackwardChunks {
   bool int32_index;
 };
 
-// Chunks [cbegin, cend) of the backward: dx of each row, and the chunk's partial weight/bias sums.
+// Chunks [cbegin, cend) of the backward, one pass over x and dy: dx of each row, and the chunk's partial
+// weight/bias sums in the CUDA kernel's order (gathered_layer_norm.h): row r_begin + s + 4i into
+// sub-chunk s (sub: kGatheredLayerNormSubChunks * 2 * n scratch), the sub-chunks combined pairwise.
 template <typename Rows, typename scalar_t, typename acc_t>
 HTSAT_INLINE void layer_norm_backward_chunks(const BackwardChunks<Rows, scalar_t, acc_t>& a, int64_t cbegin,
-                                             int64_t cend, acc_t* __restrict__ xh, acc_t* __restrict__ gv) {
+                                             int64_t cend, acc_t* __restrict__ xh, acc_t* __restrict__ gv,
+                                             acc_t* __restrict__ sub) {
+  constexpr int kSub = kGatheredLayerNormSubChunks;
+  static_assert(kSub == 4, "the combine below is written for 4 sub-chunks");
   const int64_t C = a.C, n = Rows::kSegments * C;
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
   const acc_t* __restrict__ w = a.weight;
   for (int64_t chunk = cbegin; chunk < cend; ++chunk) {
-    acc_t* __restrict__ pw = a.part_w + chunk * n;
-    acc_t* __restrict__ pb = a.part_b + chunk * n;
-    std::fill(pw, pw + n, acc_t(0));
-    std::fill(pb, pb + n, acc_t(0));
-    const int64_t r_end = std::min(a.rows, (chunk + 1) * a.per_chunk);
-    for (int64_t r = chunk * a.per_chunk; r < r_end; ++r) {
+    std::fill(sub, sub + kSub * 2 * n, acc_t(0));
+    const int64_t r_begin = chunk * a.per_chunk;
+    const int64_t r_end = std::min(a.rows, r_begin + a.per_chunk);
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      acc_t* __restrict__ sw = sub + ((r - r_begin) % kSub) * 2 * n;
+      acc_t* __restrict__ sb = sw + n;
       gather_row(a.x, r, a.src, C, a.int32_index, xh);
       const acc_t mu = a.mean[r], rs = a.rstd[r];
       const scalar_t* __restrict__ dy = a.grad_out + r * n;
@@ -142,8 +148,8 @@ HTSAT_INLINE void layer_norm_backward_chunks(const BackwardChunks<Rows, scalar_t
         const acc_t xhi = (xh[i] - mu) * rs;
         xh[i] = xhi;
         gv[i] = dyi * w[i];
-        pw[i] += dyi * xhi;
-        pb[i] += dyi;
+        sw[i] += dyi * xhi;
+        sb[i] += dyi;
       }
       const acc_t mean_g = sum_lanes(gv, n) * inv_n, mean_gx = dot_lanes(gv, xh, n) * inv_n;
       const int64_t base = map_row_base(a.src, r, a.int32_index);
@@ -156,26 +162,39 @@ HTSAT_INLINE void layer_norm_backward_chunks(const BackwardChunks<Rows, scalar_t
         }
       }
     }
+    acc_t* __restrict__ pw = a.part_w + chunk * n;
+    acc_t* __restrict__ pb = a.part_b + chunk * n;
+    const acc_t* __restrict__ s0 = sub;
+    const acc_t* __restrict__ s1 = sub + 2 * n;
+    const acc_t* __restrict__ s2 = sub + 4 * n;
+    const acc_t* __restrict__ s3 = sub + 6 * n;
+    for (int64_t i = 0; i < n; ++i) {
+      pw[i] = (s0[i] + s1[i]) + (s2[i] + s3[i]);
+      pb[i] = (s0[n + i] + s1[n + i]) + (s2[n + i] + s3[n + i]);
+    }
   }
 }
 
 template <typename Rows, typename scalar_t, typename acc_t>
 void layer_norm_backward_chunks_baseline(const BackwardChunks<Rows, scalar_t, acc_t>& a, int64_t cbegin, int64_t cend,
-                                         acc_t* xh, acc_t* gv) {
-  layer_norm_backward_chunks(a, cbegin, cend, xh, gv);
+                                         acc_t* xh, acc_t* gv, acc_t* sub) {
+  layer_norm_backward_chunks(a, cbegin, cend, xh, gv, sub);
 }
 
-// Columns [begin, end) of grad_weight / grad_bias: the chunks' partials summed in chunk order (s* are
-// (end - begin)-element scratch rows).
+// Columns [begin, end) of grad_weight / grad_bias in the CUDA reduction's order
+// (gathered_layer_norm_reduce_lanes): `lanes` lane sums over the partial rows l, l + lanes, ... in order,
+// then added pairwise. lw, lb: lanes * (end - begin) scratch each.
 template <typename scalar_t, typename acc_t>
 HTSAT_INLINE void reduce_chunk_partials(const acc_t* __restrict__ part_w, const acc_t* __restrict__ part_b,
-                                        int64_t n_chunks, int64_t n, int64_t begin, int64_t end,
-                                        acc_t* __restrict__ sw, acc_t* __restrict__ sb, scalar_t* __restrict__ dw,
+                                        int64_t n_chunks, int64_t n, int lanes, int64_t begin, int64_t end,
+                                        acc_t* __restrict__ lw, acc_t* __restrict__ lb, scalar_t* __restrict__ dw,
                                         scalar_t* __restrict__ db) {
   const int64_t m = end - begin;
-  std::fill(sw, sw + m, acc_t(0));
-  std::fill(sb, sb + m, acc_t(0));
+  std::fill(lw, lw + lanes * m, acc_t(0));
+  std::fill(lb, lb + lanes * m, acc_t(0));
   for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+    acc_t* __restrict__ sw = lw + (chunk % lanes) * m;
+    acc_t* __restrict__ sb = lb + (chunk % lanes) * m;
     const acc_t* __restrict__ pw = part_w + chunk * n + begin;
     const acc_t* __restrict__ pb = part_b + chunk * n + begin;
     for (int64_t i = 0; i < m; ++i) {
@@ -183,16 +202,28 @@ HTSAT_INLINE void reduce_chunk_partials(const acc_t* __restrict__ part_w, const 
       sb[i] += pb[i];
     }
   }
+  for (int s = lanes / 2; s > 0; s /= 2) {
+    for (int y = 0; y < s; ++y) {
+      acc_t* __restrict__ dst_w = lw + y * m;
+      acc_t* __restrict__ dst_b = lb + y * m;
+      const acc_t* __restrict__ src_w = lw + (y + s) * m;
+      const acc_t* __restrict__ src_b = lb + (y + s) * m;
+      for (int64_t i = 0; i < m; ++i) {
+        dst_w[i] += src_w[i];
+        dst_b[i] += src_b[i];
+      }
+    }
+  }
   for (int64_t i = 0; i < m; ++i) {
-    dw[begin + i] = Convert<scalar_t, acc_t>::store(sw[i]);
-    db[begin + i] = Convert<scalar_t, acc_t>::store(sb[i]);
+    dw[begin + i] = Convert<scalar_t, acc_t>::store(lw[i]);
+    db[begin + i] = Convert<scalar_t, acc_t>::store(lb[i]);
   }
 }
 
 template <typename scalar_t, typename acc_t>
-void reduce_chunk_partials_baseline(const acc_t* part_w, const acc_t* part_b, int64_t n_chunks, int64_t n,
-                                    int64_t begin, int64_t end, acc_t* sw, acc_t* sb, scalar_t* dw, scalar_t* db) {
-  reduce_chunk_partials(part_w, part_b, n_chunks, n, begin, end, sw, sb, dw, db);
+void reduce_chunk_partials_baseline(const acc_t* part_w, const acc_t* part_b, int64_t n_chunks, int64_t n, int lanes,
+                                    int64_t begin, int64_t end, acc_t* lw, acc_t* lb, scalar_t* dw, scalar_t* db) {
+  reduce_chunk_partials(part_w, part_b, n_chunks, n, lanes, begin, end, lw, lb, dw, db);
 }
 
 #if HTSAT_CPU_DISPATCH
@@ -204,15 +235,15 @@ HTSAT_TARGET_AVX2 void layer_norm_forward_rows_avx2(const ForwardRows<Rows, scal
 
 template <typename Rows, typename scalar_t, typename acc_t>
 HTSAT_TARGET_AVX2 void layer_norm_backward_chunks_avx2(const BackwardChunks<Rows, scalar_t, acc_t>& a, int64_t cbegin,
-                                                       int64_t cend, acc_t* xh, acc_t* gv) {
-  layer_norm_backward_chunks(a, cbegin, cend, xh, gv);
+                                                       int64_t cend, acc_t* xh, acc_t* gv, acc_t* sub) {
+  layer_norm_backward_chunks(a, cbegin, cend, xh, gv, sub);
 }
 
 template <typename scalar_t, typename acc_t>
 HTSAT_TARGET_AVX2 void reduce_chunk_partials_avx2(const acc_t* part_w, const acc_t* part_b, int64_t n_chunks,
-                                                  int64_t n, int64_t begin, int64_t end, acc_t* sw, acc_t* sb,
-                                                  scalar_t* dw, scalar_t* db) {
-  reduce_chunk_partials(part_w, part_b, n_chunks, n, begin, end, sw, sb, dw, db);
+                                                  int64_t n, int lanes, int64_t begin, int64_t end, acc_t* lw,
+                                                  acc_t* lb, scalar_t* dw, scalar_t* db) {
+  reduce_chunk_partials(part_w, part_b, n_chunks, n, lanes, begin, end, lw, lb, dw, db);
 }
 #endif
 
@@ -283,17 +314,20 @@ void gathered_layer_norm_backward_cpu(const GatheredLayerNormBackward<Rows>& a) 
     // Pass 1, chunks of rows per task: dx of each row, and each chunk's partial weight/bias sums.
     const int64_t chunk_grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, a.per_chunk * n));
     at::parallel_for(0, n_chunks, chunk_grain, [&](int64_t cbegin, int64_t cend) {
-      std::vector<acc_t> scratch(2 * n);
-      HTSAT_CPU_CALL(layer_norm_backward_chunks, args, cbegin, cend, scratch.data(), scratch.data() + n);
+      std::vector<acc_t> scratch((2 + 2 * kGatheredLayerNormSubChunks) * n);
+      HTSAT_CPU_CALL(layer_norm_backward_chunks, args, cbegin, cend, scratch.data(), scratch.data() + n,
+                     scratch.data() + 2 * n);
     });
-    // Pass 2: sum the partials of each column in chunk order.
+    // Pass 2: sum the partials of each column in the fixed order of gathered_layer_norm_reduce_lanes.
     scalar_t* dwp = static_cast<scalar_t*>(a.grad_weight);
     scalar_t* dbp = static_cast<scalar_t*>(a.grad_bias);
+    const int lanes = gathered_layer_norm_reduce_lanes(n_chunks);
     const int64_t col_grain = std::max<int64_t>(64, 32768 / n_chunks);
     at::parallel_for(0, n, col_grain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> sums(2 * (end - begin));
-      HTSAT_CPU_CALL(reduce_chunk_partials, part_w, part_b, n_chunks, n, begin, end, sums.data(),
-                     sums.data() + (end - begin), dwp, dbp);
+      const int64_t m = end - begin;
+      std::vector<acc_t> sums(2 * lanes * m);
+      HTSAT_CPU_CALL(reduce_chunk_partials, part_w, part_b, n_chunks, n, lanes, begin, end, sums.data(),
+                     sums.data() + lanes * m, dwp, dbp);
     });
   });
 }

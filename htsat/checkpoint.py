@@ -313,10 +313,12 @@ def model_from_checkpoint(
     name: str | None = None,
     backend: str = "auto",
     source: str | None = None,
+    overrides: Mapping | None = None,
 ) -> HTSAT:
     """Build and load a model: from the saved config of our format, or from a preset (``name``,
-    default htsat-audioset) for original checkpoints, with the class count read from tscam_conv.
-    ``source`` names an already read checkpoint in error messages (a path is named anyway)."""
+    default htsat-audioset) for original checkpoints, with the class count read from tscam_conv
+    (``overrides``: config fields the checkpoint needs, e.g. a registry entry's). ``source`` names an
+    already read checkpoint in error messages (a path is named anyway)."""
     obj = read_checkpoint(path_or_obj)
     try:
         if obj.get("format") == FORMAT and name is None:
@@ -325,7 +327,10 @@ def model_from_checkpoint(
             sd, _ = extract_state_dict(obj)
             w = sd.get("tscam_conv.weight", sd.get("audio_branch.tscam_conv.weight"))
             name = name or clap.preset_for(sd)  # a laion-clap / transformers CLAP checkpoint: its clap-htsat-* size
-            config = load_config(name or "htsat-audioset", num_classes=None if w is None or w.ndim == 0 else int(w.shape[0]))
+            config = load_config(
+                name or "htsat-audioset",
+                **{**dict(overrides or {}), "num_classes": None if w is None or w.ndim == 0 else int(w.shape[0])},
+            )
         model = HTSAT(config, backend=backend)
         _load_into(model, obj, drop_head=False)
     except CheckpointError as exc:

@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_input_arguments(q) -> None:
     q.add_argument("files", nargs="+", help="audio files, folders (searched recursively), glob patterns or @list.txt files")
     q.add_argument(
-        "--checkpoint", required=True, help="our checkpoint (from htsat train), an original HTS-AT .ckpt or a CLAP one"
+        "--checkpoint",
+        required=True,
+        help="our checkpoint (from htsat train), an original HTS-AT .ckpt, a CLAP one, or a name of `htsat models`",
     )
     q.add_argument(
         "--model",
@@ -110,7 +112,7 @@ def _add_run_arguments(q) -> None:
         "--num-workers",
         type=int,
         default=min(4, max(0, (os.cpu_count() or 1) - 1)),
-        help="processes decoding and resampling audio (0: in the main process)",
+        help="processes decoding and resampling audio, and on CPU computing the log-mel (0: all in the main process)",
     )
     q.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     q.add_argument("--backend", default="auto", choices=BACKENDS)

@@ -78,11 +78,22 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def forward(self, windows: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, windows: Tensor, mask: Tensor | None, shifted_grid: tuple[int, int, int] | None = None) -> Tensor:
         dropout_p = self.attn_drop if self.training else 0.0
         table = self.relative_position_bias_table
-        out = hk.window_attention(self.qkv(windows), table, mask, self.num_heads, self.scale, dropout_p)
+        out = hk.window_attention(self.qkv(windows), table, mask, self.num_heads, self.scale, dropout_p, shifted_grid)
         return self.proj_drop(self.proj(out))
+
+
+def _recheck_grid_mask(block: SwinTransformerBlock, incompatible_keys) -> None:
+    """After load_state_dict: the block uses its grid only while attn_mask still equals the grid's mask."""
+    mask = block.attn_mask
+    if mask is None or mask.is_meta:
+        block.mask_is_grid = mask is not None
+        return
+    H, W = block.input_resolution
+    want = shifted_window_mask(H, W, block.window_size, block.shift_size).to(mask.device)
+    block.mask_is_grid = mask.shape == want.shape and bool(torch.equal(mask.float(), want))
 
 
 class SwinTransformerBlock(nn.Module):
@@ -112,7 +123,11 @@ class SwinTransformerBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         H, W = input_resolution
         mask = shifted_window_mask(H, W, window_size, shift_size) if shift_size > 0 else None
-        self.register_buffer("attn_mask", mask)
+        self.register_buffer("attn_mask", mask)  # kept: checkpoints hold it (and a changed one is honoured)
+        # True while attn_mask holds the mask of this block's grid: the op then gets the grid
+        # (H, W, shift) instead and the fused kernel computes the mask, never reading the buffer
+        self.mask_is_grid = mask is not None
+        self.register_load_state_dict_post_hook(_recheck_grid_mask)
 
     def forward(self, x: Tensor) -> Tensor:
         H, W = self.input_resolution
@@ -123,7 +138,10 @@ class SwinTransformerBlock(nn.Module):
         n1 = self.norm1
         ws, shift = self.window_size, self.shift_size
         windows = hk.layer_norm_window_partition(x.view(B, H, W, C), n1.weight, n1.bias, n1.eps, ws, shift)
-        windows = self.attn(windows, self.attn_mask)
+        if self.mask_is_grid and self.attn_mask.dtype == torch.float32:  # exactly what the grid gives
+            windows = self.attn(windows, None, (H, W, shift))
+        else:
+            windows = self.attn(windows, self.attn_mask)
         if self.training and isinstance(self.drop_path, DropPath):
             x = hk.window_merge(windows, H, W, shift).reshape(B, L, C)
             x = shortcut + self.drop_path(x)

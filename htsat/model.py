@@ -32,7 +32,7 @@ import htsat_kernels
 
 from .clap import audio_projection, repeat_pad
 from .config import HTSATConfig
-from .frontend import LogMel, Spectrogram
+from .frontend import FrontEnd, LogMel, Spectrogram
 from .layers import BasicLayer, PatchEmbed
 
 
@@ -96,18 +96,37 @@ class HTSAT(nn.Module):
 
     # front end --------------------------------------------------------------------------------
     def logmel(self, waveform: Tensor) -> Tensor:
-        """(B, samples) -> (B, 1, frames, mel_bins) log-mel after bn0.
+        """(B, samples) -> (B, 1, frames, mel_bins) log-mel after bn0 (``mel_features``, then bn0)."""
+        return self._normalize_mel(self.mel_features(waveform))
 
-        STFT, mel and log run in float32 (float64 for a double model), also under autocast or in
-        a model cast to half precision: a full-scale tone overflows fp16 in the power spectrum.
-        """
-        model_dtype = self.bn0.weight.dtype
-        front_dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
+    def front_end(self, stft: str = "conv") -> FrontEnd:
+        """The parameter-free front end (STFT, mel, log) as its own module, e.g. for DataLoader workers;
+        ``stft="fft"``: the same DFT by ``torch.stft`` (see FrontEnd)."""
+        return FrontEnd(self.spectrogram_extractor, self.logmel_extractor, self._front_dtype(), stft)
+
+    def mel_features(self, waveform: Tensor) -> Tensor:
+        """(B, samples) -> (B, 1, frames, mel_bins) log-mel before bn0, in float32 (float64 for a double
+        model), also under autocast or in a model cast to half (a full-scale tone overflows fp16 in the
+        power spectrum): what ``front_end()`` computes."""
         with torch.autocast(device_type=waveform.device.type, enabled=False):
-            x = self.spectrogram_extractor(waveform.to(front_dtype))
-            x = self.logmel_extractor(x).to(model_dtype)
-            x = self.bn0(x.transpose(1, 3)).transpose(1, 3)
-        return x
+            return self.logmel_extractor(self.spectrogram_extractor(waveform.to(self._front_dtype())))
+
+    def _dtype(self) -> torch.dtype:
+        return self.bn0.weight.dtype
+
+    def _front_dtype(self) -> torch.dtype:
+        return torch.float64 if self._dtype() == torch.float64 else torch.float32
+
+    def _normalize_mel(self, mel: Tensor) -> Tensor:
+        with torch.autocast(device_type=mel.device.type, enabled=False):
+            x = mel.to(self._dtype())
+            return self.bn0(x.transpose(1, 3)).transpose(1, 3)
+
+    def forward_mel(self, mel: Tensor, *, framewise: bool = True) -> dict[str, Tensor]:
+        """Clips of one image given as ``mel_features`` (the front end run elsewhere: ``htsat.inference``
+        computes it in DataLoader workers on CPU, overlapping the transformer). Eval-time only: no
+        SpecAugment or mixup; the same outputs as ``forward`` on the clips' waveforms."""
+        return self._forward_image(self._normalize_mel(mel), framewise)
 
     def spec_augment(self, x: Tensor) -> Tensor:
         """2 time stripes of width [0, 64) and 2 mel stripes of width [0, 8) set to 0, per sample."""

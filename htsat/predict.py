@@ -146,7 +146,8 @@ class Predictor:
     """A model ready for inference plus its class names.
 
     ``Predictor.from_checkpoint(path)`` accepts our checkpoints (training or saved models, with the
-    class names they store) and the original's .ckpt files (``name`` picks the preset).
+    class names they store), the original's .ckpt files (``name`` picks the preset) and the names that
+    ``htsat models`` lists (the cached file, downloaded first where it can be).
     """
 
     model: torch.nn.Module
@@ -157,6 +158,7 @@ class Predictor:
     precision: str = "fp32"  # "auto": bf16 (fp16 without bf16) autocast on CUDA, fp32 on CPU
     batch_size: int = 16  # windows of clip_seconds per forward, across files
     num_workers: int = 0  # DataLoader workers decoding and resampling
+    frontend_in_workers: bool | None = None  # the workers compute the log-mel too (default: on CPU)
 
     @classmethod
     def from_checkpoint(
@@ -169,11 +171,19 @@ class Predictor:
         labels_file: str | None = None,
         **kwargs,
     ) -> Predictor:
+        from . import pretrained
         from .checkpoint import FORMAT, model_from_checkpoint, read_checkpoint, saved_config
         from .config import load_config
 
         dev = resolve_device(device)
+        entry = None
+        if not os.path.exists(path) and os.fspath(path) in pretrained.REGISTRY:
+            entry = pretrained.REGISTRY[os.fspath(path)]  # a registry name: its cached (or downloaded) file
+            path = pretrained.download(entry)
         obj = read_checkpoint(path)
+        overrides: dict = {}
+        if entry is not None and obj.get("format") != FORMAT:  # an original-layout file: the entry's preset
+            name, overrides = name or entry.preset, dict(entry.overrides)
         if name is not None and obj.get("format") == FORMAT:
             # our checkpoints carry their config: a --model that says otherwise is a mistake, not an override
             saved = saved_config(obj).to_dict()
@@ -184,7 +194,7 @@ class Predictor:
                     f"--model {name} disagrees with the config saved in {os.fspath(path)} ({'; '.join(diff[:4])}"
                     f"{'; ...' if len(diff) > 4 else ''}); leave --model out to use the saved one"
                 )
-        model = model_from_checkpoint(obj, name=name, backend=backend, source=os.fspath(path))
+        model = model_from_checkpoint(obj, name=name, backend=backend, source=os.fspath(path), overrides=overrides)
         model.to(dev).eval()
         return cls(model, labels_for(model.config.num_classes, obj, labels_file), dev, **kwargs)
 
@@ -254,6 +264,7 @@ class Predictor:
         paths = inputs if isinstance(inputs, InputList) else expand_inputs(inputs)
         kwargs.setdefault("batch_size", self.batch_size)
         kwargs.setdefault("num_workers", self.num_workers)
+        kwargs.setdefault("frontend_in_workers", self.frontend_in_workers)
         yield from run_files(self, paths, problems=paths.problems, **kwargs)
 
     def embed_files(self, inputs: Sequence[str], embedding: str = "latent_output", **kwargs) -> Iterator[dict]:

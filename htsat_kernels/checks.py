@@ -125,7 +125,26 @@ def check_patch_merge(x, weight, bias, eps=1e-5) -> None:
     real("eps", eps, low=0.0, what="a finite number >= 0")
 
 
-def check_window_attention(qkv, table, mask: Tensor | None, num_heads, scale, dropout_p=0.0) -> None:
+def shifted_grid_of(shifted_grid, window_size: int, num_windows: int) -> tuple[int, int, int]:
+    """(H, W, shift) of a shifted window grid: H and W positive multiples of the window size, 0 <
+    shift < window size, and H/ws * W/ws windows dividing ``num_windows`` (qkv's B*nW)."""
+    if not isinstance(shifted_grid, (tuple, list)) or len(shifted_grid) != 3:
+        raise TypeError(f"shifted_grid must be a tuple (H, W, shift) or None, got {shifted_grid!r}")
+    for name, v in zip(("H", "W", "shift"), shifted_grid):
+        integer(f"shifted_grid: {name}", v)
+    H, W, shift = shifted_grid
+    ws = window_size
+    if H <= 0 or W <= 0 or H % ws or W % ws:
+        raise ValueError(f"shifted_grid: H and W must be positive multiples of the window size {ws}, got H={H}, W={W}")
+    if not 0 < shift < ws:
+        raise ValueError(f"shifted_grid: shift must be in 1 .. window size - 1 = {ws - 1}, got {shift}")
+    nW = (H // ws) * (W // ws)
+    if num_windows % nW:
+        raise ValueError(f"shifted_grid: nW = {nW} windows of a {H}x{W} map does not divide qkv's B*nW = {num_windows}")
+    return int(H), int(W), int(shift)
+
+
+def check_window_attention(qkv, table, mask: Tensor | None, num_heads, scale, dropout_p=0.0, shifted_grid=None) -> None:
     tensor("qkv", qkv, 3, "(B*nW, N, 3C)")
     if isinstance(num_heads, bool) or not isinstance(num_heads, (int, torch.SymInt)) or num_heads <= 0:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
@@ -149,6 +168,10 @@ def check_window_attention(qkv, table, mask: Tensor | None, num_heads, scale, dr
             f"table must be ((2*ws-1)**2, num_heads) = ({rows}, {num_heads}) for window size {ws}, got {tuple(table.shape)}"
         )
     same_device("table", table, "qkv", qkv)
+    if shifted_grid is not None:
+        if mask is not None:
+            raise ValueError("mask and shifted_grid were both given: the shift mask comes from one or the other")
+        shifted_grid_of(shifted_grid, ws, B_)
     if mask is None:
         return
     tensor("mask", mask, 3, "(nW, N, N)")

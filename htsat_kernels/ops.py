@@ -10,7 +10,8 @@ declaration here + its reference + its kernels + tests of its numerics.
 
 Cost formulas (per call, for the roofline; B_ = B*nW windows, N tokens per window, C channels, h heads):
 
-- bytes: the minimal DRAM traffic, each tensor read or written once (s bytes per element).
+- bytes: the minimal DRAM traffic, each tensor read or written once (s bytes per element). The
+  attention's shift mask moves none: shifted stages pass their grid and the kernel computes it.
 - FLOPs: arithmetic operations counted on the math, not on an implementation's extra work, except
   that the attention backward counts the recomputation of q@kᵀ (as flash-attention does: backward =
   2.5x the forward matmuls). Attention forward 4·B_·N²·C (q@kᵀ and p@v, 2 FLOPs per multiply-add)
@@ -173,22 +174,23 @@ def _channels_last(shape) -> Tensor:
 
 
 def _attention_sample(st: Stage, B: int, device, g) -> dict:
+    """As the model calls it: a shifted stage passes its grid (the shift mask is computed), no mask tensor."""
     rnd = functools.partial(torch.randn, generator=g, device=device)
-    values: dict = {"qkv": rnd(B * st.nW, st.N, 3 * st.C), "table": 0.5 * rnd(st.table_rows, st.heads)}
-    values["mask"] = reference.shifted_window_mask(st.H, st.W, st.window, st.shift).to(device) if st.shift else None
+    values: dict = {"qkv": rnd(B * st.nW, st.N, 3 * st.C), "table": 0.5 * rnd(st.table_rows, st.heads), "mask": None}
+    values["shifted_grid"] = (st.H, st.W, st.shift) if st.shift else None
     return {**values, "num_heads": st.heads, "scale": st.head_dim**-0.5, "dropout_p": 0.0}
 
 
 def _attention_traffic(st: Stage, B: int) -> Cost:
+    """The shift mask of a shifted stage is computed from its grid (``shifted_grid``): no mask bytes."""
     N, C, h, nW, rows = st.N, st.C, st.heads, st.nW, st.table_rows
     Bw = B * nW
-    m = nW * N * N if st.shift else 0
-    mtxt = " + nW·N² [mask]" if st.shift else ""
+    mtxt = " [shift mask computed, not read]" if st.shift else ""
     return Cost(
-        Bw * N * 3 * C + Bw * N * C + rows * h + m,
-        2 * Bw * N * 3 * C + Bw * N * C + 2 * rows * h + m,
-        f"fwd (B_·N·3C [qkv] + B_·N·C [out] + {rows}·h [table]{mtxt})·s",
-        f"bwd (B_·N·3C [qkv] + B_·N·C [dout] + B_·N·3C [dqkv] + 2·{rows}·h [table, dtable]{mtxt})·s",
+        Bw * N * 3 * C + Bw * N * C + rows * h,
+        2 * Bw * N * 3 * C + Bw * N * C + 2 * rows * h,
+        f"fwd (B_·N·3C [qkv] + B_·N·C [out] + {rows}·h [table])·s{mtxt}",
+        f"bwd (B_·N·3C [qkv] + B_·N·C [dout] + B_·N·3C [dqkv] + 2·{rows}·h [table, dtable])·s{mtxt}",
         f"B_={Bw} N={N} C={C} h={h}" + (f" nW={nW}" if st.shift else ""),
     )
 
@@ -207,7 +209,7 @@ def _attention_flops(st: Stage, B: int) -> Cost:
 
 
 def _attention_shape(st: Stage, B: int) -> str:
-    mask = f" nW={st.nW} mask" if st.shift else " no mask"
+    mask = f" nW={st.nW} shift mask of the grid" if st.shift else " no mask"
     return f"B={B} B_={B * st.nW} N={st.N} C={st.C} h={st.heads} d={st.head_dim}{mask}"
 
 
@@ -223,6 +225,8 @@ def _attention_edges() -> dict:
         "non-contiguous qkv": (strided, torch.randn(49, 2), mask, 2, 0.25, 0.0),
         "one token per window": (torch.randn(3, 1, 12), torch.randn(1, 2), None, 2, 0.5, 0.0),
         "fp32 table with fp64 qkv": (torch.randn(4, 16, 24, dtype=torch.float64), torch.randn(49, 2), None, 2, 0.25, 0.0),
+        "shift mask from the grid": (torch.randn(8, 16, 24), torch.randn(49, 2), None, 2, 0.25, 0.0, (8, 8, 2)),
+        "non-square grid": (torch.randn(6, 16, 24), torch.randn(49, 2), None, 2, 0.25, 0.0, (8, 12, 1)),
     }
 
 

@@ -60,6 +60,20 @@ def shifted_window_mask(H: int, W: int, window_size: int, shift: int) -> Tensor:
     return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
 
 
+@functools.cache
+def _shifted_window_mask_cached(H: int, W: int, window_size: int, shift: int, device: torch.device) -> Tensor:
+    return shifted_window_mask(H, W, window_size, shift).to(device)
+
+
+def grid_mask(shifted_grid: tuple[int, int, int], window_size: int, device=None) -> Tensor:
+    """The (nW, N, N) float32 mask that ``shifted_grid`` = (H, W, shift) describes:
+    ``shifted_window_mask(H, W, window_size, shift)``, cached per device in eager mode."""
+    H, W, shift = (int(v) for v in shifted_grid)
+    if torch.compiler.is_compiling():  # traced into the graph; the eager cache is for eager calls
+        return shifted_window_mask(H, W, window_size, shift).to(device)
+    return _shifted_window_mask_cached(H, W, window_size, shift, torch.device(device or "cpu"))
+
+
 def window_partition(x: Tensor, window_size: int, shift: int = 0) -> Tensor:
     """(B, H, W, C) -> (B*nW, N, C), after a cyclic shift of the content by -shift on H and W.
 
@@ -110,12 +124,22 @@ def patch_merge(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> T
 
 
 def window_attention(
-    qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, scale: float, dropout_p: float = 0.0
+    qkv: Tensor,
+    table: Tensor,
+    mask: Tensor | None,
+    num_heads: int,
+    scale: float,
+    dropout_p: float = 0.0,
+    shifted_grid: tuple[int, int, int] | None = None,
 ) -> Tensor:
     """Window multi-head self-attention with relative-position bias and optional shift mask.
 
     qkv (B_, N, 3C) straight from the qkv Linear ([q | k | v], heads contiguous in each third);
     table ((2ws-1)^2, h); mask (nW, N, N) additive or None, window index = batch index mod nW.
+    ``shifted_grid`` = (H, W, shift), with mask None: the windows were cut from an H x W map rolled
+    by -shift, and the mask is ``shifted_window_mask(H, W, ws, shift)``, built where it is used (the
+    fused kernel computes it from the token coordinates and never reads a mask tensor); here it is
+    added in float32 under autocast, else in qkv's dtype, as a model's mask buffer would be.
     Returns (B_, N, C), heads concatenated. q is scaled before q @ k^T, as in the original.
     ``dropout_p`` > 0 applies dropout to the probabilities (as F.scaled_dot_product_attention, whatever
     the module's mode: the model passes its attn_drop_rate in training and 0 in eval).
@@ -130,6 +154,10 @@ def window_attention(
     index = relative_position_index(window_size_of(N), table.device)
     bias = table[index.view(-1)].view(N, N, num_heads).permute(2, 0, 1)
     attn = attn + bias.unsqueeze(0)
+    if shifted_grid is not None:
+        mask = grid_mask(shifted_grid, window_size_of(N), qkv.device)
+        if not torch.is_autocast_enabled(qkv.device.type):
+            mask = mask.to(qkv.dtype)  # exact: 0 and -100
     if mask is not None:
         nW = mask.shape[0]
         attn = attn.view(B_ // nW, nW, num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)

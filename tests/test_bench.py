@@ -182,8 +182,8 @@ def test_byte_formulas():
     B, s = 32, 2
     Bw = B * 64
     n, formula = op_bytes("window_attention", s1, B, s, "forward")
-    assert n == (Bw * 64 * 3 * 96 + Bw * 64 * 96 + 225 * 4 + 64 * 64 * 64) * s
-    assert "qkv" in formula and "mask" in formula
+    assert n == (Bw * 64 * 3 * 96 + Bw * 64 * 96 + 225 * 4) * s  # the shift mask is computed from the grid
+    assert "qkv" in formula and "shift mask computed, not read" in formula
     n4, f4 = op_bytes("window_attention", STAGES[3], B, s, "forward")
     assert "mask" not in f4.split(";")[0]
     n, _ = op_bytes("window_partition", s1, B, s, "full")
@@ -231,6 +231,9 @@ def test_sdpa_peer_matches_reference():
         ref = hk.reference.window_attention(qkv, table, mask, h, (C // h) ** -0.5)
         out = sdpa_window_attention(qkv, table, mask, h, (C // h) ** -0.5)
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        if shift:  # the mask given by the grid, as the op table's samples call it
+            out = sdpa_window_attention(qkv, table, None, h, (C // h) ** -0.5, 0.0, (H, H, shift))
+            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
 def test_compare_flags_regressions_and_errors(tmp_path, capsys):
@@ -274,3 +277,17 @@ def test_readme_shows_latest_gpu_run(quick_run, tmp_path):
     assert "nvidia-h100-80gb-hbm3_2026-02-01.json" in block  # the latest one is cited
     assert "| window_attention |" in block
     assert text.count(START) == 1 and text.count(END) == 1
+
+
+def test_inference_files_record(tmp_path):
+    """`python -m bench --inference-files N`: each path at each thread count, the best of each, their ratio."""
+    pytest.importorskip("soundfile")
+    pytest.importorskip("soxr")
+    from bench import inference
+
+    rec = inference.run(tmp_path, n_files=3, seconds=6.0, batch_size=4, num_workers=1, threads=1, repeats=1)
+    assert {(r["path"], r["torch_threads"]) for r in rec["runs"]} == {("loop", 1), ("batched", 1)}
+    assert all(r["files_per_s"] > 0 for r in rec["runs"])
+    assert rec["frontend_in_workers"] is True
+    assert rec["speedup"] == pytest.approx(rec["best"]["batched"]["files_per_s"] / rec["best"]["loop"]["files_per_s"], abs=0.01)
+    assert json.loads(next(tmp_path.glob("inference_cpu_*.json")).read_text())["runs"] == rec["runs"]

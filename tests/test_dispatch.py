@@ -436,6 +436,11 @@ BAD_ARGS = {
         (4, float("inf"), ValueError, "scale must be a finite real number, got inf"),
         (5, 1.5, ValueError, r"dropout_p must be a probability in \[0, 1\], got 1.5"),
         (5, -0.1, ValueError, r"dropout_p must be a probability in \[0, 1\], got -0.1"),
+        (6, (8, 8), TypeError, r"shifted_grid must be a tuple \(H, W, shift\) or None, got \(8, 8\)"),
+        (6, (8, 8.0, 2), TypeError, "shifted_grid: W must be an int, got float"),
+        (6, (8, 6, 2), ValueError, "shifted_grid: H and W must be positive multiples of the window size 4, got H=8, W=6"),
+        (6, (8, 8, 4), ValueError, r"shifted_grid: shift must be in 1 \.\. window size - 1 = 3, got 4"),
+        (6, (12, 12, 2), ValueError, r"shifted_grid: nW = 9 windows of a 12x12 map does not divide qkv's B\*nW = 4"),
     ],
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -195,3 +197,33 @@ def test_front_end_stays_fp32_under_autocast(dtype):
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
             power = model.spectrogram_extractor(x)
         assert power.dtype == torch.float16 and not torch.isfinite(power).all()
+
+
+@pytest.mark.parametrize("overrides", [{}, "tiny"])
+def test_fft_front_end_equals_the_conv_front_end(overrides):
+    """FrontEnd(stft="fft") (torch.stft, used by the inference workers) computes the original's conv
+    STFT: the model's outputs from either log-mel agree to 5e-7 (the conv's own agreement with the
+    original code); the log-mel itself to rounding where the power is not near silence."""
+    import htsat
+
+    torch.manual_seed(0)
+    ov = dict(htsat.TINY_OVERRIDES) if overrides == "tiny" else {}
+    model = htsat.create_model("htsat-audioset", **ov).eval()
+    cfg = model.config
+    n = int(cfg.clip_seconds * cfg.sample_rate)
+    t = torch.arange(n) / cfg.sample_rate
+    x = torch.stack([0.3 * torch.sin(2 * math.pi * 440 * t) + 0.05 * torch.randn(n), 0.5 * torch.randn(n) * (t < 2)])
+    with torch.no_grad():
+        conv, fft = model.front_end()(x), model.front_end(stft="fft")(x)
+        assert conv.shape == fft.shape == (2, 1, model.num_frames(n), cfg.mel_bins)
+        loud = conv > conv.amax() - 60  # within 60 dB of the peak
+        torch.testing.assert_close(fft[loud], conv[loud], atol=1e-3, rtol=0)
+        a, b = model.forward_mel(conv), model.forward_mel(fft)
+    for k in ("clipwise_output", "framewise_output", "latent_output"):
+        torch.testing.assert_close(b[k], a[k], atol=5e-7 * max(1.0, float(a[k].abs().max())), rtol=0)
+
+
+def test_front_end_rejects_an_unknown_stft():
+    model = htsat.create_model("htsat-audioset", **htsat.TINY_OVERRIDES)
+    with pytest.raises(ValueError, match="stft must be"):
+        model.front_end(stft="dct")

@@ -162,15 +162,42 @@ def test_model_forward_framewise_false_keeps_only_clipwise(ckpt):
         torch.testing.assert_close(lean[k], full[k], atol=1e-6, rtol=1e-5)
 
 
-def test_batch_size_and_workers_do_not_change_results(ckpt, tmp_path):
+@pytest.mark.parametrize("frontend_in_workers", [None, False])  # None: on CPU with workers, the log-mel is theirs
+def test_batch_size_and_workers_do_not_change_results(ckpt, tmp_path, frontend_in_workers):
     paths = [_write(tmp_path / f"{i}.wav", _tone(250 * (i + 1), [0.5, 1.0, 2.9, 6.1, 1.0][i], seed=i)) for i in range(5)]
-    one = list(_predictor(ckpt, batch_size=1).iter_files(paths, framewise=True))
-    many = list(_predictor(ckpt, batch_size=8, num_workers=2).iter_files(paths, framewise=True))
+    one = list(_predictor(ckpt, batch_size=1).iter_files(paths, framewise=True, keep_framewise=True))
+    many = list(
+        _predictor(ckpt, batch_size=8, num_workers=2, frontend_in_workers=frontend_in_workers).iter_files(
+            paths, framewise=True, keep_framewise=True
+        )
+    )
     assert [r["file"] for r in many] == paths
     for a, b in zip(one, many):
         assert [t["label"] for t in a["top"]] == [t["label"] for t in b["top"]]
         assert [t["score"] for t in a["top"]] == pytest.approx([t["score"] for t in b["top"]], abs=1e-5)
         assert len(a["events"]) == len(b["events"])
+        np.testing.assert_allclose(a["framewise"], b["framewise"], atol=1e-5, rtol=0)
+
+
+def test_front_end_in_workers_sends_log_mel_not_audio(ckpt, tmp_path):
+    """With the front end in the workers, what crosses to the main process is each window's log-mel,
+    and forward_mel on it is the model's forward on the window."""
+    import htsat.inference as inference
+
+    model = ckpt["model"]
+    wave = _tone(900, 6.1, seed=3)
+    path = _write(tmp_path / "a.wav", wave, subtype="FLOAT")
+    plan = inference.window_plan(model.config)
+    ds = inference._FileWindows([path], plan, "tile", None, set(), model.front_end())
+    items = [it for it in ds if it["kind"] in ("one", "win")]
+    assert len(items) == len(model.window_starts(len(wave))) and all("wave" not in it for it in items)
+    mel = torch.from_numpy(np.stack([it["mel"] for it in items]))
+    assert mel.shape == (len(items), 1, model.num_frames(plan["win"]), model.config.mel_bins)
+    clips = torch.stack([torch.from_numpy(wave[s : s + plan["win"]]) for s in model.window_starts(len(wave))])
+    with torch.no_grad():
+        got, want = model.forward_mel(mel), model(clips)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)
 
 
 def test_autocast_precision_runs_the_batched_path(ckpt, tmp_path):

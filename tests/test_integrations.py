@@ -199,13 +199,13 @@ def test_transformers_clap_model_audio_branch(backend):
 
 
 def test_transformers_mask_equals_get_attn_mask():
-    from htsat_kernels.integrations.transformers_clap import _shift_mask
-
+    """The patched layer passes its shifted grid; the mask the op builds from it (in the fused kernel too:
+    test_window_attention) is transformers' get_attn_mask."""
     layer = _hf_model("ClapAudioModel", window_size=4).audio_encoder.layers[0].blocks[1]
     assert layer.shift_size == 2
     for H, W in [(8, 8), (8, 16), (12, 8)]:
         want = layer.get_attn_mask(H, W, torch.float32, torch.device("cpu"))
-        assert torch.equal(_shift_mask(H, W, 4, 2, torch.float32, torch.device("cpu")), want)
+        assert torch.equal(hk.reference.shifted_window_mask(H, W, 4, 2), want)
 
 
 def test_transformers_output_attentions_runs_the_original():

@@ -174,6 +174,44 @@ def test_attention_masks_and_shifts(audioset):
     ]
 
 
+def test_shifted_blocks_pass_their_grid_while_the_buffer_is_its_mask(audioset):
+    """The op gets (H, W, shift) instead of the attn_mask buffer (same outputs, bit for bit) until a
+    load_state_dict puts a different mask in the buffer, which is then honoured."""
+    import copy
+
+    blk = copy.deepcopy(audioset.layers[1].blocks[1])  # 32x32 map, 16 windows
+    assert blk.mask_is_grid and not audioset.layers[1].blocks[0].mask_is_grid
+    calls = []
+    forward = blk.attn.forward
+    blk.attn.forward = lambda w, m, g=None: calls.append((m, g)) or forward(w, m, g)
+    x = torch.randn(2, 32 * 32, 192, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        by_grid = blk(x)
+        assert calls[-1] == (None, (32, 32, 4))
+        blk.mask_is_grid = False
+        by_buffer = blk(x)
+        assert calls[-1][0] is blk.attn_mask and calls[-1][1] is None
+    assert torch.equal(by_grid, by_buffer)
+    sd = {k: v.clone() for k, v in blk.state_dict().items()}  # state_dict() shares the live buffers
+    blk.load_state_dict(sd)
+    assert blk.mask_is_grid  # rechecked after loading: still the grid's mask
+    changed = sd["attn_mask"].clone()
+    changed[0, 0, 1] = -100.0
+    blk.load_state_dict({**sd, "attn_mask": changed})
+    assert not blk.mask_is_grid
+    with torch.no_grad():
+        out = blk(x)
+    assert calls[-1][0] is blk.attn_mask and torch.equal(blk.attn_mask, changed)
+    assert not torch.equal(out, by_grid)
+    blk.load_state_dict(sd)
+    assert blk.mask_is_grid
+    blk.half()  # a buffer in another dtype is passed as it is (the reference adds it in that dtype)
+    assert blk.attn_mask.dtype == torch.float16 and blk.mask_is_grid
+    with torch.no_grad():
+        blk(x.half())
+    assert calls[-1][0] is blk.attn_mask
+
+
 # --------------------------------------------------------------------------------------------
 # time-frequency folding
 # --------------------------------------------------------------------------------------------

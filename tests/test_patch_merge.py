@@ -39,6 +39,45 @@ def _run(fn, x, w, b, g):
     return out.detach(), x.grad, w.grad, b.grad
 
 
+def _rows_per_chunk(rows):  # gathered_layer_norm_rows_per_chunk (csrc/gathered_layer_norm.h)
+    n_chunks = min(max(-(-rows // 32), 1), 1024)
+    return max(-(-rows // n_chunks), 1)
+
+
+def _reduce_lanes(n_chunks):  # gathered_layer_norm_reduce_lanes
+    lanes = 1
+    while lanes < 64 and 8 * lanes <= n_chunks:
+        lanes *= 2
+    return lanes
+
+
+def _ordered_param_grads(dy, xhat):
+    """grad_weight, grad_bias of (rows, n) dy and xhat summed in the kernels' documented order: chunks of
+    _rows_per_chunk rows, row r_begin + s + 4i into sub-chunk s, sub-chunks added (s0 + s1) + (s2 + s3), the
+    chunks' partial rows summed by _reduce_lanes lanes (lane l: rows l, l + L, ...) and the lanes pairwise."""
+    rows, n = dy.shape
+    per = _rows_per_chunk(rows)
+    n_chunks = -(-rows // per)
+    parts = []
+    for c in range(n_chunks):
+        sub = [[torch.zeros(n, dtype=dy.dtype), torch.zeros(n, dtype=dy.dtype)] for _ in range(4)]
+        for r in range(c * per, min(rows, (c + 1) * per)):
+            s = sub[(r - c * per) % 4]
+            s[0] = s[0] + dy[r] * xhat[r]
+            s[1] = s[1] + dy[r]
+        parts.append([(sub[0][i] + sub[1][i]) + (sub[2][i] + sub[3][i]) for i in range(2)])
+    lanes = _reduce_lanes(n_chunks)
+    acc = [[torch.zeros(n, dtype=dy.dtype), torch.zeros(n, dtype=dy.dtype)] for _ in range(lanes)]
+    for c, p in enumerate(parts):
+        acc[c % lanes] = [acc[c % lanes][i] + p[i] for i in range(2)]
+    s = lanes // 2
+    while s:
+        for y in range(s):
+            acc[y] = [acc[y][i] + acc[y + s][i] for i in range(2)]
+        s //= 2
+    return acc[0][0], acc[0][1]
+
+
 class PatchMergeCases:
     device = "cpu"
 
@@ -70,6 +109,17 @@ class PatchMergeCases:
             err_r = (r.double() - t).abs().max().item()
             atol = 1e-3 * max(1.0, t.abs().max().item())
             assert err_f <= 2 * err_r + atol, f"{name}: fused error {err_f} vs reference {err_r}"
+
+    @pytest.mark.parametrize("C", [96, 192, 384, 2100], ids=lambda c: f"C={c}")
+    def test_backward_variants_match_reference(self, C):
+        # float32 on CUDA: 16-byte vectors, 1 / 2 / 3 per lane and segment; n = 8400 is too wide for the
+        # shared accumulators of one launch (done in column windows); a few rows so every warp gets one
+        x, w, b = _inputs((2, 4, 2, C), torch.float32, self.device)
+        g = torch.randn(2, 2, 4 * C, device=self.device)
+        fused = _run(pm.fused_patch_merge, x, w, b, g)
+        ref = _run(reference.patch_merge, x, w, b, g)
+        for name, f, r in zip(("out", "grad_x", "grad_weight", "grad_bias"), fused, ref):
+            torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
     def test_saved_statistics(self):
         x, w, b = _inputs((2, 8, 12, 5), torch.float32, self.device)
@@ -137,6 +187,23 @@ class PatchMergeCases:
 
 class TestPatchMergeCPU(PatchMergeCases):
     device = "cpu"
+
+    @pytest.mark.parametrize("shape", [(3, 46, 46, 2), (1, 4, 6, 5), (1, 260, 512, 1)], ids=str)
+    def test_weight_grad_follows_the_documented_order(self, shape):
+        # the CPU twin sums in the CUDA kernels' order (no FMA on either CPU path), so a float32 emulation of
+        # that order matches it bit for bit: 50 chunks of 32 rows (the last of 19) on 8 lanes; one chunk of
+        # 6 rows; 1009 chunks of 33 rows (33280 rows, the last of 16) on 64 lanes
+        B, H, W, C = shape
+        x, w, b = _inputs(shape, torch.float32, "cpu")
+        g = torch.randn(B, H * W // 4, 4 * C)
+        ops = torch.ops.htsat_kernels
+        _, mean, rstd = ops.patch_merge_forward(x, w, b, 1e-5)
+        _, grad_w, grad_b = ops.patch_merge_backward(g, x, w, mean, rstd)
+        gathered = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        rows = B * H * W // 4
+        xhat = (gathered.reshape(rows, 4 * C) - mean.reshape(rows, 1)) * rstd.reshape(rows, 1)
+        want_w, want_b = _ordered_param_grads(g.reshape(rows, 4 * C), xhat)
+        assert torch.equal(grad_w, want_w) and torch.equal(grad_b, want_b)
 
     def test_compile_fullgraph_matches_eager(self):
         def stage(x, w, b):

@@ -332,3 +332,37 @@ def test_scv2_entry_builds_the_original_filterbank(cache, monkeypatch):
     assert model.config.fmax == 14000.0 and model.config.num_classes == 35
     key = "layers.0.blocks.0.attn.qkv.weight"
     assert torch.equal(model.state_dict()[key], original.state_dict()[key])
+
+
+def test_predictor_and_cli_take_a_registry_name(server, cache, monkeypatch, tiny_payload, tmp_path, capsys):
+    """`htsat predict --checkpoint NAME`: the registry file (downloaded once, then cached) with its saved config."""
+    import numpy as np
+    import soundfile as sf
+
+    from htsat.cli import main
+    from htsat.predict import Predictor
+
+    _register(monkeypatch, server.url, sha256=hashlib.sha256(tiny_payload[0]).hexdigest())
+    pred = Predictor.from_checkpoint("test-tiny", device="cpu")
+    assert pred.model.config.embed_dim == TINY["embed_dim"] and os.path.isfile(cache / "tiny-test.pt")
+    wav = tmp_path / "a.wav"
+    sf.write(wav, 0.3 * np.sin(np.arange(16000 * 2) * 0.2).astype(np.float32), 16000)
+    n = len(server.ranges)
+    assert main(["predict", str(wav), "--checkpoint", "test-tiny", "--json", "--num-workers", "0", "--no-progress"]) == 0
+    assert len(server.ranges) == n  # cached: no second download
+    assert '"top"' in capsys.readouterr().out
+
+
+def test_predictor_registry_name_of_an_original_file_uses_the_entry_preset(cache, monkeypatch):
+    """An original-layout file of the registry (put in the cache by hand) loads with the entry's preset and
+    overrides (SCV2: cap_fmax=False, fmax 14000 at 16 kHz)."""
+    from htsat.predict import Predictor
+
+    with pytest.warns(UserWarning, match="kept as asked"):
+        original = htsat.create_model("htsat-scv2", cap_fmax=False)
+    cache.mkdir(parents=True)
+    torch.save({"state_dict": {f"sed_model.{k}": v for k, v in original.state_dict().items()}}, cache / "HTSAT_SCV2_Saved_2.ckpt")
+    monkeypatch.setenv("HTSAT_OFFLINE", "1")
+    with pytest.warns(UserWarning, match="kept as asked"):
+        pred = Predictor.from_checkpoint("htsat-scv2", device="cpu")
+    assert pred.model.config.fmax == 14000.0 and pred.model.config.num_classes == 35

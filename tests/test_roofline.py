@@ -94,3 +94,21 @@ def test_bench_is_not_an_installed_package_but_runs_from_the_repo():
     assert not [p for p in packages if p.split(".")[0] == "bench"]
     res = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--static" in res.stdout
+
+
+def test_readme_roofline_table_is_the_op_tables():
+    """The README's expected time of every op (B = 128, bf16, H100 SXM / H200) is generated from the op
+    table's byte and FLOP formulas: a formula change without the README refreshed fails here
+    (refresh: replace the block between the roofline-table markers by roofline_markdown())."""
+    from bench import compile_report
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = "<!-- roofline-table:start -->\n", "<!-- roofline-table:end -->"
+    block = readme[readme.index(start) + len(start) : readme.index(end)]
+    want = compile_report.roofline_markdown()
+    assert block == want
+    ops = {line.split("`")[1] for line in want.splitlines() if line.startswith("| `")}
+    from htsat_kernels.ops import OPS
+
+    assert ops == set(OPS)  # every op of the table, forward and backward
+    assert want.count("| forward |") == want.count("| backward |") == len(OPS)

@@ -176,6 +176,54 @@ def test_forward_in_blocks_of_16_query_rows(monkeypatch):
         assert rel_err(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize(
+    "H,W,ws,shift,heads,d,B,dtype",
+    [
+        (8, 8, 4, 2, 2, 8, 1, torch.float64),
+        (8, 12, 4, 1, 1, 5, 2, torch.float32),  # non-square grid, shift 1
+        (16, 16, 8, 4, 2, 24, 1, torch.float32),  # HTS-AT's window and shift, 2x2 windows
+        (24, 16, 8, 3, 2, 24, 1, torch.bfloat16),
+        (12, 12, 12, 6, 1, 16, 1, torch.float32),  # one window of 144 tokens padded to 256
+    ],
+)
+def test_shift_mask_from_the_grid_is_the_mask_tensor(H, W, ws, shift, heads, d, B, dtype):
+    """shifted_grid computes in the kernel, bit for bit, what the (nW, N, N) mask tensor of the grid gives."""
+    nW = (H // ws) * (W // ws)
+    qkv, table, _ = make_inputs(B, nW, ws, heads, d, dtype, False, seed=5)
+    mask = reference.shifted_window_mask(H, W, ws, shift).to(dtype)
+    scale = d**-0.5
+    go = grad_out_like(qkv, heads)
+    grid = (H, W, shift)
+    got = run(lambda q, t, m, h, s: wa.fused_window_attention(q, t, None, h, s, 0.0, grid), qkv, table, None, heads, scale, go)
+    tensor = run(wa.fused_window_attention, qkv, table, mask, heads, scale, go)
+    ref = run(lambda q, t, m, h, s: reference.window_attention(q, t, None, h, s, 0.0, grid), qkv, table, None, heads, scale, go)
+    ref_tensor = run(reference.window_attention, qkv, table, mask, heads, scale, go)
+    for name, a, b, r, rt in zip(("out", "dqkv", "dtable"), got, tensor, ref, ref_tensor):
+        assert torch.equal(a, b), name
+        assert torch.equal(r, rt), name  # the reference builds the same mask
+    if dtype != torch.bfloat16:
+        want = truth(qkv, table, mask, heads, scale, go)
+        for name, a, t in zip(("out", "dqkv", "dtable"), got, want):
+            assert rel_err(a, t) < (1e-12 if dtype == torch.float64 else 1e-5), name
+
+
+def test_shifted_grid_arguments():
+    qkv, table, mask, heads, scale = _good()  # 2 windows of 4x4
+    assert wa.unsupported_reason(qkv, table, None, heads, scale, 0.0, (4, 8, 2)) is None
+    for grid, words in [
+        ((8, 8, 2), "nW = 4 windows of a 8x8 map does not divide"),
+        ((4, 8, 0), "shift must be in 1 .. window size - 1 = 3, got 0"),
+        ((4, 6, 2), "H and W must be positive multiples of the window size 4"),
+        ((4, 8), "shifted_grid must be a tuple (H, W, shift)"),
+    ]:
+        reason = wa.unsupported_reason(qkv, table, None, heads, scale, 0.0, grid)
+        assert reason is not None and words in reason, reason
+    both = wa.unsupported_reason(qkv, table, mask, heads, scale, 0.0, (4, 8, 2))
+    assert "mask and shifted_grid were both given" in both
+    with pytest.raises(ValueError, match="both given"):
+        htsat_kernels.window_attention(qkv, table, mask, heads, scale, 0.0, (4, 8, 2), backend="reference")
+
+
 def test_noncontiguous_qkv_and_grad_out():
     ws, heads, d, nW = 8, 2, 24, 2
     qkv, table, mask = make_inputs(1, nW, ws, heads, d, torch.float32, True, noncontig=True)
@@ -258,6 +306,10 @@ def test_saves_only_inputs_and_row_statistics():
     assert sorted(saved) == sorted([tuple(qkv.shape), tuple(table.shape), tuple(mask.shape), (B * nW, heads, N)])
     out.sum().backward()
     assert qkv.grad.shape == qkv.shape and table.grad.shape == table.shape
+    saved.clear()  # the mask given by the grid: no mask tensor at all
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        wa.fused_window_attention(qkv, table, None, heads, d**-0.5, 0.0, (2 * ws, 2 * ws, ws // 2))
+    assert sorted(saved) == sorted([tuple(qkv.shape), tuple(table.shape), (B * nW, heads, N)])
 
 
 def test_empty_batch():
@@ -288,12 +340,17 @@ def test_opcheck():
     qkv, table, mask = make_inputs(1, 2, 4, 2, 8, torch.float32, True)
     qkv.requires_grad_(True)
     table.requires_grad_(True)
-    args = (qkv, table, mask, 2, 8**-0.5)
+    args = (qkv, table, mask, 2, 8**-0.5, 0, 0, 0)
     torch.library.opcheck(torch.ops.htsat_kernels.window_attention_fwd.default, args)
-    torch.library.opcheck(torch.ops.htsat_kernels.window_attention_fwd.default, (qkv, table, None, 2, 0.3))
+    torch.library.opcheck(torch.ops.htsat_kernels.window_attention_fwd.default, (qkv, table, None, 2, 0.3, 0, 0, 0))
+    grid_args = (qkv, table, None, 2, 0.3, 4, 8, 2)  # the shift mask of a 4x8 map computed in the kernel
+    torch.library.opcheck(torch.ops.htsat_kernels.window_attention_fwd.default, grid_args)
     out, lse = torch.ops.htsat_kernels.window_attention_fwd(*args)
     go = torch.randn_like(out)
-    bwd_args = (go, qkv.detach(), table.detach(), mask, lse, 2, 8**-0.5)
+    bwd_args = (go, qkv.detach(), table.detach(), mask, lse, 2, 8**-0.5, 0, 0, 0)
+    torch.library.opcheck(torch.ops.htsat_kernels.window_attention_bwd.default, bwd_args)
+    out, lse = torch.ops.htsat_kernels.window_attention_fwd(*grid_args)
+    bwd_args = (go, qkv.detach(), table.detach(), None, lse, 2, 0.3, 4, 8, 2)
     torch.library.opcheck(torch.ops.htsat_kernels.window_attention_bwd.default, bwd_args)
 
 
@@ -313,6 +370,17 @@ def test_torch_compile_fullgraph_matches_eager():
     for name, a, b in zip(("out", "dqkv", "dtable"), comp, eager):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
 
+    def grid_fn(qkv, table):  # the shift mask given by the grid (as the model calls it)
+        return htsat_kernels.window_attention(qkv, table, None, 2, scale, 0.0, (4, 8, 2), backend="fused") * 2.0
+
+    compiled = torch.compile(grid_fn, fullgraph=True)
+    eager = run(lambda q, t, m, h, s: grid_fn(q, t), qkv, table, None, 2, scale, go)
+    comp = run(lambda q, t, m, h, s: compiled(q, t), qkv, table, None, 2, scale, go)
+    masked = run(lambda q, t, m, h, s: fn(q, t, m), qkv, table, reference.shifted_window_mask(4, 8, 4, 2), 2, scale, go)
+    for name, a, b, c in zip(("out", "dqkv", "dtable"), comp, eager, masked):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+        assert torch.equal(b, c), name
+
 
 _TRACE_SCRIPT = r"""
 import torch
@@ -321,8 +389,9 @@ from htsat_kernels.fused import window_attention as wa
 assert not wa._INTERPRETED, "expected compiled (non-interpreted) kernels"
 qkv, table, mask = torch.randn(8, 64, 288), torch.randn(225, 4), torch.zeros(4, 64, 64)
 def f(qkv, table, mask):
-    out, lse = torch.ops.htsat_kernels.window_attention_fwd(qkv, table, mask, 4, 24 ** -0.5)
-    return (out, lse) + tuple(torch.ops.htsat_kernels.window_attention_bwd(out, qkv, table, mask, lse, 4, 24 ** -0.5))
+    out, lse = torch.ops.htsat_kernels.window_attention_fwd(qkv, table, mask, 4, 24 ** -0.5, 0, 0, 0)
+    grads = torch.ops.htsat_kernels.window_attention_bwd(out, qkv, table, mask, lse, 4, 24 ** -0.5, 0, 0, 0)
+    return (out, lse) + tuple(grads)
 gm = make_fx(f, tracing_mode="fake")(qkv, table, mask)
 shapes = [tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.op == "call_function" and "getitem" in n.name]
 assert shapes == [(8, 64, 96), (8, 4, 64), (8, 64, 288), (225, 4)], shapes
@@ -464,7 +533,7 @@ class TestCUDA:
         qkv, table, mask = make_inputs(2, 4, 8, 4, 24, torch.float32, True, device="cuda")
         qkv.requires_grad_(True)
         table.requires_grad_(True)
-        torch.library.opcheck(torch.ops.htsat_kernels.window_attention_fwd.default, (qkv, table, mask, 4, 24**-0.5))
+        torch.library.opcheck(torch.ops.htsat_kernels.window_attention_fwd.default, (qkv, table, mask, 4, 24**-0.5, 0, 0, 0))
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_compile_fullgraph(self, dtype):

@@ -263,6 +263,50 @@ class FusedBlockCases:
             err_f, err_r = (f.double() - t).abs().max().item(), (r.double() - t).abs().max().item()
             assert err_f <= 2 * err_r + 1e-3 * max(1.0, t.abs().max().item()), (err_f, err_r)
 
+    @pytest.mark.parametrize("C", [8, 256, 512, 9000], ids=lambda c: f"C={c}")
+    def test_layer_norm_partition_backward_variants(self, C):
+        # float32 on CUDA: 16-byte vectors, 1 / 2 / 4 per lane; C = 9000 is too wide for the shared
+        # accumulators of one launch (column windows)
+        B, H, W, ws, shift = 1, 4, 4, 2, 1
+        x = _rand((B, H, W, C), torch.float32, self.device) * 2 + 0.5
+        w = 1 + 0.5 * torch.randn(C, device=self.device)
+        b = 0.1 * torch.randn(C, device=self.device)
+        g = _rand((B * 4, 4, C), torch.float32, self.device)
+        args = (x, w, b, 1e-5, ws, shift)
+        fused = _grads(wp.fused_layer_norm_window_partition, args, g)
+        ref = _grads(reference.layer_norm_window_partition, args, g)
+        for f, r in zip(fused, ref):
+            torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    def test_layer_norm_partition_weight_grad_is_deterministic(self, dtype):
+        # 41472 rows: 1012 chunks of 41 rows (the last of 21, not a multiple of the 4 sub-chunks), summed
+        # over 64 lanes; bit-identical across runs and, on CPU, across thread counts
+        B, H, W, C, ws, shift = 9, 64, 72, 3, 8, 4
+        x = _rand((B, H, W, C), dtype, self.device) * 2 + 0.5
+        w = (1 + 0.5 * torch.randn(C, device=self.device)).to(dtype)
+        b = (0.1 * torch.randn(C, device=self.device)).to(dtype)
+        g = _rand((B * (H // ws) * (W // ws), ws * ws, C), dtype, self.device)
+        args = (x, w, b, 1e-5, ws, shift)
+        first = _grads(wp.fused_layer_norm_window_partition, args, g)
+        runs = [_grads(wp.fused_layer_norm_window_partition, args, g)]
+        if self.device == "cpu":
+            threads = torch.get_num_threads()
+            try:
+                for t in (1, 2):
+                    torch.set_num_threads(t)
+                    runs.append(_grads(wp.fused_layer_norm_window_partition, args, g))
+            finally:
+                torch.set_num_threads(threads)
+        for again in runs:
+            for f, a in zip(first, again):
+                assert torch.equal(f, a)
+        truth = _grads(reference.layer_norm_window_partition, (x.double(), w.double(), b.double(), 1e-5, ws, shift), g.double())
+        ref = _grads(reference.layer_norm_window_partition, args, g)
+        for f, r, t in zip(first, ref, truth):  # the 41472-row sums: within 2x the reference's own error
+            err_f, err_r = (f.double() - t).abs().max().item(), (r.double() - t).abs().max().item()
+            assert err_f <= 2 * err_r + 1e-4 * max(1.0, t.abs().max().item()), (err_f, err_r)
+
     def test_gradcheck_and_opcheck(self):
         dev = self.device
         x = torch.randn(2, 4, 6, 3, dtype=torch.float64, device=dev, requires_grad=True)

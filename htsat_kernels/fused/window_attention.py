@@ -7,17 +7,23 @@ Computes, for every window b of ``qkv`` (B_, N, 3C) and head h (d = C / heads ch
 
     out[b, :, h*d:(h+1)*d] = softmax((q*scale) @ k^T + table[index][:, :, h] + mask[b % nW]) @ v
 
-exactly as ``htsat_kernels.reference.window_attention`` does, without any (B_, h, N, N) tensor:
+exactly as ``htsat_kernels.reference.window_attention`` does, without any (B_, h, N, N) tensor;
+``mask`` is a tensor or, given ``shifted_grid`` = (H, W, shift) instead, the shift mask of that
+grid, computed in the kernel (no (nW, N, N) tensor is read):
 
 * forward: one program per (window, head), heads fastest in launch order (and per block of query rows when N > 64, e.g.
   ws = 12: N = 144 keys padded to 256, 32 query rows per program; fp32 on sm_80: 16 rows). q, k, v are read straight from the qkv Linear output
   with its strides (no permute, no contiguous copy); the head dim (24 for HTS-AT) is padded to
   the next power of two >= 16 in registers through masked loads; the relative-position index is
   computed from token coordinates in the kernel and the bias gathered from the ((2ws-1)^2, h)
-  table; the (nW, N, N) additive mask of shifted blocks is read for window ``b % nW``. Softmax
-  runs in fp32 (fp64 for fp64 inputs); only the per-row log-sum-exp (B_, h, N) is saved.
+  table; a (nW, N, N) mask tensor is read for window ``b % nW``, a grid's shift mask is computed
+  from the token coordinates (``_grid_mask``: -100 across the region border of the last window row
+  and column; a mask tensor cost every (window, head) program more bytes than its q, k, v).
+  Softmax runs in fp32 (fp64 for fp64 inputs), exp once per score; only the per-row
+  log-sum-exp (B_, h, N) is saved.
 * backward: one program per (group of windows at one window position, head): the windows of a
-  group share the mask slice and the bias, so bias + mask is built once into a private scratch.
+  group share the mask slice and the bias, so bias + mask (read, or computed from the grid) is
+  built once into a private scratch.
   Each window goes through ``_bwd_window`` (not inlined: see there), which recomputes the scores
   from q, k and the saved log-sum-exp (D_i = sum_j P_ij dP_ij is formed in-kernel, so the output
   is not needed), writes dq, dk, dv into a (B_, N, 3C) tensor in the qkv layout, and adds dS into
@@ -65,6 +71,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..checks import shifted_grid_of
 from .first_order import first_order_only
 
 __all__ = ["fused_window_attention", "unsupported_reason", "MAX_TOKENS", "MAX_HEAD_DIM"]
@@ -145,6 +152,20 @@ def _relative_bias(table_ptr, s_tr, s_th, h, offs_m, offs_n, pair_ok, WS: tl.con
 
 
 @triton.jit
+def _grid_mask(w, win_rows, win_cols, shift, offs_m, offs_n, WS: tl.constexpr):
+    """The shift mask of window w of a rolled (win_rows x win_cols windows) grid, from coordinates:
+    -100 where query i and key j lie in different regions, else 0 (as ``shifted_window_mask``).
+
+    Only the last window row (column) straddles a region border, at token row (column) ws - shift."""
+    cut = WS - shift
+    last_row = (w // win_cols) == win_rows - 1
+    last_col = (w % win_cols) == win_cols - 1
+    rows_differ = ((offs_m // WS) >= cut)[:, None] != ((offs_n // WS) >= cut)[None, :]
+    cols_differ = ((offs_m % WS) >= cut)[:, None] != ((offs_n % WS) >= cut)[None, :]
+    return tl.where((last_row & rows_differ) | (last_col & cols_differ), -100.0, 0.0)
+
+
+@triton.jit
 def _window_attention_fwd_kernel(
     qkv_ptr,
     table_ptr,
@@ -164,6 +185,9 @@ def _window_attention_fwd_kernel(
     s_oc,
     C,
     nW,
+    win_rows,
+    win_cols,
+    shift,
     scale_hi,
     scale_lo,
     WS: tl.constexpr,
@@ -178,7 +202,9 @@ def _window_attention_fwd_kernel(
     """One program per (window b, head h, block of BLOCK_M query rows); all N keys at once.
 
     Heads vary fastest in launch order (program b * H + h), so the heads of one window run
-    together: its qkv rows and mask slice are read from DRAM once and hit L2 for the other heads."""
+    together: its qkv rows (and a mask tensor's slice) are read from DRAM once and hit L2 for the
+    other heads. shift > 0: the shift mask of window b % nW of a win_rows x win_cols grid is
+    computed from token coordinates (``_grid_mask``), no mask tensor (HAS_MASK is then False)."""
     H = C // D
     b = tl.program_id(0) // H
     h = tl.program_id(0) % H
@@ -201,11 +227,14 @@ def _window_attention_fwd_kernel(
     k = tl.load(base + offs_n[:, None] * s_qn + C * s_qc, mask=kv_mask, other=0.0)
     v = tl.load(base + offs_n[:, None] * s_qn + 2 * C * s_qc, mask=kv_mask, other=0.0)
     s, qs = _scores(q, k, bias, mask_ptrs, pair_ok, key_ok, scale_hi, scale_lo, HAS_MASK, FP64, PREC)
+    if not HAS_MASK:  # the mask-tensor variant gets no grid code (it would cost it registers)
+        if shift > 0:  # the shift mask computed, not read: one (N, N) slice per program was more bytes than q, k, v
+            s = s + _grid_mask(b % nW, win_rows, win_cols, shift, offs_m, offs_n, WS).to(s.dtype)
 
     m = tl.max(s, axis=1)
     p = tl.exp(s - m[:, None])
     row_sum = tl.sum(p, axis=1)
-    p = p / row_sum[:, None]
+    p = p * (1.0 / row_sum)[:, None]  # one division per row, not per score
     o = _mm(p.to(v.dtype), v, FP64, PREC)
 
     o_ptrs = out_ptr + b.to(tl.int64) * s_ob + offs_m[:, None] * s_on + (h * D + offs_d)[None, :] * s_oc
@@ -463,6 +492,9 @@ def _window_attention_bwd_kernel(
     B,
     C,
     nW,
+    win_rows,
+    win_cols,
+    shift,
     windows_per_group,
     scale_hi,
     scale_lo,
@@ -499,6 +531,8 @@ def _window_attention_bwd_kernel(
     if HAS_MASK:
         mk = tl.load(mask_ptr + w * s_mw + offs_m[:, None] * s_mi + offs_n[None, :] * s_mj, mask=pair_ok, other=0.0)
         bm += mk.to(bm.dtype)
+    elif shift > 0:  # the shift mask of a rolled grid, computed as in the forward
+        bm += _grid_mask(w, win_rows, win_cols, shift, offs_m, offs_n, WS).to(bm.dtype)
     bm = tl.where(pair_ok, bm, float("-inf"))
     tl.store(slot_ptr + SLOT + offs_m[:, None] * BLOCK_N + offs_n[None, :], bm.to(dbias_ptr.dtype.element_ty))
     tl.debug_barrier()  # the scratch is read back in another layout
@@ -544,7 +578,7 @@ _INTERPRETED = not isinstance(_window_attention_fwd_kernel, triton.runtime.jit.J
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_args(qkv, table, mask, num_heads, scale) -> tuple[int, int, int, int, int]:
+def _check_args(qkv, table, mask, num_heads, scale, shifted_grid=None) -> tuple[int, int, int, int, int]:
     """Validate the arguments; returns (B_, N, C, head_dim, window_size). Raises TypeError/ValueError."""
     if not isinstance(qkv, Tensor):
         raise TypeError(f"qkv must be a Tensor, got {type(qkv).__name__}")
@@ -594,6 +628,10 @@ def _check_args(qkv, table, mask, num_heads, scale) -> tuple[int, int, int, int,
             raise ValueError(f"mask is on {mask.device} but qkv is on {qkv.device}")
         if mask.requires_grad:
             raise ValueError("mask requires grad, but the fused kernel gives no mask gradient (it is a buffer)")
+    if shifted_grid is not None:
+        if mask is not None:
+            raise ValueError("mask and shifted_grid were both given: the shift mask comes from one or the other")
+        shifted_grid_of(shifted_grid, ws, B_)
     return B_, N, C, d, ws
 
 
@@ -612,12 +650,12 @@ def _device_reason(device: torch.device) -> str | None:
     return f"qkv is on {device.type}; the Triton kernel runs on CUDA (or on CPU with TRITON_INTERPRET=1)"
 
 
-def unsupported_reason(qkv, table, mask, num_heads, scale, dropout_p=0.0) -> str | None:
+def unsupported_reason(qkv, table, mask, num_heads, scale, dropout_p=0.0, shifted_grid=None) -> str | None:
     """None when the fused kernel can run this call, else why not (a human-readable sentence)."""
     if dropout_p:
         return f"the fused window attention has no attention dropout (dropout_p={dropout_p}); the reference has"
     try:
-        _check_args(qkv, table, mask, num_heads, scale)
+        _check_args(qkv, table, mask, num_heads, scale, shifted_grid)
     except (TypeError, ValueError) as exc:
         return str(exc)
     return _device_reason(qkv.device)
@@ -704,10 +742,15 @@ def _split_scale(scale: float) -> tuple[float, float]:
     return hi, float(scale) - hi
 
 
-def _mask_args(mask: Tensor | None, dummy: Tensor):
-    if mask is None:
-        return dummy, 0, 0, 0, 1, False
-    return mask, mask.stride(0), mask.stride(1), mask.stride(2), mask.shape[0], True
+def _mask_args(mask: Tensor | None, dummy: Tensor, ws: int, grid_h: int, grid_w: int, shift: int):
+    """(mask tensor, its strides, nW, HAS_MASK, windows per grid column, per grid row, shift): a mask
+    tensor, or shift > 0 and the mask computed in the kernel from the (grid_h, grid_w) grid, or none."""
+    if mask is not None:
+        return mask, mask.stride(0), mask.stride(1), mask.stride(2), mask.shape[0], True, 1, 1, 0
+    if shift > 0:
+        rows, cols = grid_h // ws, grid_w // ws
+        return dummy, 0, 0, 0, rows * cols, False, rows, cols, shift
+    return dummy, 0, 0, 0, 1, False, 1, 1, 0
 
 
 def _fp32_matmul_allows_tf32(matmul: Any = None) -> bool:
@@ -736,7 +779,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fwd_impl(qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+def _fwd_impl(
+    qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, scale: float, grid_h: int, grid_w: int, shift: int
+) -> tuple[Tensor, Tensor]:
     B_, N, C3 = qkv.shape
     C = C3 // 3
     d = C // num_heads
@@ -744,7 +789,9 @@ def _fwd_impl(qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, s
     lse = torch.empty((B_, num_heads, N), dtype=_acc_dtype(qkv.dtype), device=qkv.device)
     if B_ == 0:
         return out, lse
-    mask_t, s_mw, s_mi, s_mj, nW, has_mask = _mask_args(mask, qkv)
+    mask_t, s_mw, s_mi, s_mj, nW, has_mask, win_rows, win_cols, shift = _mask_args(
+        mask, qkv, math.isqrt(N), grid_h, grid_w, shift
+    )
     cfg = launch_config("forward", N, d, qkv.dtype, has_mask, _device_arch(qkv.device))
     hi, lo = _split_scale(scale)
     with _device_guard(qkv):
@@ -767,6 +814,9 @@ def _fwd_impl(qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, s
             out.stride(2),
             C,
             nW,
+            win_rows,
+            win_cols,
+            shift,
             hi,
             lo,
             **cfg,
@@ -867,7 +917,16 @@ def _bias_grad_to_table(parts: Tensor, ws: int, block_n: int) -> Tensor:
 
 
 def _bwd_impl(
-    grad_out: Tensor, qkv: Tensor, table: Tensor, mask: Tensor | None, lse: Tensor, num_heads: int, scale: float
+    grad_out: Tensor,
+    qkv: Tensor,
+    table: Tensor,
+    mask: Tensor | None,
+    lse: Tensor,
+    num_heads: int,
+    scale: float,
+    grid_h: int,
+    grid_w: int,
+    shift: int,
 ) -> tuple[Tensor, Tensor]:
     B_, N, C3 = qkv.shape
     C = C3 // 3
@@ -876,7 +935,7 @@ def _bwd_impl(
     dqkv = torch.empty((B_, N, C3), dtype=qkv.dtype, device=qkv.device)
     if B_ == 0:
         return dqkv.zero_(), torch.zeros_like(table)
-    mask_t, s_mw, s_mi, s_mj, nW, has_mask = _mask_args(mask, qkv)
+    mask_t, s_mw, s_mi, s_mj, nW, has_mask, win_rows, win_cols, shift = _mask_args(mask, qkv, ws, grid_h, grid_w, shift)
     cfg = launch_config("backward", N, d, qkv.dtype, has_mask, _device_arch(qkv.device))
     hi, lo = _split_scale(scale)
     block_n = cfg["BLOCK_N"]
@@ -888,7 +947,7 @@ def _bwd_impl(
         parts = torch.empty((groups, num_heads, 2 * (block_n * block_n + 4)), dtype=acc, device=qkv.device)
         strides: tuple = (qkv.stride(0), qkv.stride(1), qkv.stride(2), table.stride(0), table.stride(1), s_mw, s_mi, s_mj)
         strides += (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dqkv.stride(0), dqkv.stride(1), dqkv.stride(2))
-        return (qkv, table, mask_t, grad_out, lse, dqkv, parts, *strides, B_, C, nW, per_group, hi, lo)
+        return (qkv, table, mask_t, grad_out, lse, dqkv, parts, *strides, B_, C, nW, win_rows, win_cols, shift, per_group, hi, lo)
 
     with _device_guard(qkv):
         blocks = DEFAULT_BLOCKS_PER_SM
@@ -908,26 +967,38 @@ def _bwd_impl(
 # ----------------------------------------------------------------------------------------------
 
 
-def window_attention_fwd(qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
-    """(out (B_, N, C), lse (B_, h, N) log-sum-exp of each score row)."""
-    return _fwd_impl(qkv, table, mask, num_heads, scale)
+def window_attention_fwd(
+    qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, scale: float, grid_h: int, grid_w: int, shift: int
+) -> tuple[Tensor, Tensor]:
+    """(out (B_, N, C), lse (B_, h, N) log-sum-exp of each score row). shift > 0 (mask None): the
+    shift mask of a grid_h x grid_w map rolled by -shift, computed in the kernel."""
+    return _fwd_impl(qkv, table, mask, num_heads, scale, grid_h, grid_w, shift)
 
 
 def window_attention_bwd(
-    grad_out: Tensor, qkv: Tensor, table: Tensor, mask: Tensor | None, lse: Tensor, num_heads: int, scale: float
+    grad_out: Tensor,
+    qkv: Tensor,
+    table: Tensor,
+    mask: Tensor | None,
+    lse: Tensor,
+    num_heads: int,
+    scale: float,
+    grid_h: int,
+    grid_w: int,
+    shift: int,
 ) -> tuple[Tensor, Tensor]:
     """(dqkv (B_, N, 3C) in the qkv layout, dtable ((2ws-1)^2, h))."""
-    return _bwd_impl(grad_out, qkv, table, mask, lse, num_heads, scale)
+    return _bwd_impl(grad_out, qkv, table, mask, lse, num_heads, scale, grid_h, grid_w, shift)
 
 
-def _fake_fwd(qkv, table, mask, num_heads, scale):
+def _fake_fwd(qkv, table, mask, num_heads, scale, grid_h, grid_w, shift):
     B_, N, C3 = qkv.shape
     out = qkv.new_empty((B_, N, C3 // 3))
     lse = qkv.new_empty((B_, num_heads, N), dtype=_acc_dtype(qkv.dtype))
     return out, lse
 
 
-def _fake_bwd(grad_out, qkv, table, mask, lse, num_heads, scale):
+def _fake_bwd(grad_out, qkv, table, mask, lse, num_heads, scale, grid_h, grid_w, shift):
     return qkv.new_empty(qkv.shape), table.new_empty(table.shape)
 
 
@@ -946,11 +1017,12 @@ else:
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, table, mask, num_heads, scale = inputs
+    qkv, table, mask, num_heads, scale, grid_h, grid_w, shift = inputs
     _, lse = output
     ctx.save_for_backward(qkv, table, mask, lse)
     ctx.num_heads = num_heads
     ctx.scale = scale
+    ctx.grid = (grid_h, grid_w, shift)
     ctx.mark_non_differentiable(lse)
 
 
@@ -958,8 +1030,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     # lse is an auxiliary output for the backward; it is marked non-differentiable.
     qkv, table, mask, lse = ctx.saved_tensors
-    dqkv, dtable = torch.ops.htsat_kernels.window_attention_bwd(grad_out, qkv, table, mask, lse, ctx.num_heads, ctx.scale)
-    return dqkv, dtable, None, None, None
+    dqkv, dtable = torch.ops.htsat_kernels.window_attention_bwd(
+        grad_out, qkv, table, mask, lse, ctx.num_heads, ctx.scale, *ctx.grid
+    )
+    return dqkv, dtable, None, None, None, None, None, None
 
 
 torch.library.register_autograd("htsat_kernels::window_attention_fwd", _backward, setup_context=_setup_context)
@@ -971,19 +1045,27 @@ torch.library.register_autograd("htsat_kernels::window_attention_fwd", _backward
 
 
 def fused_window_attention(
-    qkv: Tensor, table: Tensor, mask: Tensor | None, num_heads: int, scale: float, dropout_p: float = 0.0
+    qkv: Tensor,
+    table: Tensor,
+    mask: Tensor | None,
+    num_heads: int,
+    scale: float,
+    dropout_p: float = 0.0,
+    shifted_grid: tuple[int, int, int] | None = None,
 ) -> Tensor:
     """Fused window attention; same contract as ``htsat_kernels.reference.window_attention``.
 
-    qkv (B_, N, 3C) (any strides), table ((2ws-1)^2, h), mask (nW, N, N) or None -> (B_, N, C).
+    qkv (B_, N, 3C) (any strides), table ((2ws-1)^2, h), mask (nW, N, N) or None -> (B_, N, C);
+    shifted_grid (H, W, shift) with mask None: the shift mask is computed in the kernel.
     Raises TypeError / ValueError naming the bad argument, RuntimeError if the device cannot run it
     or ``dropout_p`` is not 0 (no dropout in the kernel).
     """
     if dropout_p:
         raise RuntimeError(f"fused window attention cannot run: no attention dropout (dropout_p={dropout_p})")
-    _check_args(qkv, table, mask, num_heads, scale)
+    _check_args(qkv, table, mask, num_heads, scale, shifted_grid)
     reason = _device_reason(qkv.device)
     if reason is not None:
         raise RuntimeError(f"fused window attention cannot run: {reason}")
-    out, _ = torch.ops.htsat_kernels.window_attention_fwd(qkv, table, mask, int(num_heads), float(scale))
+    grid_h, grid_w, shift = (int(v) for v in shifted_grid) if shifted_grid is not None else (0, 0, 0)
+    out, _ = torch.ops.htsat_kernels.window_attention_fwd(qkv, table, mask, int(num_heads), float(scale), grid_h, grid_w, shift)
     return out

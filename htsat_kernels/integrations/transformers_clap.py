@@ -24,7 +24,6 @@ state_dict; the copy (3 C^2 values per block) is small next to the activations.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -38,12 +37,6 @@ from ._handle import PatchHandle, class_names, patched_forward
 TOP_LEVEL = ("ClapModel", "ClapAudioModel", "ClapAudioModelWithProjection", "ClapAudioEncoder")
 
 
-@functools.lru_cache(maxsize=64)
-def _shift_mask(H: int, W: int, ws: int, shift: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    # equal to ClapAudioLayer.get_attn_mask (tested); cached because it depends on the shape only
-    return hk.reference.shifted_window_mask(H, W, ws, shift).to(device=device, dtype=dtype)
-
-
 def _qkv_projection(sa: Any, windows: Tensor) -> Tensor:
     q, k, v = sa.query, sa.key, sa.value
     weight = torch.cat([q.weight, k.weight, v.weight], dim=0)
@@ -55,8 +48,10 @@ def _qkv_projection(sa: Any, windows: Tensor) -> Tensor:
     return F.linear(windows, weight, bias)
 
 
-def attention_of(attention: Any, windows: Tensor, mask: Tensor | None) -> Tensor:
-    """``ClapAudioAttention(windows, mask)[0]`` through htsat_kernels."""
+def attention_of(attention: Any, windows: Tensor, grid: tuple[int, int, int] | None) -> Tensor:
+    """``ClapAudioAttention(windows, mask)[0]`` through htsat_kernels; the shift mask is given as the
+    shifted grid (Hp, Wp, shift): the op builds ``get_attn_mask``'s -100/0 mask itself (tested equal),
+    the fused kernel in registers without reading a mask tensor."""
     sa: Any = attention.self
     qkv = _qkv_projection(sa, windows)
     table, heads = sa.relative_position_bias_table, sa.num_attention_heads
@@ -64,9 +59,9 @@ def attention_of(attention: Any, windows: Tensor, mask: Tensor | None) -> Tensor
     p = sa.dropout.p
     if sa.training and p > 0.0:
         # the fused op has no dropout: the reference math applies it (same RNG draws as transformers)
-        context = hk.reference.window_attention(qkv, table, mask, heads, scale, p)
+        context = hk.reference.window_attention(qkv, table, None, heads, scale, p, shifted_grid=grid)
     else:
-        context = hk.window_attention(qkv, table, mask, heads, scale)
+        context = hk.window_attention(qkv, table, None, heads, scale, shifted_grid=grid)
     return attention.output(context, windows)
 
 
@@ -96,8 +91,7 @@ def layer_forward(self, hidden_states: Tensor, input_dimensions, output_attentio
     else:
         x = F.pad(ln(hidden_states).view(B, H, W, C), (0, 0, 0, pad_w, 0, pad_h))
         windows = hk.window_partition(x, ws, shift)
-    mask = _shift_mask(Hp, Wp, ws, shift, windows.dtype, windows.device) if shift > 0 else None
-    windows = attention_of(self.attention, windows, mask)
+    windows = attention_of(self.attention, windows, (Hp, Wp, shift) if shift > 0 else None)
     if not (pad_h or pad_w) and not _drop_path_active(self.drop_path):
         hidden_states = hk.window_merge_add(windows, shortcut, H, W, shift)
     else:
