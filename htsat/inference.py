@@ -496,7 +496,12 @@ def run_files(
         front = copy.deepcopy(model.front_end(stft="fft")).cpu().eval()
     dataset = _FileWindows(paths, plan, predictor.short_clips, predictor.silence_db, skip, front)
     if num_workers > 0:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False)
+        # items are single windows: let the workers run a whole batch ahead (2 per worker would leave them
+        # idle while the model runs, then the model idle while they refill)
+        ahead = max(2, -(-2 * int(batch_size) // num_workers))
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=num_workers, persistent_workers=False, prefetch_factor=ahead
+        )
     else:
         loader = dataset
     batch: list[dict] = []
