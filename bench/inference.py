@@ -2,13 +2,15 @@
 
 ``python -m bench --inference-files`` writes ``inference_<device>_<date>.json`` to ``--out``: files/s
 of a loop that reads each file and calls the model on it alone (what ``htsat predict`` did before)
-against the batched path (``Predictor.iter_files``: windows of many files per forward, DataLoader
-workers decoding, resampling and, on CPU, computing the log-mel while the main process runs the
-transformer). Files are 44.1 kHz mono PCM, so both paths resample to the model's 16 kHz. Each path
-runs at every torch thread count from 1 to the default (all cores); the speedup is best batched /
-best loop, each at the setting that suits it on this machine. On CPU the STFT is about a third of
-the tiny model's work: batching across files barely pays on a compute-bound CPU, the overlap of
-reading and front end with the transformer does.
+against the batched path as ``htsat predict`` runs it (``Predictor.iter_files``: windows of many
+files per forward; on CPU one DataLoader worker per core, each decoding, resampling, computing the
+log-mel by FFT and running the model on its own files; on GPU the workers decode and resample while
+the model runs). Files are 44.1 kHz mono PCM, so both paths resample to the model's 16 kHz. Each
+path runs at every torch thread count from 1 to the default (all cores); the speedup is best
+batched / best loop, each at the setting that suits it on this machine. On a compute-bound CPU,
+batching across files barely pays; one process per core (a small model's ops are too small for
+intra-op threads to scale) and the FFT front end (the conv STFT is a third of the tiny model's
+work) do.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def run(
     n_files: int = 100,
     seconds: float = 10.0,
     batch_size: int = 16,
-    num_workers: int = 1,
+    num_workers: int | None = None,
     threads=None,
     device: str = "cpu",
     repeats: int = 2,
@@ -55,6 +57,9 @@ def run(
     from htsat.predict import Predictor
 
     default_threads = torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    if num_workers is None:  # what `htsat predict` does by default
+        num_workers = min(cores, 8) if device == "cpu" else min(4, max(0, cores - 1))
     thread_counts = [threads] if threads else sorted({1, default_threads})
     torch.manual_seed(0)
     model = htsat.create_model("htsat-audioset", backend="auto", **htsat.TINY_OVERRIDES).eval().to(device)
@@ -91,7 +96,7 @@ def run(
         "file_rate_hz": 44100,
         "batch_size": batch_size,
         "num_workers": num_workers,
-        "frontend_in_workers": device == "cpu" and num_workers > 0,
+        "worker_stage": "model" if device == "cpu" else "audio",
         "cpu_count": os.cpu_count(),
         "runs": runs,
         "best": best,

@@ -111,8 +111,15 @@ def _add_run_arguments(q) -> None:
     q.add_argument(
         "--num-workers",
         type=int,
-        default=min(4, max(0, (os.cpu_count() or 1) - 1)),
-        help="processes decoding and resampling audio, and on CPU computing the log-mel (0: all in the main process)",
+        default=None,
+        help="worker processes (0: all in the main process). On CPU each runs the whole pipeline on its own files "
+        "(default: one per core); on GPU they decode and resample while the model runs (default: min(4, cores - 1))",
+    )
+    q.add_argument(
+        "--worker-stage",
+        choices=("audio", "mel", "model"),
+        help="what the workers compute: audio (decode, resample), mel (and the log-mel) or model (and the model; CPU "
+        "only). Default: model on CPU, audio on GPU",
     )
     q.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     q.add_argument("--backend", default="auto", choices=BACKENDS)
@@ -195,8 +202,15 @@ def _run_cv(cfg) -> int:
     return 0
 
 
+def _default_workers(device) -> int:
+    cores = os.cpu_count() or 1
+    return min(cores, 8) if device.type == "cpu" else min(4, max(0, cores - 1))
+
+
 def _check_run_args(args) -> None:
     for name in ("batch_size", "num_workers") + (("top_k",) if args.command == "predict" else ()):
+        if getattr(args, name) is None:
+            continue
         low = 0 if name == "num_workers" else 1
         if getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
@@ -225,8 +239,11 @@ def _run_inference(args) -> int:
         silence_db=None if args.allow_silent else -80.0,
         precision=args.precision,
         batch_size=args.batch_size,
-        num_workers=args.num_workers,
+        num_workers=0 if args.num_workers is None else args.num_workers,
+        worker_stage=args.worker_stage,
     )
+    if args.num_workers is None:
+        predictor.num_workers = _default_workers(predictor.device)
     if predicting:
         results = predictor.iter_files(
             inputs,

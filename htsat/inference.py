@@ -227,23 +227,49 @@ def file_windows(
         yield {"kind": "error", "file": index, "error": e.reason, "warnings": warnings}
 
 
-class _FileWindows(torch.utils.data.IterableDataset):
-    """The files of one run; worker w reads files w, w + W, w + 2W, ... With ``front`` (the model's
-    front end), each window leaves as its log-mel ``"mel"`` instead of its ``"wave"``: the STFT then
-    runs in the workers while the main process runs the transformer."""
+WORKER_STAGES = ("audio", "mel", "model")
 
-    def __init__(self, paths, plan, short_clips, silence_db, skip, front=None):
+
+class _FileWindows(torch.utils.data.IterableDataset):
+    """The files of one run; worker w reads files w, w + W, w + 2W, ...
+
+    What leaves a worker (``stage``): "audio", each window's samples (``"wave"``); "mel", its log-mel
+    (``"mel"``, by ``front``), so the STFT runs beside the model; "model", the model's outputs for it
+    (``"row"``, by ``rows``: windows of this worker's files batched ``batch_size`` at a time), so
+    every core runs the whole model on its own files (on CPU, process parallelism beats the
+    intra-op threads of one process on a model this size)."""
+
+    def __init__(self, paths, plan, short_clips, silence_db, skip, front=None, rows=None, batch_size=16):
         self.paths, self.plan, self.short_clips, self.silence_db, self.skip = paths, plan, short_clips, silence_db, skip
-        self.front = front
+        self.front, self.rows, self.batch_size = front, rows, batch_size
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        pending: list[dict] = []
         for i in range(wid, len(self.paths), nw):
             if i in self.skip:
                 continue
             for item in file_windows(self.paths[i], i, self.plan, short_clips=self.short_clips, silence_db=self.silence_db):
-                yield self._prepare(item)
+                item = self._prepare(item)
+                if self.rows is None or "n" not in item:
+                    yield item
+                elif item["n"] != self.plan["win"]:  # an odd length: alone (as in run_files)
+                    yield from self._run([item])
+                else:
+                    pending.append(item)
+                    if len(pending) >= self.batch_size:
+                        yield from self._run(pending)
+                        pending = []
+        if pending:
+            yield from self._run(pending)
+
+    def _run(self, items: list[dict]) -> Iterator[dict]:
+        for it, row in zip(items, self.rows(items)):
+            it.pop("mel", None)
+            it.pop("wave", None)
+            it["row"] = row
+            yield it
 
     def _prepare(self, item: dict) -> dict:
         wave = item.get("wave")
@@ -256,6 +282,44 @@ class _FileWindows(torch.utils.data.IterableDataset):
                 item["mel"] = self.front(torch.from_numpy(wave)[None])[0].numpy()
             del item["wave"]
         return item
+
+
+def _forward_rows(model, items: list[dict], want_fw: bool, keys: list[str], device, autocast) -> list[dict[str, np.ndarray]]:
+    """The model's outputs for each item (its "mel" or "wave"), one dict of numpy arrays per item. A
+    non-finite row is its own file's error, never its neighbours': a batch with one runs again file by file."""
+    key = "mel" if "mel" in items[0] else "wave"
+    x = torch.from_numpy(np.stack([it[key] for it in items])).to(device, non_blocking=True)
+    with torch.inference_mode(), autocast():
+        out = model.forward_mel(x, framewise=want_fw) if key == "mel" else model(x, framewise=want_fw)
+    arrays = {k: v.float().cpu().numpy() for k, v in out.items()}
+    rows = [{k: v[r] for k, v in arrays.items()} for r in range(len(items))]
+    files = list(dict.fromkeys(it["file"] for it in items))
+    if len(files) > 1 and not all(np.isfinite(row[k]).all() for row in rows for k in keys):
+        for f in files:
+            idx = [r for r, it in enumerate(items) if it["file"] == f]
+            for r, row in zip(idx, _forward_rows(model, [items[r] for r in idx], want_fw, keys, device, autocast)):
+                rows[r] = row
+    return rows
+
+
+def _keep_freed_memory(_worker_id: int = 0) -> None:
+    """In a worker that runs the model: glibc's malloc hands every activation above its mmap threshold
+    back to the kernel when freed, and the next batch faults it in again, zeroed (about a fifth of a CPU
+    worker's time on the tiny model). Raise the thresholds (glibc only; elsewhere nothing changes), so
+    the worker's heap is reused from batch to batch."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # glibc's ceiling for this threshold on 64-bit
+    libc.mallopt(m_trim_threshold, 1024 * 1024 * 1024)
+
+
+def _to_numpy_row(row: dict) -> dict[str, np.ndarray]:
+    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in row.items()}
 
 
 def _to_numpy(item: dict) -> dict:
@@ -359,7 +423,7 @@ def run_files(
     embedding: str = "latent_output",
     batch_size: int = 16,
     num_workers: int = 0,
-    frontend_in_workers: bool | None = None,
+    worker_stage: str | None = None,
     keep_framewise: bool = False,
     problems: dict[str, str] | None = None,
 ) -> Iterator[dict]:
@@ -369,8 +433,9 @@ def run_files(
     ``{"file", "duration", "embedding"}`` (numpy float32). A file that cannot be used gives
     ``{"file", "error"}``; warnings (a truncated file) come as ``"warnings"``. ``keep_framewise`` adds
     the whole framewise map (``"framewise"``, frames x classes), which the events never need.
-    ``frontend_in_workers`` (default: with workers on a CPU device) has the workers compute each
-    window's log-mel too (by FFT: ``FrontEnd(stft="fft")``), so the front end overlaps the transformer.
+    ``worker_stage``: what the DataLoader workers do (with ``num_workers`` > 0): "audio" (decode and
+    resample; the default on GPU), "mel" (and each window's log-mel, by FFT: ``FrontEnd(stft="fft")``)
+    or "model" (and the model itself, on their own files; the default on CPU: one worker per core).
     """
     from .predict import EventTracker, NonFiniteOutputError, _check_finite
 
@@ -406,44 +471,31 @@ def run_files(
             states[i] = _FileState(paths[i], want_fw, tracker, keep_framewise)
         return states[i]
 
-    def forward(items: list[dict]) -> list[dict[str, np.ndarray]]:
-        key = "mel" if "mel" in items[0] else "wave"
-        x = torch.from_numpy(np.stack([it[key] for it in items])).to(predictor.device, non_blocking=True)
-        with torch.inference_mode(), predictor._autocast():
-            out = model.forward_mel(x, framewise=want_fw) if key == "mel" else model(x, framewise=want_fw)
-        out = {k: v.float().cpu().numpy() for k, v in out.items()}
-        return [{k: v[r] for k, v in out.items()} for r in range(len(items))]
-
     keys = (
         ["clipwise_logits"]
         + (["framewise_output"] if want_fw else [])
         + (["latent_output"] + (["clap_projection"] if model.audio_projection is not None else []) if mode == "embed" else [])
     )
 
+    def rows_of(items: list[dict]) -> list[dict[str, np.ndarray]]:
+        return _forward_rows(model, items, want_fw, keys, predictor.device, predictor._autocast)
+
+    def take(it: dict, row: dict[str, np.ndarray]) -> None:
+        st = state(it["file"])
+        if st.error is None and not all(np.isfinite(row[k]).all() for k in keys):
+            try:
+                _check_finite({k: torch.from_numpy(row[k]) for k in keys}, np.array([it["peak"]]), keys)
+            except NonFiniteOutputError as e:
+                st.error = str(e)
+        if st.error is not None:
+            st.seen += 1  # counted, not used
+            return
+        st.add(row, it, plan)
+
     def run(items: list[dict]) -> None:
         items = [it for it in items if it["file"] not in finished]  # a file may fail while its windows wait
-        if not items:
-            return
-        rows = forward(items)
-        bad = [r for r, row in enumerate(rows) if not all(np.isfinite(row[k]).all() for k in keys)]
-        if bad and len({items[r]["file"] for r in range(len(items))}) > 1:
-            # a non-finite row is that file's error, never its neighbours': run each file of the batch alone
-            for f in dict.fromkeys(it["file"] for it in items):
-                run([it for it in items if it["file"] == f])
-            return
-        for r, (it, row) in enumerate(zip(items, rows)):
-            st = state(it["file"])
-            if st.error is not None:
-                st.seen += 1
-                continue
-            if r in bad:
-                st.seen += 1
-                try:
-                    _check_finite({k: torch.from_numpy(row[k]) for k in keys}, np.array([it["peak"]]), keys)
-                except NonFiniteOutputError as e:
-                    st.error = str(e)
-                continue
-            st.add(row, it, plan)
+        for it, row in zip(items, rows_of(items) if items else []):
+            take(it, row)
 
     def finish(i: int) -> dict:
         st = states.pop(i)
@@ -489,18 +541,29 @@ def run_files(
             yield done.pop(next_out)
             next_out += 1
 
-    if frontend_in_workers is None:  # on CPU the conv STFT is a third of the tiny model's work: by FFT, beside it
-        frontend_in_workers = num_workers > 0 and predictor.device.type == "cpu"
-    front = None
-    if frontend_in_workers and num_workers > 0:
+    stage = worker_stage or ("model" if predictor.device.type == "cpu" else "audio")
+    if stage not in WORKER_STAGES:
+        raise ValueError(f"worker_stage must be one of {', '.join(WORKER_STAGES)}, got {stage!r}")
+    if stage == "model" and predictor.device.type != "cpu":
+        raise ValueError(f"worker_stage 'model' runs the model in CPU worker processes; the model is on {predictor.device}")
+    front = rows = None
+    if num_workers > 0 and stage in ("mel", "model"):
+        # the original's DFT by FFT (FrontEnd): on CPU the frozen-conv STFT is a third of the tiny model's work
         front = copy.deepcopy(model.front_end(stft="fft")).cpu().eval()
-    dataset = _FileWindows(paths, plan, predictor.short_clips, predictor.silence_db, skip, front)
+    if num_workers > 0 and stage == "model":
+        rows = rows_of  # called in the worker processes (forked: the model is theirs, copy-on-write)
+    dataset = _FileWindows(paths, plan, predictor.short_clips, predictor.silence_db, skip, front, rows, batch_size)
     if num_workers > 0:
         # items are single windows: let the workers run a whole batch ahead (2 per worker would leave them
         # idle while the model runs, then the model idle while they refill)
         ahead = max(2, -(-2 * int(batch_size) // num_workers))
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=num_workers, persistent_workers=False, prefetch_factor=ahead
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            persistent_workers=False,
+            prefetch_factor=ahead,
+            worker_init_fn=_keep_freed_memory if stage == "model" else None,
         )
     else:
         loader = dataset
@@ -520,6 +583,8 @@ def run_files(
             elif kind == "end":
                 st.expected, st.samples = item["windows"], item["samples"]
                 st.warnings = list(item["warnings"])
+            elif "row" in item:  # a worker ran the model on it
+                take(item, _to_numpy_row(item["row"]))
             elif item["n"] == plan["win"]:
                 batch.append(item)
                 if len(batch) >= batch_size:

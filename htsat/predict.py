@@ -158,7 +158,7 @@ class Predictor:
     precision: str = "fp32"  # "auto": bf16 (fp16 without bf16) autocast on CUDA, fp32 on CPU
     batch_size: int = 16  # windows of clip_seconds per forward, across files
     num_workers: int = 0  # DataLoader workers decoding and resampling
-    frontend_in_workers: bool | None = None  # the workers compute the log-mel too (default: on CPU)
+    worker_stage: str | None = None  # what the workers do: audio / mel / model (default: model on CPU, else audio)
 
     @classmethod
     def from_checkpoint(
@@ -264,7 +264,7 @@ class Predictor:
         paths = inputs if isinstance(inputs, InputList) else expand_inputs(inputs)
         kwargs.setdefault("batch_size", self.batch_size)
         kwargs.setdefault("num_workers", self.num_workers)
-        kwargs.setdefault("frontend_in_workers", self.frontend_in_workers)
+        kwargs.setdefault("worker_stage", self.worker_stage)
         yield from run_files(self, paths, problems=paths.problems, **kwargs)
 
     def embed_files(self, inputs: Sequence[str], embedding: str = "latent_output", **kwargs) -> Iterator[dict]:

@@ -288,6 +288,6 @@ def test_inference_files_record(tmp_path):
     rec = inference.run(tmp_path, n_files=3, seconds=6.0, batch_size=4, num_workers=1, threads=1, repeats=1)
     assert {(r["path"], r["torch_threads"]) for r in rec["runs"]} == {("loop", 1), ("batched", 1)}
     assert all(r["files_per_s"] > 0 for r in rec["runs"])
-    assert rec["frontend_in_workers"] is True
+    assert rec["worker_stage"] == "model"
     assert rec["speedup"] == pytest.approx(rec["best"]["batched"]["files_per_s"] / rec["best"]["loop"]["files_per_s"], abs=0.01)
     assert json.loads(next(tmp_path.glob("inference_cpu_*.json")).read_text())["runs"] == rec["runs"]

@@ -162,12 +162,12 @@ def test_model_forward_framewise_false_keeps_only_clipwise(ckpt):
         torch.testing.assert_close(lean[k], full[k], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("frontend_in_workers", [None, False])  # None: on CPU with workers, the log-mel is theirs
-def test_batch_size_and_workers_do_not_change_results(ckpt, tmp_path, frontend_in_workers):
+@pytest.mark.parametrize("worker_stage", [None, "mel", "audio"])  # None: on CPU the workers run the model
+def test_batch_size_and_workers_do_not_change_results(ckpt, tmp_path, worker_stage):
     paths = [_write(tmp_path / f"{i}.wav", _tone(250 * (i + 1), [0.5, 1.0, 2.9, 6.1, 1.0][i], seed=i)) for i in range(5)]
     one = list(_predictor(ckpt, batch_size=1).iter_files(paths, framewise=True, keep_framewise=True))
     many = list(
-        _predictor(ckpt, batch_size=8, num_workers=2, frontend_in_workers=frontend_in_workers).iter_files(
+        _predictor(ckpt, batch_size=8, num_workers=2, worker_stage=worker_stage).iter_files(
             paths, framewise=True, keep_framewise=True
         )
     )
@@ -488,3 +488,29 @@ def test_streamed_decode_matches_whole_file_decode(tmp_path):
     streamed = np.concatenate(list(stream_audio(path, SR, block_seconds=0.77)))
     assert streamed.shape == whole.shape
     np.testing.assert_allclose(streamed, whole, atol=1e-4)
+
+
+def test_workers_running_the_model_keep_a_bad_file_from_its_batch_neighbours(ckpt, tmp_path, monkeypatch):
+    """worker_stage "model": one worker batches windows of two files; the file whose rows are NaN gets the
+    error, its neighbour in the same batch its scores (the batch runs again file by file, in the worker)."""
+    import htsat
+
+    forward_mel = htsat.HTSAT.forward_mel
+
+    def nan_when_loud(self, mel, *args, **kwargs):
+        out = forward_mel(self, mel, *args, **kwargs)
+        loud = mel.flatten(1).amax(1) > 12.0  # dB: the 0.9 tone, not the 0.1 one
+        return {k: torch.where(loud.view(-1, *[1] * (v.ndim - 1)), v * float("nan"), v) for k, v in out.items()}
+
+    monkeypatch.setattr(htsat.HTSAT, "forward_mel", nan_when_loud)
+    tone = np.sin(2 * np.pi * 440 * np.arange(int(2.5 * SR)) / SR).astype(np.float32)
+    loud, quiet = _write(tmp_path / "loud.wav", 0.9 * tone), _write(tmp_path / "quiet.wav", 0.1 * tone)
+    res = list(_predictor(ckpt, batch_size=8, num_workers=1, worker_stage="model").iter_files([loud, quiet]))
+    assert "NaN or infinite" in res[0]["error"] and "top" not in res[0]
+    assert "error" not in res[1] and all(np.isfinite(t["score"]) for t in res[1]["top"])
+
+
+def test_worker_stage_is_checked(ckpt, tmp_path):
+    path = _write(tmp_path / "a.wav", _tone(300, 1.0))
+    with pytest.raises(ValueError, match="worker_stage must be one of audio, mel, model"):
+        list(_predictor(ckpt, num_workers=1, worker_stage="gpu").iter_files([path]))
