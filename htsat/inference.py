@@ -6,10 +6,10 @@
   the model's windows as the samples come: clips that fit one image as one item (short clips
   fitted to ``clip_seconds``), longer files as windows of ``clip_seconds`` every
   ``long_hop_seconds``, the last one ending at the file's end, exactly as ``HTSAT.forward`` cuts them.
-- :func:`run_files`: windows from many files batched together (DataLoader workers decode and
-  resample, reading overlaps compute), one result per file yielded in input order as soon as its
-  last window is through; clipwise logits, embeddings, framewise maps and events accumulated
-  window by window.
+- :func:`run_files`: windows from many files batched together, one result per file yielded in input
+  order as soon as its last window is through; clipwise logits, embeddings, framewise maps and events
+  accumulated window by window. DataLoader workers decode and resample (GPU: reading overlaps the
+  model), or on CPU run the whole pipeline on their own files, model included (``worker_stage``).
 """
 
 from __future__ import annotations
