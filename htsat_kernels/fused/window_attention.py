@@ -31,7 +31,7 @@ grid, computed in the kernel (no (nW, N, N) tensor is read):
   shared). Its tiles are transposed, keys as rows (S^T = k q^T: P^T and dS^T feed dv and dk from
   registers), and wide heads (d = 64) and fp32 go through the head dim in chunks of DC columns
   (``_bwd_window_chunks``; DC per dtype and arch from ``launch_config``: at most 128 registers
-  for bf16/fp16 but clap-large bf16 at sm_90 (130), no spills for fp32). The chunked path adds dS with relaxed atomic adds, each
+  for bf16/fp16, clap-large at sm_90 with 8 warps; no spills for fp32). The chunked path adds dS with relaxed atomic adds, each
   element always by the same thread in window order, so its sums are as deterministic as the
   load-add-store of the other path. The table gradient is then reduced deterministically in
   torch: a gather with a fixed, cached index and one fixed-shape sum, so repeated runs are
@@ -678,7 +678,7 @@ def _blocks(N: int, d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
 
 def _bwd_chunk(block_m: int, block_n: int, block_d: int, dtype: torch.dtype, arch: int | None) -> int:
     """DC, the head-dim columns per chunk of the backward (``_bwd_window_chunks`` when < BLOCK_D):
-    the one with the fewest registers (bf16/fp16: 128 or fewer but d = 64 at sm_90, 130) or without
+    the one with the fewest registers (bf16/fp16: 128 or fewer; d = 64 at sm_90 with 8 warps, 80) or without
     spills (fp32, whose tf32x3 dots hold three operand splits), from the compile report at sm_80
     and sm_90."""
     if block_m < block_n or dtype == torch.float64:  # several query blocks (N > 64), or fp64: one chunk
@@ -716,6 +716,10 @@ def launch_config(direction: str, N: int, d: int, dtype: torch.dtype, has_mask: 
     )
     if direction == "backward":
         cfg["DC"] = _bwd_chunk(block_m, block_n, block_d, dtype, arch)
+        if block_d >= 64 and block_m == block_n and dtype in (torch.float16, torch.bfloat16) and (arch or DEFAULT_ARCH) >= 90:
+            # d = 64 (clap-large) at sm_90: two warpgroups. At 4 warps the 64x64 fp32 tiles need 126-130
+            # registers (3 blocks, 12 warps per SM); at 8 warps 79-80 and 3 blocks: 24 warps per SM.
+            cfg["num_warps"] = 8
     return cfg
 
 
