@@ -282,6 +282,37 @@ def test_laion_htsat_patched_matches_unpatched(backend, overrides, train):
     assert handle.counts == {"blocks": 6, "patch merges": 2, "stages": 3}
 
 
+def test_laion_htsat_shifted_blocks_pass_their_grid(monkeypatch):
+    """Patched shifted blocks give the op their grid while attn_mask is the grid's own mask, the buffer
+    once it has been changed (a load into it), and the same outputs either way."""
+    branch = _tiny_laion_branch().eval()
+    x = _waveform()
+    with torch.no_grad():
+        want = _WaveformInput(branch)(x)
+    hki.patch_clap(branch)
+    seen = []
+    real = hk.window_attention
+
+    def spy(qkv, table, mask, heads, scale, dropout_p=0.0, shifted_grid=None, **kw):
+        seen.append((mask is None, shifted_grid))
+        return real(qkv, table, mask, heads, scale, dropout_p, shifted_grid, **kw)
+
+    monkeypatch.setattr(hk, "window_attention", spy)
+    with torch.no_grad():
+        got = _WaveformInput(branch)(x)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)
+    grids = [g for none, g in seen if g is not None]
+    assert len(grids) == 2 and all(none for none, g in seen if g is not None) and {g[2] for g in grids} == {2}
+    block = next(b for b in branch.modules() if type(b).__name__ == "SwinTransformerBlock" and b.shift_size > 0)
+    with torch.no_grad():
+        block.attn_mask.mul_(2.0)  # in place, as load_state_dict writes a buffer: no longer the grid's mask
+    seen.clear()
+    with torch.no_grad():
+        _WaveformInput(branch)(x)
+    assert sum(1 for none, g in seen if g is None and not none) == 1
+
+
 def test_laion_htsat_use_checkpoint_trains():
     """The original's use_checkpoint path passes (x, attn) tuples on and fails; patched it works."""
     plain = _tiny_laion_branch()

@@ -7,6 +7,8 @@ from that code that the replacements rely on:
 - ``SwinTransformerBlock``: norm1 (LayerNorm) -> view (B, H, W, C) -> roll by -shift -> partition
   (windows batch-major, row-major) -> attention with the ``attn_mask`` buffer (nW, N, N, 0 / -100)
   -> merge -> roll by +shift -> ``shortcut + drop_path(x)`` -> ``x + drop_path(mlp(norm2(x)))``.
+  While that buffer is the grid's own mask (fp32, checked per buffer version), the op gets the grid
+  (H, W, shift) instead and the fused kernel computes the mask.
   Where the map is no larger than the window, the block already set shift 0 and window = map.
 - ``WindowAttention``: one qkv Linear ([q | k | v], heads contiguous), ``q * scale`` before q k^T,
   bias ``table[index]`` with index (hi-hj+ws-1)(2ws-1) + (wi-wj+ws-1), softmax, dropout, proj.
@@ -37,17 +39,35 @@ def _drop_path_active(module: nn.Module) -> bool:
     return module.training and float(getattr(module, "drop_prob", 0.0) or 0.0) > 0.0
 
 
-def window_attention_of(attn: Any, windows: Tensor, mask: Tensor | None) -> Tensor:
-    """The original WindowAttention's output (without its attention map) through htsat_kernels."""
+def window_attention_of(attn: Any, windows: Tensor, mask: Tensor | None, grid: tuple[int, int, int] | None = None) -> Tensor:
+    """The original WindowAttention's output (without its attention map) through htsat_kernels; ``grid``
+    (H, W, shift) instead of ``mask``: the op builds the shift mask (the fused kernel in registers)."""
     qkv = attn.qkv(windows)
     table = attn.relative_position_bias_table
     p = attn.attn_drop.p
     if attn.training and p > 0.0:
         # the fused op has no dropout: the reference math applies it (same RNG draws as the original)
-        out = hk.reference.window_attention(qkv, table, mask, attn.num_heads, attn.scale, p)
+        out = hk.reference.window_attention(qkv, table, mask, attn.num_heads, attn.scale, p, shifted_grid=grid)
     else:
-        out = hk.window_attention(qkv, table, mask, attn.num_heads, attn.scale)
+        out = hk.window_attention(qkv, table, mask, attn.num_heads, attn.scale, shifted_grid=grid)
     return attn.proj_drop(attn.proj(out))
+
+
+def _mask_is_the_grids(block: Any) -> bool:
+    """Whether the block's attn_mask buffer is exactly (fp32, bit for bit) the shift mask of its grid, so
+    the grid can be passed instead. Checked once per buffer version (a load_state_dict into the buffer
+    changes it), never while torch.compile traces (the buffer is passed there)."""
+    mask = block.attn_mask
+    if mask is None or mask.dtype != torch.float32 or mask.is_meta or torch.compiler.is_compiling():
+        return False
+    key = (mask.data_ptr(), mask._version, mask.device)
+    cached = block.__dict__.get("_htsat_kernels_grid_check")
+    if cached is None or cached[0] != key:
+        H, W = block.input_resolution
+        want = hk.reference.shifted_window_mask(H, W, block.window_size, block.shift_size).to(mask.device)
+        cached = (key, mask.shape == want.shape and bool(torch.equal(mask, want)))
+        block.__dict__["_htsat_kernels_grid_check"] = cached
+    return cached[1]
 
 
 @patched_forward
@@ -62,7 +82,10 @@ def block_forward(self, x: Tensor):
         windows = hk.layer_norm_window_partition(x.view(B, H, W, C), n1.weight, n1.bias, n1.eps, ws, shift)
     else:
         windows = hk.window_partition(n1(x).view(B, H, W, C), ws, shift)
-    windows = window_attention_of(self.attn, windows, self.attn_mask)
+    if shift > 0 and _mask_is_the_grids(self):
+        windows = window_attention_of(self.attn, windows, None, (H, W, shift))
+    else:
+        windows = window_attention_of(self.attn, windows, self.attn_mask)
     if _drop_path_active(self.drop_path):
         # drop path scales whole samples: merge first, then the original's shortcut + drop_path(x)
         x = shortcut + self.drop_path(hk.window_merge(windows, H, W, shift).view(B, L, C))
