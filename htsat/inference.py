@@ -302,11 +302,16 @@ def _forward_rows(model, items: list[dict], want_fw: bool, keys: list[str], devi
     return rows
 
 
-def _keep_freed_memory(_worker_id: int = 0) -> None:
-    """In a worker that runs the model: glibc's malloc hands every activation above its mmap threshold
-    back to the kernel when freed, and the next batch faults it in again, zeroed (about a fifth of a CPU
-    worker's time on the tiny model). Raise the thresholds (glibc only; elsewhere nothing changes), so
-    the worker's heap is reused from batch to batch."""
+def _init_model_worker(_worker_id: int = 0) -> None:
+    """A worker that runs the model keeps DataLoader's one torch thread (more OpenMP threads in a forked
+    child can deadlock; one process per core is the point anyway) and its freed memory (below)."""
+    _keep_freed_memory()
+
+
+def _keep_freed_memory() -> None:
+    """glibc's malloc hands every activation above its mmap threshold back to the kernel when freed, and
+    the next batch faults it in again, zeroed (about a fifth of a CPU worker's time on the tiny model).
+    Raise the thresholds (glibc only; elsewhere nothing changes), so the heap is reused from batch to batch."""
     try:
         import ctypes
 
@@ -316,6 +321,13 @@ def _keep_freed_memory(_worker_id: int = 0) -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # glibc's ceiling for this threshold on 64-bit
     libc.mallopt(m_trim_threshold, 1024 * 1024 * 1024)
+
+
+def _as_is(item: dict) -> dict:
+    """The loader's collate function: items cross from the workers as they are. (The default converts
+    every numpy array to a tensor, and each tensor then crosses through its own shared-memory file,
+    a socket round trip apiece: most of the main process's time when the workers run the model.)"""
+    return item
 
 
 def _to_numpy_row(row: dict) -> dict[str, np.ndarray]:
@@ -563,7 +575,8 @@ def run_files(
             num_workers=num_workers,
             persistent_workers=False,
             prefetch_factor=ahead,
-            worker_init_fn=_keep_freed_memory if stage == "model" else None,
+            worker_init_fn=_init_model_worker if stage == "model" else None,
+            collate_fn=_as_is,
         )
     else:
         loader = dataset
