@@ -302,14 +302,9 @@ def _forward_rows(model, items: list[dict], want_fw: bool, keys: list[str], devi
     return rows
 
 
-def _init_model_worker(_worker_id: int = 0) -> None:
-    """A worker that runs the model keeps DataLoader's one torch thread (more OpenMP threads in a forked
-    child can deadlock; one process per core is the point anyway) and its freed memory (below)."""
-    _keep_freed_memory()
-
-
-def _keep_freed_memory() -> None:
-    """glibc's malloc hands every activation above its mmap threshold back to the kernel when freed, and
+def _keep_freed_memory(_worker_id: int = 0) -> None:
+    """The init of a worker that runs the model (which keeps DataLoader's one torch thread: more OpenMP
+    threads in a forked child can deadlock). glibc's malloc hands every activation above its mmap threshold back to the kernel when freed, and
     the next batch faults it in again, zeroed (about a fifth of a CPU worker's time on the tiny model).
     Raise the thresholds (glibc only; elsewhere nothing changes), so the heap is reused from batch to batch."""
     try:
@@ -327,17 +322,6 @@ def _as_is(item: dict) -> dict:
     """The loader's collate function: items cross from the workers as they are. (The default converts
     every numpy array to a tensor, and each tensor then crosses through its own shared-memory file,
     a socket round trip apiece: most of the main process's time when the workers run the model.)"""
-    return item
-
-
-def _to_numpy_row(row: dict) -> dict[str, np.ndarray]:
-    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in row.items()}
-
-
-def _to_numpy(item: dict) -> dict:
-    for key in ("wave", "mel"):
-        if isinstance(item.get(key), torch.Tensor):
-            item[key] = item[key].numpy()
     return item
 
 
@@ -575,7 +559,7 @@ def run_files(
             num_workers=num_workers,
             persistent_workers=False,
             prefetch_factor=ahead,
-            worker_init_fn=_init_model_worker if stage == "model" else None,
+            worker_init_fn=_keep_freed_memory if stage == "model" else None,
             collate_fn=_as_is,
         )
     else:
@@ -585,7 +569,6 @@ def run_files(
     try:
         yield from ready()
         for item in it:
-            item = _to_numpy(item)
             if item["file"] in finished:
                 continue
             st = state(item["file"])
@@ -597,7 +580,7 @@ def run_files(
                 st.expected, st.samples = item["windows"], item["samples"]
                 st.warnings = list(item["warnings"])
             elif "row" in item:  # a worker ran the model on it
-                take(item, _to_numpy_row(item["row"]))
+                take(item, item["row"])
             elif item["n"] == plan["win"]:
                 batch.append(item)
                 if len(batch) >= batch_size:
