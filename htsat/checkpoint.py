@@ -182,7 +182,66 @@ def _named(exc: CheckpointError, path_or_obj) -> CheckpointError:
     return exc if isinstance(path_or_obj, Mapping) or str(exc).startswith(src) else CheckpointError(f"{src}: {exc}")
 
 
+def _architecture(sd: Mapping[str, Tensor]) -> dict[str, Any] | None:
+    """embed_dim, depths and num_heads of a state_dict's backbone (None when it has no patch embedding)."""
+    conv = sd.get("patch_embed.proj.weight")
+    if conv is None or conv.ndim != 4:
+        return None
+    blocks: dict[int, set[int]] = {}
+    heads: dict[int, int] = {}
+    for key, value in sd.items():
+        m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", key)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+            if key.endswith("attn.relative_position_bias_table") and value.ndim == 2:
+                heads[int(m.group(1))] = int(value.shape[1])
+    stages = range(max(blocks) + 1) if blocks else range(0)
+    return {
+        "embed_dim": int(conv.shape[0]),
+        "depths": tuple(len(blocks.get(i, ())) for i in stages),
+        "num_heads": tuple(heads.get(i, 0) for i in stages),
+    }
+
+
+def _size_mismatch(model: HTSAT, sd: Mapping[str, Tensor]) -> str | None:
+    """The checkpoint's backbone is of another size than the model's: say so first (every shape then differs,
+    the head's included), with the presets of the checkpoint's size."""
+    theirs = _architecture(sd)
+    if theirs is None:
+        return None
+    cfg = model.config
+    ours = {"embed_dim": cfg.embed_dim, "depths": tuple(cfg.depths), "num_heads": tuple(cfg.num_heads)}
+    if theirs == ours:
+        return None
+    from .config import PRESETS
+
+    default = HTSATConfig()
+    fits = [n for n, p in PRESETS.items()
+            if {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k in theirs for v in [p.get(k, getattr(default, k))]}
+            == theirs]  # fmt: skip
+    desc = ", ".join(f"{k} {v}" for k, v in theirs.items())
+    ours_desc = ", ".join(f"{k} {v}" for k, v in ours.items())
+    how = (
+        f"build the model with the preset of its size ({' or '.join(fits)}: --model NAME on the command line, "
+        "create_model(NAME) in Python)"
+        if fits
+        else "build the model with the checkpoint's size (--model CONFIG.json on the command line, create_model(..., "
+        "embed_dim=..., depths=..., num_heads=...) in Python)"
+    )
+    return f"the checkpoint is a model of another size ({desc}) than {cfg.name} ({ours_desc}); {how}"
+
+
 def _load_into(model: HTSAT, obj: Mapping, drop_head: bool) -> LoadReport:
+    # a CLAP checkpoint resizes the model's audio_projection before the checks: a failed load puts it back
+    projection, config = model.audio_projection, model.config
+    try:
+        return _checked_load(model, obj, drop_head)
+    except BaseException:
+        model.audio_projection, model.config = projection, config
+        raise
+
+
+def _checked_load(model: HTSAT, obj: Mapping, drop_head: bool) -> LoadReport:
     sd, kind = extract_state_dict(obj)
     sd, kind, skipped_other, has_head = clap.convert_checkpoint(model, sd, kind)  # CLAP layouts -> ours
     drop_head = drop_head or not has_head  # transformers' CLAP has no classification head
@@ -201,7 +260,7 @@ def _load_into(model: HTSAT, obj: Mapping, drop_head: bool) -> LoadReport:
                 bad_derived.append(f"{key} (checkpoint {tuple(value.shape)}, ours {tuple(ours[key].shape)})")
             report.derived_checked.append(key)
         elif value.shape != ours[key].shape:
-            if key.startswith(HEAD_PREFIXES) and class_mismatch is None:
+            if key.startswith(HEAD_PREFIXES) and value.shape[1:] == ours[key].shape[1:] and class_mismatch is None:
                 class_mismatch = (
                     f"the checkpoint has {value.shape[0]} classes ({key} {tuple(value.shape)}) but the model has "
                     f"{model.config.num_classes}; to fine-tune with a new class count pass drop_head=True "
@@ -213,6 +272,9 @@ def _load_into(model: HTSAT, obj: Mapping, drop_head: bool) -> LoadReport:
             to_load[key] = value
     missing = [k for k in ours if k not in sd and not is_derived_key(k) and not (drop_head and k.startswith(HEAD_PREFIXES))]
     problems = []
+    size = _size_mismatch(model, sd)
+    if size:
+        problems.append(size)
     if class_mismatch:
         problems.append(class_mismatch)
     if bad_derived:
@@ -224,7 +286,8 @@ def _load_into(model: HTSAT, obj: Mapping, drop_head: bool) -> LoadReport:
             f"setting): {bad_derived}{hint}"
         )
     if bad_shape:
-        problems.append(f"shape mismatches: {bad_shape}")
+        more = f" ... ({len(bad_shape) - 10} more)" if len(bad_shape) > 10 else ""
+        problems.append(f"shape mismatches: {bad_shape[:10]}{more}")
     if unexpected:
         problems.append(f"keys the model does not have: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
     if missing:

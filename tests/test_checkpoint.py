@@ -390,3 +390,45 @@ def test_loading_is_weights_only(tmp_path, source):
     with pytest.raises(CheckpointError):
         htsat.model_from_checkpoint(path)
     assert not marker.exists()
+
+
+def test_checkpoint_of_another_model_size_names_the_size_not_the_class_count():
+    """Same class count, another width: the error names the size and the presets of that size, not drop_head."""
+    wide = htsat.create_model(backend="reference", **{**htsat.TINY_OVERRIDES, "num_classes": 10, "embed_dim": 96,
+                                                      "depths": (2, 2, 6, 2), "num_heads": (4, 8, 16, 32)})  # fmt: skip
+    model = tiny()
+    before = snapshot(model)
+    with pytest.raises(CheckpointError) as info:
+        htsat.load_checkpoint(model, wide.state_dict())
+    msg = str(info.value)
+    assert "another size (embed_dim 96, depths (2, 2, 6, 2), num_heads (4, 8, 16, 32))" in msg
+    assert "htsat-audioset" in msg and "--model NAME" in msg and "drop_head" not in msg and "10 classes" not in msg
+    assert "(" in msg and "more)" in msg  # the per-key shape list is cut short
+    assert_state_equal(model.state_dict(), before)
+    # a size no preset has: the fields to set are named
+    other = tiny(embed_dim=48)
+    with pytest.raises(CheckpointError, match=r"another size \(embed_dim 24, .*embed_dim=\.\.\., depths=\.\.\."):
+        htsat.load_checkpoint(other, model.state_dict())
+
+
+def test_bad_safetensors_is_a_checkpoint_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from htsat.cli import main
+
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes((200).to_bytes(8, "little") + b"{not json" + b"\0" * 300)
+    with pytest.raises(CheckpointError, match=rf"cannot read checkpoint {bad} \(safetensors\): SafetensorError"):
+        htsat.load_checkpoint(tiny(), bad)
+    import numpy as np
+    import soundfile as sf
+
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.full(16000, 0.1, np.float32), 16000)
+    rc = main(["predict", str(wav), "--checkpoint", str(bad), "--num-workers", "0"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err and str(bad) in err, err
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # the package not installed
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(CheckpointError, match=r"need the safetensors package .*htsat-kernels\[hub\]"):
+        htsat.load_checkpoint(tiny(), bad)
