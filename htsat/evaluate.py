@@ -101,6 +101,17 @@ def _check_finite(scores: np.ndarray, checkpoint, paths: list[str]) -> None:
         )
 
 
+def _check_finite_weights(model: torch.nn.Module, checkpoint) -> None:
+    """A checkpoint with NaN or infinite weights (a diverged run) is refused before any audio is decoded."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(
+            f"{os.fspath(checkpoint)}: NaN or infinite weights in {', '.join(bad[:3])}{more}: a diverged or damaged "
+            "checkpoint? no metrics computed"
+        )
+
+
 def _check_event_labels(events_path: str, ref: dict, known: list[str], class_map: str | None) -> None:
     """Reference labels the detections can never have score F1 0 silently: refuse them, as the clip-level path does."""
     labels = sorted({ev[2] for evs in ref.values() for ev in evs} - set(known))
@@ -135,6 +146,7 @@ def evaluate_checkpoint(
     obj = read_checkpoint(checkpoint)
     model = model_from_checkpoint(obj, name=model_name if obj.get("format") != FORMAT else None, backend=backend,
                                   source=checkpoint)  # fmt: skip
+    _check_finite_weights(model, checkpoint)
     cfg = model.config
     classes, aliases = _classes(obj, cfg.num_classes, classes_file)
     items, _ = read_dataset(manifest, root=data_root)
@@ -343,6 +355,7 @@ def _run_events(args) -> int:
         obj = read_checkpoint(args.checkpoint)
         model = model_from_checkpoint(obj, name=args.model if obj.get("format") != FORMAT else None, backend=args.backend,
                                       source=args.checkpoint)  # fmt: skip
+        _check_finite_weights(model, args.checkpoint)
         classes, _ = _classes(obj, model.config.num_classes, args.classes)
         class_map = sed.read_class_map(args.class_map) if args.class_map else None
         _check_event_labels(args.events, ref, sorted(class_map) if class_map else classes, args.class_map)

@@ -508,8 +508,27 @@ def test_evaluate_refuses_a_checkpoint_that_outputs_nan(tones, tmp_path, capsys,
             "-o", str(out), "--backend", "reference"]  # fmt: skip
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"htsat: error: {ck}: the model outputs NaN or infinite scores") and err.count("\n") == 1, err
+    assert err.startswith(f"htsat: error: {ck}: NaN or infinite weights in tscam_conv.weight") and err.count("\n") == 1, err
     assert not out.exists()
+    ref = tmp_path / "ref.tsv"  # the event path likewise
+    ref.write_text("filename\tonset\toffset\tevent_label\nx.wav\t0.0\t0.5\thigh\n")
+    assert main(["evaluate", "--events", str(ref), "--checkpoint", str(ck), "-o", str(out), "--backend", "reference"]) == 1
+    assert f"{ck}: NaN or infinite weights" in capsys.readouterr().err and not out.exists()
+
+
+def test_evaluate_refuses_non_finite_scores_of_finite_weights(tones, tmp_path, capsys, monkeypatch):
+    """Finite weights can still overflow to NaN scores: caught at the first batch, naming the checkpoint and clip."""
+    from htsat import evaluate
+
+    ck = _eval_setup(tones, tmp_path)
+    monkeypatch.setattr(evaluate, "ensemble_scores", lambda model, wave, rolls: torch.full((wave.shape[0], 4), float("nan")))
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--manifest", tones["manifest"], "--checkpoint", ck, "--fold", "0", "-o", str(out),
+            "--backend", "reference"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"htsat: error: {ck}: the model outputs NaN or infinite scores (first on ") and "audio/" in err
+    assert err.count("\n") == 1 and not out.exists()
 
 
 def test_evaluate_events_refuses_reference_labels_the_model_does_not_have(tones, tmp_path, capsys):
