@@ -426,9 +426,13 @@ def _http_download(url: str, dest: str, entry: Pretrained, *, show: bool, timeou
     have = os.path.getsize(part) if os.path.exists(part) else 0
     if not have:
         raise DownloadError(f"{entry.name}: cannot download {url} ({last}); {put}")
-    raise DownloadError(
-        f"{entry.name}: download of {url} interrupted after {have} bytes ({last}); run again to resume from {part}, or {put}"
+    origin = _part_origin(part) or {}
+    again = (
+        f"run again to resume from {part}"
+        if origin.get("validator")
+        else "run again to start over (the server names no version of the file, so a resume could splice two)"
     )
+    raise DownloadError(f"{entry.name}: download of {url} interrupted after {have} bytes ({last}); {again}, or {put}")
 
 
 def _accept(part: str, dest: str, url: str, entry: Pretrained, fetched: _Fetched, put: str) -> None:

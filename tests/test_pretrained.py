@@ -514,3 +514,14 @@ def test_failed_force_download_keeps_the_cached_file(server, cache, monkeypatch,
     with pytest.raises(pretrained.DownloadError, match="did not give a readable checkpoint"):
         pretrained.download("test-tiny", progress=False, force=True)
     assert open(path, "rb").read() == payload and pretrained.download("test-tiny") == path
+
+
+def test_server_without_validator_restarts_instead_of_resuming(server, cache, monkeypatch, tiny_payload):
+    """No ETag or Last-Modified: nothing shows the rest belongs to the same file, so the next call starts over."""
+    payload = tiny_payload[0]
+    _register(monkeypatch, server.url)
+    server.etag, server.drop_at, server.drops_left = None, 1000, 1
+    with pytest.raises(pretrained.DownloadError, match="interrupted after 1000 bytes .* run again to start over"):
+        pretrained.download("test-tiny", progress=False, retries=0, timeout=10)
+    path = pretrained.download("test-tiny", progress=False, retries=0, timeout=10)
+    assert open(path, "rb").read() == payload and server.ranges == [None, None]
