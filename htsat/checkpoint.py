@@ -9,6 +9,7 @@ Anything else is an error that names the keys.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import tempfile
@@ -100,10 +101,37 @@ def _load_failure(path: str, exc: Exception) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+_HASHED: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256: a file loaded twice in a process is read once
+
+
+def sha256_of(path: str) -> str:
+    path = os.path.abspath(path)
+    st = os.stat(path)
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASHED[key] = h.hexdigest()
+    return _HASHED[key]
+
+
+def recorded_sha256(path: str) -> str | None:
+    """The sha256 written beside a file (``<file>.sha256``, ``sha256sum`` format) when it was downloaded; None without."""
+    try:
+        with open(path + ".sha256", encoding="ascii") as f:
+            first = f.read(200).split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return first[0].lower() if first and re.fullmatch(r"[0-9a-fA-F]{64}", first[0]) else None
+
+
 def read_checkpoint(path_or_obj: str | os.PathLike | Mapping) -> Mapping:
     """A checkpoint file read with torch.load(weights_only=True) (a mapping passes through).
 
-    Raises FileNotFoundError for a missing file and CheckpointError naming the file for anything
+    Raises FileNotFoundError for a missing file and CheckpointError naming the file for a file that
+    differs from the sha256 recorded beside it at download (``<file>.sha256``) and for anything
     that is not a dict of weights: another kind of file, a damaged one, a pickle of arbitrary
     objects (refused, never unpickled), or a file holding a bare tensor or a list.
     """
@@ -114,6 +142,12 @@ def read_checkpoint(path_or_obj: str | os.PathLike | Mapping) -> Mapping:
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    recorded = recorded_sha256(path)
+    if recorded is not None and sha256_of(path) != recorded:  # a downloaded file damaged since (htsat download)
+        raise CheckpointError(
+            f"{path}: damaged: its sha256 differs from the one recorded at download in {path}.sha256; delete it, or "
+            "download it again (htsat download --force NAME for a named checkpoint)"
+        )
     if path.endswith(".safetensors"):  # transformers' model.safetensors
         return clap.read_safetensors(path)
     try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import http.client
 import json
 import os
@@ -34,6 +33,8 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
+
+from .checkpoint import recorded_sha256, sha256_of
 
 __all__ = [
     "DownloadError",
@@ -258,28 +259,10 @@ class _Unreadable(Exception):
     """The file is not a readable checkpoint; the message says why."""
 
 
-def _sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _discard(*paths: str) -> None:
     for p in paths:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
-
-
-def _recorded_sha256(dest: str) -> str | None:
-    """The sha256 written beside a cached file at download (``sha256sum`` format); None when there is none."""
-    try:
-        with open(dest + ".sha256", encoding="ascii") as f:
-            first = f.read(200).split()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return first[0].lower() if first and re.fullmatch(r"[0-9a-fA-F]{64}", first[0]) else None
 
 
 def _record_sha256(dest: str, sha: str) -> None:
@@ -351,15 +334,15 @@ def _check_cached(entry: Pretrained, dest: str) -> None:
     """A cached file matches the sha256 recorded at download (or the registry's); one without a record is adopted
     when it is a readable checkpoint. DownloadError otherwise, saying how to get a good copy."""
     again = f"delete it, or download it again with htsat download --force {entry.name}"
-    expected = entry.sha256.lower() if entry.sha256 else _recorded_sha256(dest)
+    expected = entry.sha256.lower() if entry.sha256 else recorded_sha256(dest)
     if expected is None:  # put there by hand, or cached before checksums were recorded
         try:
             _verify_checkpoint(dest)
         except _Unreadable as exc:
             raise DownloadError(f"{entry.name}: cached file {dest} is not a readable checkpoint ({exc}); {again}") from None
-        _record_sha256(dest, _sha256_of(dest))
+        _record_sha256(dest, sha256_of(dest))
         return
-    got = _sha256_of(dest)
+    got = sha256_of(dest)
     if got != expected:
         whose = "the registry's" if entry.sha256 else f"the one recorded at download in {dest}.sha256"
         raise DownloadError(
@@ -446,7 +429,7 @@ def _accept(part: str, dest: str, url: str, entry: Pretrained, fetched: _Fetched
         if got != size:
             _discard(part, part + ".meta")
             raise DownloadError(f"{entry.name}: {url} gave {got} bytes, {who} says {size}; file discarded; {put}")
-    sha = _sha256_of(part)
+    sha = sha256_of(part)
     expected = entry.sha256.lower() if entry.sha256 else fetched.sha256
     if expected is not None and sha != expected:
         _discard(part, part + ".meta")

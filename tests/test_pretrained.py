@@ -480,6 +480,8 @@ def test_damaged_cache_is_detected_and_download_force_repairs_it(server, cache, 
     msg = str(info.value)
     assert f"cached file {path} is damaged: its sha256" in msg and "recorded at download" in msg and "\n" not in msg
     assert msg.endswith("delete it, or download it again with htsat download --force test-tiny")
+    with pytest.raises(htsat.CheckpointError, match=rf"{path}: damaged: its sha256 differs from the one recorded"):
+        htsat.load_checkpoint(htsat.create_model("htsat-audioset", **TINY), path)  # the path itself, as printed
     assert main(["download", "test-tiny", "--no-progress"]) == 1  # never reported as cached
     captured = capsys.readouterr()
     assert captured.out == "" and "is damaged" in captured.err and captured.err.count("\n") == 1
