@@ -392,23 +392,26 @@ def test_loading_is_weights_only(tmp_path, source):
     assert not marker.exists()
 
 
-def test_checkpoint_of_another_model_size_names_the_size_not_the_class_count():
-    """Same class count, another width: the error names the size and the presets of that size, not drop_head."""
-    wide = htsat.create_model(backend="reference", **{**htsat.TINY_OVERRIDES, "num_classes": 10, "embed_dim": 96,
-                                                      "depths": (2, 2, 6, 2), "num_heads": (4, 8, 16, 32)})  # fmt: skip
-    model = tiny()
-    before = snapshot(model)
+def test_checkpoint_of_another_model_size_names_the_size_not_the_class_count(source):
+    """Same class count, another width: the error named the class count ("7 classes ... the model has 7; pass
+    drop_head=True"); it names the size, and the presets of that size or the fields to set."""
+    wide = tiny(embed_dim=48)
+    before = snapshot(wide)
     with pytest.raises(CheckpointError) as info:
-        htsat.load_checkpoint(model, wide.state_dict())
+        htsat.load_checkpoint(wide, source[1])
     msg = str(info.value)
-    assert "another size (embed_dim 96, depths (2, 2, 6, 2), num_heads (4, 8, 16, 32))" in msg
-    assert "htsat-audioset" in msg and "--model NAME" in msg and "drop_head" not in msg and "10 classes" not in msg
-    assert "(" in msg and "more)" in msg  # the per-key shape list is cut short
-    assert_state_equal(model.state_dict(), before)
-    # a size no preset has: the fields to set are named
-    other = tiny(embed_dim=48)
-    with pytest.raises(CheckpointError, match=r"another size \(embed_dim 24, .*embed_dim=\.\.\., depths=\.\.\."):
-        htsat.load_checkpoint(other, model.state_dict())
+    assert "another size (embed_dim 24, depths (2, 2, 2, 2), num_heads (1, 2, 4, 8)) than htsat-audioset (embed_dim 48" in msg
+    assert "embed_dim=..., depths=..." in msg and "drop_head" not in msg and "10 classes" not in msg
+    assert "more)" in msg  # the per-key shape list is cut short
+    assert_state_equal(wide.state_dict(), before)
+    # the backbone of htsat-audioset's size (only the keys that tell the size): its presets are suggested
+    sd = {"patch_embed.proj.weight": torch.zeros(96, 1, 4, 4)}
+    for i, (depth, heads) in enumerate(zip((2, 2, 6, 2), (4, 8, 16, 32))):
+        sd.update({f"layers.{i}.blocks.{j}.attn.relative_position_bias_table": torch.zeros(225, heads) for j in range(depth)})
+    with pytest.raises(CheckpointError, match=r"preset of its size \(htsat-audioset or htsat-esc50 or htsat-scv2 or "
+                       r"clap-htsat-tiny: --model NAME on the command line"):  # fmt: skip
+        htsat.load_checkpoint(wide, sd)
+    assert_state_equal(wide.state_dict(), before)
 
 
 def test_bad_safetensors_is_a_checkpoint_error(tmp_path, monkeypatch, capsys):
