@@ -262,6 +262,49 @@ def wav_declared_frames(path: PathLike) -> int | None:
         return None
 
 
+_SALVAGE_STEP = 4096  # frames; a FLAC frame's usual size
+
+
+def _read_at(sf, path: str, start: int, frames: int) -> np.ndarray | None:
+    """``frames`` frames from ``start`` of a freshly opened file, None when decoding fails within them."""
+    try:
+        with sf.SoundFile(path) as f:
+            f.seek(start)
+            return f.read(frames, dtype="float32", always_2d=True)
+    except Exception:
+        return None
+
+
+def _decodable_prefix(sf, path: str, start: int, limit: int) -> np.ndarray:
+    """The longest run of frames from ``start`` (at most ``limit``) that decodes, after a read of them failed: a
+    truncated or damaged FLAC decodes up to its last whole frame, which a failed block read would throw away."""
+    pieces: list[np.ndarray] = []
+    pos = start
+    try:  # small steps through one open file up to the step that fails
+        with sf.SoundFile(path) as f:
+            f.seek(start)
+            while pos - start < limit:
+                n = min(_SALVAGE_STEP, start + limit - pos)
+                piece = f.read(n, dtype="float32", always_2d=True)
+                pieces.append(piece)
+                pos += piece.shape[0]
+                if piece.shape[0] < n:
+                    break
+    except Exception:
+        pass
+    lo, hi = 0, min(_SALVAGE_STEP, start + limit - pos) - 1  # then bisect within it, each try on a fresh decoder
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _read_at(sf, path, pos, mid) is not None:
+            lo = mid
+        else:
+            hi = mid - 1
+    tail = _read_at(sf, path, pos, lo) if lo > 0 else None
+    if tail is not None:
+        pieces.append(tail)
+    return np.concatenate(pieces) if pieces else np.zeros((0, 1), np.float32)
+
+
 def stream_audio(path: PathLike, sample_rate: int, *, block_seconds: float = 30.0, quality: str = "HQ", warn=None):
     """Yield a file as float32 mono blocks at ``sample_rate`` Hz, decoded and resampled block by block.
 
@@ -293,14 +336,18 @@ def stream_audio(path: PathLike, sample_rate: int, *, block_seconds: float = 30.
             try:
                 data = f.read(block, dtype="float32", always_2d=True)
             except Exception as e:
-                if read == 0:
+                # the block holds the damage: keep what of it decodes, then stop (the decoder cannot go on past it)
+                data = _decodable_prefix(sf, path, read, block)
+                if read + data.shape[0] == 0:
                     raise AudioError(path, f"cannot read audio ({type(e).__name__}: {e})") from e
                 if warn is not None:
                     warn(
-                        f"{path}: decoding stopped at {read / rate:.2f} s ({type(e).__name__}: {e}); using the audio read so far"
+                        f"{path}: decoding stopped at {(read + data.shape[0]) / rate:.2f} s of the {f.frames / rate:.2f} s "
+                        f"its header declares ({type(e).__name__}: {e}); using the audio decoded so far"
                     )
-                data = np.zeros((0, 1), np.float32)
-            last = data.shape[0] < block
+                last = True
+            else:
+                last = data.shape[0] < block
             read += data.shape[0]
             wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
             if not np.all(np.isfinite(wave)):

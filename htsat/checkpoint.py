@@ -9,6 +9,7 @@ Anything else is an error that names the keys.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import tempfile
@@ -100,10 +101,37 @@ def _load_failure(path: str, exc: Exception) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+_HASHED: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256: a file loaded twice in a process is read once
+
+
+def sha256_of(path: str) -> str:
+    path = os.path.abspath(path)
+    st = os.stat(path)
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASHED[key] = h.hexdigest()
+    return _HASHED[key]
+
+
+def recorded_sha256(path: str) -> str | None:
+    """The sha256 written beside a file (``<file>.sha256``, ``sha256sum`` format) when it was downloaded; None without."""
+    try:
+        with open(path + ".sha256", encoding="ascii") as f:
+            first = f.read(200).split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return first[0].lower() if first and re.fullmatch(r"[0-9a-fA-F]{64}", first[0]) else None
+
+
 def read_checkpoint(path_or_obj: str | os.PathLike | Mapping) -> Mapping:
     """A checkpoint file read with torch.load(weights_only=True) (a mapping passes through).
 
-    Raises FileNotFoundError for a missing file and CheckpointError naming the file for anything
+    Raises FileNotFoundError for a missing file and CheckpointError naming the file for a file that
+    differs from the sha256 recorded beside it at download (``<file>.sha256``) and for anything
     that is not a dict of weights: another kind of file, a damaged one, a pickle of arbitrary
     objects (refused, never unpickled), or a file holding a bare tensor or a list.
     """
@@ -114,6 +142,12 @@ def read_checkpoint(path_or_obj: str | os.PathLike | Mapping) -> Mapping:
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    recorded = recorded_sha256(path)
+    if recorded is not None and sha256_of(path) != recorded:  # a downloaded file damaged since (htsat download)
+        raise CheckpointError(
+            f"{path}: damaged: its sha256 differs from the one recorded at download in {path}.sha256; delete it, or "
+            "download it again (htsat download --force NAME for a named checkpoint)"
+        )
     if path.endswith(".safetensors"):  # transformers' model.safetensors
         return clap.read_safetensors(path)
     try:
@@ -182,7 +216,66 @@ def _named(exc: CheckpointError, path_or_obj) -> CheckpointError:
     return exc if isinstance(path_or_obj, Mapping) or str(exc).startswith(src) else CheckpointError(f"{src}: {exc}")
 
 
+def _architecture(sd: Mapping[str, Tensor]) -> dict[str, Any] | None:
+    """embed_dim, depths and num_heads of a state_dict's backbone (None when it has no patch embedding)."""
+    conv = sd.get("patch_embed.proj.weight")
+    if conv is None or conv.ndim != 4:
+        return None
+    blocks: dict[int, set[int]] = {}
+    heads: dict[int, int] = {}
+    for key, value in sd.items():
+        m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", key)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+            if key.endswith("attn.relative_position_bias_table") and value.ndim == 2:
+                heads[int(m.group(1))] = int(value.shape[1])
+    stages = range(max(blocks) + 1) if blocks else range(0)
+    return {
+        "embed_dim": int(conv.shape[0]),
+        "depths": tuple(len(blocks.get(i, ())) for i in stages),
+        "num_heads": tuple(heads.get(i, 0) for i in stages),
+    }
+
+
+def _size_mismatch(model: HTSAT, sd: Mapping[str, Tensor]) -> str | None:
+    """The checkpoint's backbone is of another size than the model's: say so first (every shape then differs,
+    the head's included), with the presets of the checkpoint's size."""
+    theirs = _architecture(sd)
+    if theirs is None:
+        return None
+    cfg = model.config
+    ours = {"embed_dim": cfg.embed_dim, "depths": tuple(cfg.depths), "num_heads": tuple(cfg.num_heads)}
+    if theirs == ours:
+        return None
+    from .config import PRESETS
+
+    default = HTSATConfig()
+    fits = [n for n, p in PRESETS.items()
+            if {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k in theirs for v in [p.get(k, getattr(default, k))]}
+            == theirs]  # fmt: skip
+    desc = ", ".join(f"{k} {v}" for k, v in theirs.items())
+    ours_desc = ", ".join(f"{k} {v}" for k, v in ours.items())
+    how = (
+        f"build the model with the preset of its size ({' or '.join(fits)}: --model NAME on the command line, "
+        "create_model(NAME) in Python)"
+        if fits
+        else "build the model with the checkpoint's size (--model CONFIG.json on the command line, create_model(..., "
+        "embed_dim=..., depths=..., num_heads=...) in Python)"
+    )
+    return f"the checkpoint is a model of another size ({desc}) than {cfg.name} ({ours_desc}); {how}"
+
+
 def _load_into(model: HTSAT, obj: Mapping, drop_head: bool) -> LoadReport:
+    # a CLAP checkpoint resizes the model's audio_projection before the checks: a failed load puts it back
+    projection, config = model.audio_projection, model.config
+    try:
+        return _checked_load(model, obj, drop_head)
+    except BaseException:
+        model.audio_projection, model.config = projection, config
+        raise
+
+
+def _checked_load(model: HTSAT, obj: Mapping, drop_head: bool) -> LoadReport:
     sd, kind = extract_state_dict(obj)
     sd, kind, skipped_other, has_head = clap.convert_checkpoint(model, sd, kind)  # CLAP layouts -> ours
     drop_head = drop_head or not has_head  # transformers' CLAP has no classification head
@@ -201,7 +294,7 @@ def _load_into(model: HTSAT, obj: Mapping, drop_head: bool) -> LoadReport:
                 bad_derived.append(f"{key} (checkpoint {tuple(value.shape)}, ours {tuple(ours[key].shape)})")
             report.derived_checked.append(key)
         elif value.shape != ours[key].shape:
-            if key.startswith(HEAD_PREFIXES) and class_mismatch is None:
+            if key.startswith(HEAD_PREFIXES) and value.shape[1:] == ours[key].shape[1:] and class_mismatch is None:
                 class_mismatch = (
                     f"the checkpoint has {value.shape[0]} classes ({key} {tuple(value.shape)}) but the model has "
                     f"{model.config.num_classes}; to fine-tune with a new class count pass drop_head=True "
@@ -213,6 +306,9 @@ def _load_into(model: HTSAT, obj: Mapping, drop_head: bool) -> LoadReport:
             to_load[key] = value
     missing = [k for k in ours if k not in sd and not is_derived_key(k) and not (drop_head and k.startswith(HEAD_PREFIXES))]
     problems = []
+    size = _size_mismatch(model, sd)
+    if size:
+        problems.append(size)
     if class_mismatch:
         problems.append(class_mismatch)
     if bad_derived:
@@ -224,7 +320,8 @@ def _load_into(model: HTSAT, obj: Mapping, drop_head: bool) -> LoadReport:
             f"setting): {bad_derived}{hint}"
         )
     if bad_shape:
-        problems.append(f"shape mismatches: {bad_shape}")
+        more = f" ... ({len(bad_shape) - 10} more)" if len(bad_shape) > 10 else ""
+        problems.append(f"shape mismatches: {bad_shape[:10]}{more}")
     if unexpected:
         problems.append(f"keys the model does not have: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
     if missing:

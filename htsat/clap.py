@@ -177,11 +177,22 @@ def _size_projection(model: nn.Module, sd: dict) -> None:
 
 
 def read_safetensors(path: str) -> dict:
+    """A .safetensors file's tensors; CheckpointError (one line naming the file) when it cannot be read."""
+    from .checkpoint import CheckpointError
+
+    path = os.fspath(path)
     try:
         from safetensors.torch import load_file
-    except ImportError as exc:
-        raise ImportError(f"reading {path} needs the safetensors package (pip install safetensors)") from exc
-    return load_file(os.fspath(path), device="cpu")
+    except ImportError:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: .safetensors files need the safetensors package (pip install safetensors, "
+            "or pip install htsat-kernels[hub])"
+        ) from None
+    try:
+        return load_file(path, device="cpu")
+    except Exception as exc:  # SafetensorError for a bad header, OSError, ... depending on the damage
+        text = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"cannot read checkpoint {path} (safetensors): {type(exc).__name__}: {text}") from exc
 
 
 def preset_for(sd: dict) -> str | None:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .audio import DEFAULT_SILENCE_DB
-from .checkpoint import FORMAT, model_from_checkpoint, read_checkpoint
+from .checkpoint import FORMAT, CheckpointError, model_from_checkpoint, read_checkpoint
 from .data import (
     AudioDataset,
     ManifestError,
@@ -91,6 +91,37 @@ def _finite_or_none(x: Any) -> Any:
     return x
 
 
+def _check_finite(scores: np.ndarray, checkpoint, paths: list[str]) -> None:
+    """Metrics of NaN scores mean nothing (argmax of NaN is class 0; sklearn refuses them): stop, naming the checkpoint."""
+    bad = ~np.isfinite(scores).all(axis=1)
+    if bad.any():
+        raise CheckpointError(
+            f"{os.fspath(checkpoint)}: the model outputs NaN or infinite scores (first on {paths[int(np.argmax(bad))]}): "
+            "a diverged or damaged checkpoint? no metrics computed"
+        )
+
+
+def _check_finite_weights(model: torch.nn.Module, checkpoint) -> None:
+    """A checkpoint with NaN or infinite weights (a diverged run) is refused before any audio is decoded."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(
+            f"{os.fspath(checkpoint)}: NaN or infinite weights in {', '.join(bad[:3])}{more}: a diverged or damaged "
+            "checkpoint? no metrics computed"
+        )
+
+
+def _check_event_labels(events_path: str, ref: dict, known: list[str], class_map: str | None) -> None:
+    """Reference labels the detections can never have score F1 0 silently: refuse them, as the clip-level path does."""
+    labels = sorted({ev[2] for evs in ref.values() for ev in evs} - set(known))
+    if labels:
+        where = f"targets of the class map {class_map}" if class_map else f"classes of the model ({len(known)})"
+        fix = "add them to the class map" if class_map else "give --class-map to map model classes onto them"
+        shown = ", ".join(map(repr, labels[:10])) + (f" (and {len(labels) - 10} more)" if len(labels) > 10 else "")
+        raise ManifestError(f"{events_path}: {len(labels)} reference label(s) {shown} not among the {where}; {fix}")
+
+
 def evaluate_checkpoint(
     checkpoint: str,
     manifest: str,
@@ -115,6 +146,7 @@ def evaluate_checkpoint(
     obj = read_checkpoint(checkpoint)
     model = model_from_checkpoint(obj, name=model_name if obj.get("format") != FORMAT else None, backend=backend,
                                   source=checkpoint)  # fmt: skip
+    _check_finite_weights(model, checkpoint)
     cfg = model.config
     classes, aliases = _classes(obj, cfg.num_classes, classes_file)
     items, _ = read_dataset(manifest, root=data_root)
@@ -135,7 +167,9 @@ def evaluate_checkpoint(
         keep = batch["valid"]
         if not keep.any():
             continue
-        scores.append(ensemble_scores(model, batch["waveform"][keep].to(dev), ensemble_rolls).cpu().numpy())
+        out = ensemble_scores(model, batch["waveform"][keep].to(dev), ensemble_rolls).cpu().numpy()
+        _check_finite(out, checkpoint, [items[i].path for i in batch["index"][keep].tolist()])
+        scores.append(out)
         targets.append(batch["target"][keep].numpy())
         index += batch["index"][keep].tolist()
     if not scores:
@@ -321,13 +355,15 @@ def _run_events(args) -> int:
         obj = read_checkpoint(args.checkpoint)
         model = model_from_checkpoint(obj, name=args.model if obj.get("format") != FORMAT else None, backend=args.backend,
                                       source=args.checkpoint)  # fmt: skip
+        _check_finite_weights(model, args.checkpoint)
         classes, _ = _classes(obj, model.config.num_classes, args.classes)
+        class_map = sed.read_class_map(args.class_map) if args.class_map else None
+        _check_event_labels(args.events, ref, sorted(class_map) if class_map else classes, args.class_map)
         dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model.to(dev)
         est = sed.detect_events_with_model(
             model, classes, sorted(ref), args.audio_dir or os.path.dirname(os.path.abspath(args.events)),
-            class_map=sed.read_class_map(args.class_map) if args.class_map else None, threshold=args.threshold,
-            median_filter=args.median_filter, device=dev,
+            class_map=class_map, threshold=args.threshold, median_filter=args.median_filter, device=dev,
         )  # fmt: skip
     else:
         raise ValueError("--events needs --predicted EST.tsv or --checkpoint")

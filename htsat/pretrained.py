@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import http.client
+import json
 import os
 import re
 import sys
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any
+
+from .checkpoint import recorded_sha256, sha256_of
 
 __all__ = [
     "DownloadError",
@@ -162,19 +165,29 @@ def _where_from(entry: Pretrained) -> str:
     return entry.manual or entry.download_url or "?"  # a page a person can open first, when there is one
 
 
-def download(name_or_entry: str | Pretrained, *, progress: bool | None = None, timeout: float = 60.0, retries: int = 2) -> str:
+def download(
+    name_or_entry: str | Pretrained,
+    *,
+    progress: bool | None = None,
+    timeout: float = 60.0,
+    retries: int = 2,
+    force: bool = False,
+) -> str:
     """The local path of a registry checkpoint, downloading it first when it is not cached.
 
-    A file already at ``cache_dir()/<filename>`` (downloaded before, or put there by hand) is used as it is.
+    A cached file is checked before it is returned: against the sha256 recorded beside it at download
+    (``<file>.sha256``, or the registry's); a file put there by hand must be a readable checkpoint, and its
+    sha256 is then recorded. ``force=True`` downloads it again (the old file stays until the new one is checked).
     Raises DownloadError (one line: what failed, and which file to put where) and ValueError for an unknown name.
     """
     entry = get(name_or_entry) if isinstance(name_or_entry, str) else name_or_entry
     dest = os.path.join(cache_dir(), entry.filename)
-    if os.path.isfile(dest):
+    if os.path.isfile(dest) and not force:
+        _check_cached(entry, dest)
         return dest
     put = f"download {entry.filename} from {_where_from(entry)} and put it at {dest}"
     if entry.hub_repo and _have_hf_hub():
-        return _hub_download(entry, dest, put)
+        return _hub_download(entry, dest, put, force=force)
     if offline():
         raise DownloadError(
             f"{entry.name}: {entry.filename} is not in the cache and downloads are off (HTSAT_OFFLINE / HF_HUB_OFFLINE); {put}"
@@ -185,7 +198,12 @@ def download(name_or_entry: str | Pretrained, *, progress: bool | None = None, t
     show = sys.stderr.isatty() if progress is None else progress
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     with _locked(dest + ".lock"):  # two processes appending to one .part would corrupt it
-        if not os.path.isfile(dest):  # the other process may have finished it meanwhile
+        if force:
+            _discard(dest + ".part")  # asked to start over: nothing of an earlier attempt is reused
+            _http_download(url, dest, entry, show=show, timeout=timeout, retries=retries, put=put)
+        elif os.path.isfile(dest):  # another process finished it meanwhile
+            _check_cached(entry, dest)
+        else:
             _http_download(url, dest, entry, show=show, timeout=timeout, retries=retries, put=put)
     return dest
 
@@ -215,12 +233,16 @@ def _have_hf_hub() -> bool:
     return True
 
 
-def _hub_download(entry: Pretrained, dest: str, put: str) -> str:
+def _hub_download(entry: Pretrained, dest: str, put: str, *, force: bool = False) -> str:
     from huggingface_hub import hf_hub_download
 
     try:
         return hf_hub_download(
-            entry.hub_repo, entry.hub_filename or entry.filename, revision=entry.hub_revision, local_files_only=offline()
+            entry.hub_repo,
+            entry.hub_filename or entry.filename,
+            revision=entry.hub_revision,
+            local_files_only=offline(),
+            force_download=force,
         )
     except Exception as exc:  # the hub's errors (offline, no network, missing file) differ across versions
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -228,30 +250,152 @@ def _hub_download(entry: Pretrained, dest: str, put: str) -> str:
         raise DownloadError(f"{entry.name}: {entry.filename}: {why}; {put}") from exc
 
 
-def _sha256_of(path: str) -> str:
-    h = hashlib.sha256()
+# -------------------------------------------------------------------------------------------------
+# what a file must be to enter the cache, and stay there
+# -------------------------------------------------------------------------------------------------
+
+
+class _Unreadable(Exception):
+    """The file is not a readable checkpoint; the message says why."""
+
+
+def _discard(*paths: str) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+
+
+def _record_sha256(dest: str, sha: str) -> None:
+    """``<file>.sha256`` beside the cached file (``sha256sum -c`` reads it), written atomically; a read-only cache
+    is left as it is (the file is then checked for readability each time instead)."""
+    tmp = f"{dest}.sha256.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(f"{sha}  {os.path.basename(dest)}\n")
+        os.replace(tmp, dest + ".sha256")
+    except OSError:
+        _discard(tmp)
+
+
+def _looks_like_html(head: bytes) -> bool:
+    """A web page or other markup by its first bytes, whatever its Content-Type says (no checkpoint starts with '<')."""
+    text = head[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return text.startswith(b"<")
+
+
+def _has_tensor(obj: Any, depth: int = 0) -> bool:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return True
+    if depth > 4:
+        return False
+    if isinstance(obj, dict):
+        return any(_has_tensor(v, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_tensor(v, depth + 1) for v in obj)
+    return False
+
+
+def _verify_checkpoint(path: str) -> None:
+    """Raise _Unreadable unless ``path`` is a torch.save file whose archive opens, passes its CRC checks and lists
+    tensors (read with weights_only=True, memory-mapped: nothing is unpickled beyond plain data)."""
+    import torch
+
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
+        head = f.read(512)
+    if not head:
+        raise _Unreadable("empty file")
+    if _looks_like_html(head):
+        raise _Unreadable("it is a web page or other markup, not a checkpoint")
+    mmap = head.startswith(b"PK\x03\x04")
+    if mmap:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise _Unreadable(f"its archive does not open, truncated or damaged ({exc})") from None
+        if damaged is not None:
+            raise _Unreadable(f"archive member {damaged} fails its CRC check (damaged)")
+        if not any(n.endswith("data.pkl") for n in names):
+            raise _Unreadable("a zip archive without data.pkl, not a torch.save file")
+    elif not head.startswith(b"\x80"):  # neither torch.save's zip nor a legacy pickle
+        raise _Unreadable(f"not a PyTorch checkpoint (starts with {head[:8]!r})")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:
+        raise _Unreadable(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from None
+    if not _has_tensor(obj):
+        raise _Unreadable("it holds no tensors")
 
 
-def _published_sha256(resp) -> str | None:
+def _check_cached(entry: Pretrained, dest: str) -> None:
+    """A cached file matches the sha256 recorded at download (or the registry's); one without a record is adopted
+    when it is a readable checkpoint. DownloadError otherwise, saying how to get a good copy."""
+    again = f"delete it, or download it again with htsat download --force {entry.name}"
+    expected = entry.sha256.lower() if entry.sha256 else recorded_sha256(dest)
+    if expected is None:  # put there by hand, or cached before checksums were recorded
+        try:
+            _verify_checkpoint(dest)
+        except _Unreadable as exc:
+            raise DownloadError(f"{entry.name}: cached file {dest} is not a readable checkpoint ({exc}); {again}") from None
+        _record_sha256(dest, sha256_of(dest))
+        return
+    got = sha256_of(dest)
+    if got != expected:
+        whose = "the registry's" if entry.sha256 else f"the one recorded at download in {dest}.sha256"
+        raise DownloadError(
+            f"{entry.name}: cached file {dest} is damaged: its sha256 {got} differs from {whose} ({expected}); {again}"
+        )
+
+
+# -------------------------------------------------------------------------------------------------
+# plain HTTP(S)
+# -------------------------------------------------------------------------------------------------
+
+
+class _RecordRedirects(urllib.request.HTTPRedirectHandler):
+    """Keeps the headers of every redirect answer: the hub sends X-Linked-Etag / X-Linked-Size on its 302 to the
+    storage URL, whose own answer does not carry them."""
+
+    def __init__(self):
+        self.hops: list[Any] = []
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.hops.append(headers)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+@dataclass
+class _Fetched:
+    sha256: str | None  # the hub's, from X-Linked-Etag on any hop
+    sizes: dict[str, int]  # what each source states the length to be
+
+
+def _published_sha256(hops: list[Any]) -> str | None:
     """The hub's resolve answer carries an LFS file's sha256 in X-Linked-Etag; other servers: None."""
-    tag = (resp.headers.get("X-Linked-Etag") or "").strip().strip('"')
-    return tag.lower() if re.fullmatch(r"[0-9a-fA-F]{64}", tag) else None
+    for headers in hops:
+        tag = (headers.get("X-Linked-Etag") or "").strip().strip('"')
+        if re.fullmatch(r"[0-9a-fA-F]{64}", tag):
+            return tag.lower()
+    return None
+
+
+def _int_header(value: str | None) -> int | None:
+    return int(value) if value is not None and value.strip().isdigit() else None
 
 
 def _http_download(url: str, dest: str, entry: Pretrained, *, show: bool, timeout: float, retries: int, put: str) -> None:
     part = dest + ".part"
-    expected = entry.sha256.lower() if entry.sha256 else None
     last = ""
     for _attempt in range(retries + 1):
         try:
-            published = _fetch_into(url, part, entry, show=show, timeout=timeout)
+            fetched = _fetch_into(url, part, entry, show=show, timeout=timeout)
         except urllib.error.HTTPError as exc:
             raise DownloadError(f"{entry.name}: cannot download {url} (HTTP {exc.code} {exc.reason}); {put}") from None
         except _WebPage:
+            _discard(part, part + ".meta")
             raise DownloadError(
                 f"{entry.name}: {url} sent a web page, not the file (Google Drive does so past its download quota or to "
                 f"ask for a confirmation); {put}"
@@ -260,52 +404,114 @@ def _http_download(url: str, dest: str, entry: Pretrained, *, show: bool, timeou
             reason = getattr(exc, "reason", None) or exc
             last = f"{type(exc).__name__}: {reason}" if not str(reason) else str(reason)
             continue  # the .part keeps what arrived: the next attempt resumes it
-        expected = expected or published
-        if entry.size_bytes is not None and os.path.getsize(part) != entry.size_bytes:
-            got = os.path.getsize(part)
-            os.unlink(part)
-            raise DownloadError(f"{entry.name}: {url} gave {got} bytes, expected {entry.size_bytes}; file discarded; {put}")
-        if expected is not None:
-            got_sha = _sha256_of(part)
-            if got_sha != expected:
-                os.unlink(part)
-                raise DownloadError(
-                    f"{entry.name}: sha256 mismatch for {url} (got {got_sha}, expected {expected}); file discarded"
-                )
-        os.replace(part, dest)
+        _accept(part, dest, url, entry, fetched, put)
         return
     have = os.path.getsize(part) if os.path.exists(part) else 0
     if not have:
         raise DownloadError(f"{entry.name}: cannot download {url} ({last}); {put}")
-    raise DownloadError(
-        f"{entry.name}: download of {url} interrupted after {have} bytes ({last}); run again to resume from {part}, or {put}"
+    origin = _part_origin(part) or {}
+    again = (
+        f"run again to resume from {part}"
+        if origin.get("validator")
+        else "run again to start over (the server names no version of the file, so a resume could splice two)"
     )
+    raise DownloadError(f"{entry.name}: download of {url} interrupted after {have} bytes ({last}); {again}, or {put}")
 
 
-def _fetch_into(url: str, part: str, entry: Pretrained, *, show: bool, timeout: float) -> str | None:
-    """Append the rest of ``url`` to ``part`` (a Range request from its size); returns the sha256 the server
-    publishes (or None) once the file is complete, raises when the connection ends early."""
+def _accept(part: str, dest: str, url: str, entry: Pretrained, fetched: _Fetched, put: str) -> None:
+    """Rename a complete .part into the cache only when it matches every length and checksum its sources state and
+    is a readable checkpoint; otherwise discard it (a server that calls a file complete cannot resume it)."""
+    got = os.path.getsize(part)
+    sizes = dict(fetched.sizes)
+    if entry.size_bytes is not None:
+        sizes["the registry"] = entry.size_bytes
+    for who, size in sizes.items():
+        if got != size:
+            _discard(part, part + ".meta")
+            raise DownloadError(f"{entry.name}: {url} gave {got} bytes, {who} says {size}; file discarded; {put}")
+    sha = sha256_of(part)
+    expected = entry.sha256.lower() if entry.sha256 else fetched.sha256
+    if expected is not None and sha != expected:
+        _discard(part, part + ".meta")
+        raise DownloadError(f"{entry.name}: sha256 mismatch for {url} (got {sha}, expected {expected}); file discarded")
+    try:
+        _verify_checkpoint(part)
+    except _Unreadable as exc:
+        _discard(part, part + ".meta")
+        raise DownloadError(f"{entry.name}: {url} did not give a readable checkpoint ({exc}); file discarded; {put}") from None
+    _discard(dest + ".sha256")  # a crash before the new record is written leaves the file to be adopted, never misjudged
+    os.replace(part, dest)
+    _record_sha256(dest, sha)
+    _discard(part + ".meta")
+
+
+def _part_origin(part: str) -> dict[str, Any] | None:
+    try:
+        with open(part + ".meta", encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _validator(headers) -> str | None:
+    """What If-Range can name: a strong ETag, else Last-Modified (a weak ETag cannot be used)."""
+    etag = (headers.get("ETag") or "").strip()
+    if etag and not etag.startswith("W/"):
+        return etag
+    return (headers.get("Last-Modified") or "").strip() or None
+
+
+def _fetch_into(url: str, part: str, entry: Pretrained, *, show: bool, timeout: float) -> _Fetched:
+    """Append the rest of ``url`` to ``part`` (a Range request from its size, valid only If-Range the file is the one
+    the .part began with); returns what the server states about the file once it is complete, raises when the
+    connection ends early."""
     have = os.path.getsize(part) if os.path.exists(part) else 0
+    origin = _part_origin(part) if have else None
+    if have and (origin is None or origin.get("url") != url or not origin.get("validator")):
+        # a .part of unknown origin, of another URL, or from a server that gave no validator: its bytes cannot be
+        # shown to belong to the file the server sends now, so it is not extended
+        _discard(part, part + ".meta")
+        have, origin = 0, None
+    began_as = origin.get("validator") if origin else None
     headers = {"User-Agent": "htsat-kernels"}
     if have:
         headers["Range"] = f"bytes={have}-"
+        headers["If-Range"] = str(began_as)
+    redirects = _RecordRedirects()
     try:
-        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        resp = urllib.request.build_opener(redirects).open(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # the .part is not a prefix the server can extend: start over
-            os.unlink(part)
+            _discard(part, part + ".meta")
             return _fetch_into(url, part, entry, show=show, timeout=timeout)
         raise
     with resp:
-        if (resp.headers.get("Content-Type") or "").startswith("text/html"):
+        hops = [*redirects.hops, resp.headers]
+        if (resp.headers.get("Content-Type") or "").strip().lower().startswith(("text/html", "application/xhtml")):
             raise _WebPage(url)
+        validator = _validator(resp.headers)
+        sizes: dict[str, int] = {}
+        linked = next((n for h in hops if (n := _int_header(h.get("X-Linked-Size"))) is not None), None)
+        if linked is not None:
+            sizes["the hub (X-Linked-Size)"] = linked
         if have and resp.status != 206:
-            have = 0  # the server ignored the Range: it sends the whole file
+            have = 0  # the server sends the whole file: it ignored the Range, or If-Range found the file changed
         elif have and not (resp.headers.get("Content-Range") or "").startswith(f"bytes {have}-"):
-            os.unlink(part)  # a range other than the one asked for: start over on the next attempt
+            _discard(part, part + ".meta")  # a range other than the one asked for: start over on the next attempt
             raise http.client.HTTPException(f"server answered Range bytes={have}- with {resp.headers.get('Content-Range')!r}")
-        length = resp.headers.get("Content-Length")
-        total = have + int(length) if length is not None else entry.size_bytes
+        elif have and validator is not None and validator != began_as:
+            _discard(part, part + ".meta")  # a 206 of another version of the file: never spliced
+            raise http.client.HTTPException(f"the file changed on the server ({validator} after {began_as})")
+        if have:
+            whole = (resp.headers.get("Content-Range") or "").rpartition("/")[2]
+            if whole.isdigit():
+                sizes["its Content-Range"] = int(whole)
+        if not have:
+            with open(part + ".meta", "w", encoding="utf-8") as f:
+                json.dump({"url": url, "validator": validator}, f)
+        length = _int_header(resp.headers.get("Content-Length"))
+        total = have + length if length is not None else next(iter(sizes.values()), entry.size_bytes)
         bar = None
         if show:
             try:
@@ -318,10 +524,14 @@ def _fetch_into(url: str, part: str, entry: Pretrained, *, show: bool, timeout: 
             )
         try:
             with open(part, "ab" if have else "wb") as f:
+                first = not have
                 while True:
                     block = resp.read(_CHUNK)
                     if not block:
                         break
+                    if first and _looks_like_html(block):  # a page sent as anything, or as nothing
+                        raise _WebPage(url)
+                    first = False
                     f.write(block)
                     if bar is not None:
                         bar.update(len(block))
@@ -330,7 +540,7 @@ def _fetch_into(url: str, part: str, entry: Pretrained, *, show: bool, timeout: 
                 bar.close()
         if total is not None and os.path.getsize(part) < total:
             raise http.client.IncompleteRead(b"", total - os.path.getsize(part))
-        return _published_sha256(resp)
+        return _Fetched(_published_sha256(hops), sizes)
 
 
 def load_pretrained(model, name: str, *, drop_head: bool = False, progress: bool | None = None):
@@ -357,9 +567,15 @@ def add_parsers(sub) -> None:
         "download",
         help="download named checkpoints into the cache ($HTSAT_HOME) and print their paths",
         description="Download named checkpoints (htsat models lists them) into the cache, checked and resumable; prints "
-        "each local path. HTSAT_OFFLINE=1 only looks in the cache.",
+        "each local path. A cached file is checked against the sha256 recorded at download before it is reported. "
+        "HTSAT_OFFLINE=1 only looks in the cache.",
     )
     d.add_argument("names", nargs="+", metavar="NAME")
+    d.add_argument(
+        "--force",
+        action="store_true",
+        help="download again even when cached (a damaged file is replaced once the new one checks)",
+    )
     d.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar on stderr (default: on a terminal)"
     )
@@ -401,5 +617,5 @@ def run(args) -> int:
         return 0
     entries = [get(n) for n in args.names]  # every name checked before any download
     for e in entries:
-        print(download(e, progress=args.progress), flush=True)
+        print(download(e, progress=args.progress, force=args.force), flush=True)
     return 0

@@ -315,3 +315,27 @@ def test_sampler_matches_distributed_sampler_and_resumes():
     assert list(plain) == [0, 1, 2, 3, 4]
     dl = ResumableSampler(5, num_replicas=2, rank=1, drop_last=True)
     assert len(dl) == 2
+
+
+@needs_audio
+@pytest.mark.parametrize("seconds,at_least", [(3, 1.25), (100, 49.9)])
+def test_truncated_flac_keeps_everything_decodable(tmp_path, seconds, at_least):
+    """A FLAC cut in half decodes up to its last whole frame (1.28 s of a 3 s file, 49.92 s of a 100 s one); reading
+    in 30 s blocks used to throw away the whole failing block (the 3 s file was rejected, the 100 s one gave 30 s)."""
+    import soundfile as sf
+
+    from htsat.audio import stream_audio
+
+    sr = 16000
+    rng = np.random.default_rng(0)
+    x = (_tone(440, seconds, sr) + 0.01 * rng.standard_normal(seconds * sr)).astype(np.float32)
+    full = tmp_path / "full.flac"
+    sf.write(full, x, sr, subtype="PCM_16")
+    data = full.read_bytes()
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(data[: len(data) // 2])
+    warnings: list[str] = []
+    got = np.concatenate(list(stream_audio(cut, sr, block_seconds=30.0, warn=warnings.append)))
+    assert got.shape[0] >= at_least * sr
+    np.testing.assert_array_equal(got, sf.read(full, dtype="float32")[0][: got.shape[0]])  # the file's own samples
+    assert len(warnings) == 1 and f"{cut}: decoding stopped at {got.shape[0] / sr:.2f} s of the {seconds:.2f} s" in warnings[0]

@@ -390,3 +390,48 @@ def test_loading_is_weights_only(tmp_path, source):
     with pytest.raises(CheckpointError):
         htsat.model_from_checkpoint(path)
     assert not marker.exists()
+
+
+def test_checkpoint_of_another_model_size_names_the_size_not_the_class_count(source):
+    """Same class count, another width: the error named the class count ("7 classes ... the model has 7; pass
+    drop_head=True"); it names the size, and the presets of that size or the fields to set."""
+    wide = tiny(embed_dim=48)
+    before = snapshot(wide)
+    with pytest.raises(CheckpointError) as info:
+        htsat.load_checkpoint(wide, source[1])
+    msg = str(info.value)
+    assert "another size (embed_dim 24, depths (2, 2, 2, 2), num_heads (1, 2, 4, 8)) than htsat-audioset (embed_dim 48" in msg
+    assert "embed_dim=..., depths=..." in msg and "drop_head" not in msg and "10 classes" not in msg
+    assert "more)" in msg  # the per-key shape list is cut short
+    assert_state_equal(wide.state_dict(), before)
+    # the backbone of htsat-audioset's size (only the keys that tell the size): its presets are suggested
+    sd = {"patch_embed.proj.weight": torch.zeros(96, 1, 4, 4)}
+    for i, (depth, heads) in enumerate(zip((2, 2, 6, 2), (4, 8, 16, 32))):
+        sd.update({f"layers.{i}.blocks.{j}.attn.relative_position_bias_table": torch.zeros(225, heads) for j in range(depth)})
+    with pytest.raises(CheckpointError, match=r"preset of its size \(htsat-audioset or htsat-esc50 or htsat-scv2 or "
+                       r"clap-htsat-tiny: --model NAME on the command line"):  # fmt: skip
+        htsat.load_checkpoint(wide, sd)
+    assert_state_equal(wide.state_dict(), before)
+
+
+def test_bad_safetensors_is_a_checkpoint_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from htsat.cli import main
+
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes((200).to_bytes(8, "little") + b"{not json" + b"\0" * 300)
+    with pytest.raises(CheckpointError, match=rf"cannot read checkpoint {bad} \(safetensors\): SafetensorError"):
+        htsat.load_checkpoint(tiny(), bad)
+    import numpy as np
+    import soundfile as sf
+
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.full(16000, 0.1, np.float32), 16000)
+    rc = main(["predict", str(wav), "--checkpoint", str(bad), "--num-workers", "0"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err and str(bad) in err, err
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # the package not installed
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(CheckpointError, match=r"need the safetensors package .*htsat-kernels\[hub\]"):
+        htsat.load_checkpoint(tiny(), bad)

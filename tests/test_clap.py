@@ -213,3 +213,19 @@ def test_transformers_clap_model_skips_text_and_refuses_fusion():
     sd["audio_model.audio_encoder.patch_embed.fusion_model.local_att.0.weight"] = torch.zeros(1)
     with pytest.raises(htsat.CheckpointError, match="fusion"):
         htsat.load_checkpoint(ours, sd)
+
+
+def test_failed_load_of_another_projection_size_leaves_the_model_as_it_was():
+    """A laion-clap checkpoint with a 24-wide projection and a missing key: the load fails after the projection
+    was sized from the checkpoint; the model keeps its own projection module, weights and projection_dim."""
+    src = _small_clap_model(projection_dim=24)
+    sd = {f"audio_branch.{k}": v for k, v in src.state_dict().items() if not k.startswith("audio_projection.")}
+    sd.update({k: v for k, v in src.state_dict().items() if k.startswith("audio_projection.")})
+    del sd["audio_branch.norm.bias"]
+    dst = _small_clap_model()  # projection_dim 16
+    projection, before = dst.audio_projection, {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(htsat.CheckpointError, match=r"missing from the checkpoint: \['norm.bias'\]"):
+        htsat.load_checkpoint(dst, {"state_dict": sd})
+    assert dst.audio_projection is projection and dst.config.projection_dim == 16
+    after = dst.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())

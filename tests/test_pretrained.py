@@ -3,6 +3,7 @@ connections, wrong checksums), the cache, offline errors, create_model(pretraine
 
 import hashlib
 import http.server
+import json
 import os
 import threading
 
@@ -18,16 +19,24 @@ TINY = dict(htsat.TINY_OVERRIDES, spec_size=64, depths=(1, 1, 1, 1), clip_second
 
 
 class _Server:
-    """Serves one payload at /tiny.pt with Range support; ``drop_at`` cuts the next responses after that
-    many body bytes (the Content-Length still promises the whole rest); ``ranges`` records Range headers."""
+    """Serves one payload at /tiny.pt with Range / If-Range support and a strong ETag; ``drop_at`` cuts the next
+    responses after that many body bytes (the Content-Length still promises the whole rest); ``ranges`` records
+    Range headers. Misbehaviour on demand: ``declare`` (a Content-Length of that many bytes, and only those sent),
+    ``no_length`` (no Content-Length), ``content_type`` None (no Content-Type); /redirect answers 302 to /tiny.pt
+    with ``redirect_headers`` (the hub's X-Linked-Etag / X-Linked-Size ride on its 302)."""
 
     def __init__(self, payload: bytes):
         self.payload = payload
         self.drop_at: int | None = None
         self.drops_left = 0
         self.ranges: list[str | None] = []
+        self.if_ranges: list[str | None] = []
         self.linked_etag: str | None = None
-        self.content_type = "application/octet-stream"
+        self.content_type: str | None = "application/octet-stream"
+        self.etag: str | None = f'"{hashlib.sha256(payload).hexdigest()[:16]}"'
+        self.declare: int | None = None
+        self.no_length = False
+        self.redirect_headers: dict[str, str] = {}
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -35,12 +44,23 @@ class _Server:
                 pass
 
             def do_GET(self):
+                if self.path == "/redirect":
+                    self.send_response(302)
+                    self.send_header("Location", "/tiny.pt")
+                    for k, v in server.redirect_headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 server.ranges.append(self.headers.get("Range"))
+                server.if_ranges.append(self.headers.get("If-Range"))
                 if self.path != "/tiny.pt":
                     self.send_error(404)
                     return
                 start = 0
                 rng = self.headers.get("Range")
+                if rng and self.headers.get("If-Range") is not None and self.headers.get("If-Range") != server.etag:
+                    rng = None  # RFC 9110: the file changed, send all of it
                 if rng:
                     start = int(rng.split("=")[1].split("-")[0])
                     if start >= len(server.payload):
@@ -49,11 +69,17 @@ class _Server:
                         self.end_headers()
                         return
                 body = server.payload[start:]
+                if server.declare is not None:
+                    body = body[: server.declare]
                 self.send_response(206 if rng else 200)
                 if rng:
                     self.send_header("Content-Range", f"bytes {start}-{len(server.payload) - 1}/{len(server.payload)}")
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Content-Type", server.content_type)
+                if not server.no_length:
+                    self.send_header("Content-Length", str(len(body)))
+                if server.content_type is not None:
+                    self.send_header("Content-Type", server.content_type)
+                if server.etag:
+                    self.send_header("ETag", server.etag)
                 if server.linked_etag:
                     self.send_header("X-Linked-Etag", f'"{server.linked_etag}"')
                 self.end_headers()
@@ -190,6 +216,7 @@ def test_complete_part_restarts_after_416(server, cache, monkeypatch, tiny_paylo
     _register(monkeypatch, server.url, sha256=hashlib.sha256(payload).hexdigest())
     cache.mkdir(parents=True)
     (cache / "tiny-test.pt.part").write_bytes(payload + b"junk")  # longer than the file: the server answers 416
+    (cache / "tiny-test.pt.part.meta").write_text(json.dumps({"url": server.url, "validator": server.etag}))
     path = pretrained.download("test-tiny", progress=False, retries=0)
     assert open(path, "rb").read() == payload and server.ranges == [f"bytes={len(payload) + 4}-", None]
 
@@ -366,3 +393,137 @@ def test_predictor_registry_name_of_an_original_file_uses_the_entry_preset(cache
     with pytest.warns(UserWarning, match="kept as asked"):
         pred = Predictor.from_checkpoint("htsat-scv2", device="cpu")
     assert pred.model.config.fmax == 14000.0 and pred.model.config.num_classes == 35
+
+
+# -------------------------------------------------------------------------------------------------
+# a file enters the cache only when it verifies, and is checked each time it is used
+# -------------------------------------------------------------------------------------------------
+
+
+def _refused(cache, match):
+    with pytest.raises(pretrained.DownloadError, match=match) as info:
+        pretrained.download("test-tiny", progress=False, retries=0, timeout=10)
+    assert "\n" not in str(info.value)
+    assert not (cache / "tiny-test.pt").exists() and not (cache / "tiny-test.pt.part").exists()
+
+
+def test_server_declaring_and_sending_half_the_file_is_refused(server, cache, monkeypatch, tiny_payload):
+    _register(monkeypatch, server.url)  # no checksum anywhere: only the archive itself can tell
+    server.declare = len(tiny_payload[0]) // 2
+    _refused(cache, r"did not give a readable checkpoint \(its archive does not open, truncated or damaged")
+
+
+def test_no_content_length_and_an_early_close_is_refused(server, cache, monkeypatch, tiny_payload):
+    _register(monkeypatch, server.url)
+    server.no_length, server.drop_at, server.drops_left = True, len(tiny_payload[0]) // 2, 1
+    _refused(cache, "did not give a readable checkpoint")
+
+
+@pytest.mark.parametrize("content_type", ["Text/HTML", None, "application/octet-stream"])
+def test_web_page_is_sniffed_by_content(cache, monkeypatch, content_type):
+    page = b"\n<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head><body>...</body></html>"
+    with _Server(page) as s:
+        s.content_type = content_type
+        _register(monkeypatch, s.url)
+        _refused(cache, "sent a web page, not the file .* put it at")
+
+
+def test_stale_foreign_part_is_not_spliced(server, cache, monkeypatch, tiny_payload):
+    payload = tiny_payload[0]
+    _register(monkeypatch, server.url)
+    cache.mkdir(parents=True)
+    part = cache / "tiny-test.pt.part"
+    foreign = bytes(reversed(payload))[: len(payload) // 3]
+    part.write_bytes(foreign)  # left by something else: no record of where it came from
+    path = pretrained.download("test-tiny", progress=False, retries=0)
+    assert open(path, "rb").read() == payload and server.ranges == [None]
+    # one begun from an earlier version of the file: If-Range names that version, the server sends it all again
+    os.unlink(path)
+    part.write_bytes(foreign)
+    (cache / "tiny-test.pt.part.meta").write_text(json.dumps({"url": server.url, "validator": '"an-older-version"'}))
+    path = pretrained.download("test-tiny", progress=False, retries=0)
+    assert open(path, "rb").read() == payload
+    assert server.ranges[-1] == f"bytes={len(foreign)}-" and server.if_ranges[-1] == '"an-older-version"'
+    assert not part.exists() and not (cache / "tiny-test.pt.part.meta").exists()
+
+
+def test_hub_checksum_and_size_on_a_redirect_are_checked(server, cache, monkeypatch, tiny_payload):
+    payload = tiny_payload[0]
+    redirect = server.url.replace("/tiny.pt", "/redirect")
+    _register(monkeypatch, redirect)
+    server.redirect_headers = {"X-Linked-Etag": f'"{"f" * 64}"'}
+    _refused(cache, f"sha256 mismatch for {redirect} .* expected {'f' * 64}")
+    server.redirect_headers = {"X-Linked-Etag": f'"{hashlib.sha256(payload).hexdigest()}"', "X-Linked-Size": "12345"}
+    _refused(cache, rf"gave {len(payload)} bytes, the hub \(X-Linked-Size\) says 12345")
+    server.redirect_headers["X-Linked-Size"] = str(len(payload))
+    assert open(pretrained.download("test-tiny", progress=False), "rb").read() == payload
+
+
+def _flip_a_weight(path, state):
+    """Bits of one stored float changed in place, as disk rot would: patch_embed.proj.weight[0,0,0,0] becomes huge."""
+    data = bytearray(open(path, "rb").read())
+    raw = state["patch_embed.proj.weight"].numpy().tobytes()
+    at = data.find(raw[:16])
+    assert at > 0
+    data[at + 3] = 0x68  # the exponent byte of the first float
+    open(path, "wb").write(bytes(data))
+
+
+def test_damaged_cache_is_detected_and_download_force_repairs_it(server, cache, monkeypatch, tiny_payload, capsys):
+    payload, state = tiny_payload
+    _register(monkeypatch, server.url)
+    path = pretrained.download("test-tiny", progress=False)
+    assert (cache / "tiny-test.pt.sha256").read_text() == f"{hashlib.sha256(payload).hexdigest()}  tiny-test.pt\n"
+    _flip_a_weight(path, state)
+    with pytest.raises(pretrained.DownloadError) as info:
+        htsat.create_model(pretrained="test-tiny")
+    msg = str(info.value)
+    assert f"cached file {path} is damaged: its sha256" in msg and "recorded at download" in msg and "\n" not in msg
+    assert msg.endswith("delete it, or download it again with htsat download --force test-tiny")
+    with pytest.raises(htsat.CheckpointError, match=rf"{path}: damaged: its sha256 differs from the one recorded"):
+        htsat.load_checkpoint(htsat.create_model("htsat-audioset", **TINY), path)  # the path itself, as printed
+    assert main(["download", "test-tiny", "--no-progress"]) == 1  # never reported as cached
+    captured = capsys.readouterr()
+    assert captured.out == "" and "is damaged" in captured.err and captured.err.count("\n") == 1
+    n = len(server.ranges)
+    assert main(["download", "test-tiny", "--force", "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip() == path and len(server.ranges) == n + 1
+    assert open(path, "rb").read() == payload
+    model = htsat.create_model(pretrained="test-tiny")
+    assert torch.equal(model.state_dict()["patch_embed.proj.weight"], state["patch_embed.proj.weight"])
+
+
+def test_hand_placed_file_is_checked_then_adopted(server, cache, monkeypatch, tiny_payload, capsys):
+    payload = tiny_payload[0]
+    _register(monkeypatch, server.url)
+    cache.mkdir(parents=True)
+    (cache / "tiny-test.pt").write_bytes(payload[: len(payload) // 2])  # a truncated copy put there by hand
+    assert main(["download", "test-tiny", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "cached file" in err and "is not a readable checkpoint" in err and "htsat download --force test-tiny" in err
+    assert server.ranges == []  # a cached file is never replaced unasked
+    (cache / "tiny-test.pt").write_bytes(payload)
+    monkeypatch.setenv("HTSAT_OFFLINE", "1")
+    assert main(["download", "test-tiny"]) == 0
+    assert (cache / "tiny-test.pt.sha256").read_text().split()[0] == hashlib.sha256(payload).hexdigest()
+
+
+def test_failed_force_download_keeps_the_cached_file(server, cache, monkeypatch, tiny_payload):
+    payload = tiny_payload[0]
+    _register(monkeypatch, server.url)
+    path = pretrained.download("test-tiny", progress=False)
+    server.declare = len(payload) // 2
+    with pytest.raises(pretrained.DownloadError, match="did not give a readable checkpoint"):
+        pretrained.download("test-tiny", progress=False, force=True)
+    assert open(path, "rb").read() == payload and pretrained.download("test-tiny") == path
+
+
+def test_server_without_validator_restarts_instead_of_resuming(server, cache, monkeypatch, tiny_payload):
+    """No ETag or Last-Modified: nothing shows the rest belongs to the same file, so the next call starts over."""
+    payload = tiny_payload[0]
+    _register(monkeypatch, server.url)
+    server.etag, server.drop_at, server.drops_left = None, 1000, 1
+    with pytest.raises(pretrained.DownloadError, match="interrupted after 1000 bytes .* run again to start over"):
+        pretrained.download("test-tiny", progress=False, retries=0, timeout=10)
+    path = pretrained.download("test-tiny", progress=False, retries=0, timeout=10)
+    assert open(path, "rb").read() == payload and server.ranges == [None, None]

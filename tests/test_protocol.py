@@ -495,6 +495,65 @@ def test_evaluate_bad_input_is_one_line(tones, tmp_path, capsys):
     assert "--checkpoint is required" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("task", ["single-label", "multi-label"])
+def test_evaluate_refuses_a_checkpoint_that_outputs_nan(tones, tmp_path, capsys, task):
+    """A NaN checkpoint gave accuracy 0.5000 (argmax of NaN) or sklearn's bare "Input contains NaN."."""
+    model = htsat.create_model(tones["model"], num_classes=4, backend="reference")
+    with torch.no_grad():
+        model.tscam_conv.weight.fill_(float("nan"))
+    ck = tmp_path / "nan.pt"
+    save_checkpoint(model, ck, classes=["high", "low", "mid", "top"])
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--manifest", tones["manifest"], "--checkpoint", str(ck), "--fold", "0", "--task", task,
+            "-o", str(out), "--backend", "reference"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"htsat: error: {ck}: NaN or infinite weights in tscam_conv.weight") and err.count("\n") == 1, err
+    assert not out.exists()
+    ref = tmp_path / "ref.tsv"  # the event path likewise
+    ref.write_text("filename\tonset\toffset\tevent_label\nx.wav\t0.0\t0.5\thigh\n")
+    assert main(["evaluate", "--events", str(ref), "--checkpoint", str(ck), "-o", str(out), "--backend", "reference"]) == 1
+    assert f"{ck}: NaN or infinite weights" in capsys.readouterr().err and not out.exists()
+
+
+def test_evaluate_refuses_non_finite_scores_of_finite_weights(tones, tmp_path, capsys, monkeypatch):
+    """Finite weights can still overflow to NaN scores: caught at the first batch, naming the checkpoint and clip."""
+    from htsat import evaluate
+
+    ck = _eval_setup(tones, tmp_path)
+    monkeypatch.setattr(evaluate, "ensemble_scores", lambda model, wave, rolls: torch.full((wave.shape[0], 4), float("nan")))
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--manifest", tones["manifest"], "--checkpoint", ck, "--fold", "0", "-o", str(out),
+            "--backend", "reference"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"htsat: error: {ck}: the model outputs NaN or infinite scores (first on ") and "audio/" in err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_evaluate_events_refuses_reference_labels_the_model_does_not_have(tones, tmp_path, capsys):
+    """Without --class-map a reference label that is no model class could only score F1 0: refused, as the
+    clip-level path refuses unknown labels; with a map, labels that are no target of it likewise."""
+    ck = _eval_setup(tones, tmp_path)
+    wav = open(tones["manifest"]).read().splitlines()[1].split(",")[0]
+    ref = tmp_path / "ref.tsv"
+    ref.write_text(f"filename\tonset\toffset\tevent_label\n{wav}\t0.0\t0.5\tdog\n{wav}\t0.5\t0.9\thigh\n")
+    out = tmp_path / "sed"
+    argv = ["evaluate", "--events", str(ref), "--checkpoint", ck, "--audio-dir", tones["folder"], "-o", str(out),
+            "--backend", "reference"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{ref}: 1 reference label(s) 'dog' not among the classes of the model (4); give --class-map" in err, err
+    assert err.count("\n") == 1 and not out.exists()
+    cmap = tmp_path / "map.csv"
+    cmap.write_text("source,target\nhigh,high\n")
+    assert main([*argv, "--class-map", str(cmap)]) == 1
+    assert f"'dog' not among the targets of the class map {cmap}" in capsys.readouterr().err
+    cmap.write_text("source,target\nhigh,high\nlow,dog\n")  # every reference label mapped: scored
+    assert main([*argv, "--class-map", str(cmap)]) == 0
+    assert "event-based F1" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------------------------
 # Speech Commands V2 official split
 # ----------------------------------------------------------------------------------------------
