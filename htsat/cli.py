@@ -281,6 +281,8 @@ def _run_inference(args) -> int:
     else:
         fmt = format_for(args.output, args.format, EMBED_FORMATS, "jsonl")
     to_file = bool(args.output) and args.output != "-"
+    if not to_file and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")  # a name that is not UTF-8: its own bytes, as in a file
     if args.resume and not to_file:
         raise ValueError("--resume needs -o FILE: the results to keep are read from it")
     inputs = expand_inputs(args.files)

@@ -8,6 +8,7 @@ import errno
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,6 +155,29 @@ def test_sigterm_writes_what_was_done_and_resume_finishes(ckpt, clips, tmp_path,
         np.testing.assert_allclose(np.asarray(got[f]["embedding"]), np.asarray(want[f]["embedding"]), atol=1e-5)
 
 
+def test_sigterm_to_the_process_group_with_workers_leaves_a_valid_json(ckpt, tmp_path):
+    """A real SIGTERM to the command and its loader workers (as a scheduler sends it), mid-run."""
+    paths = [_write(tmp_path / "in" / f"{i:02d}.wav", _tone(300 + 20 * i, 8.0)) for i in range(12)]
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "htsat", "predict", *paths, "-o", str(out), "--batch-size", "1", "--progress"]
+    cmd += _args(ckpt, workers="1")[:-1]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env, cwd=ROOT, start_new_session=True)
+    seen = b""
+    while not any(int(n) >= 2 for n in re.findall(rb" (\d+)/12 ", seen)):  # the bar: two files are through
+        byte = proc.stderr.read(1)
+        assert byte, seen.decode(errors="replace")
+        seen += byte
+    os.killpg(proc.pid, signal.SIGTERM)
+    err = (seen + proc.stderr.read()).decode()
+    assert proc.wait(timeout=120) == 143, err
+    assert "htsat: error: terminated (SIGTERM)" in err and "Traceback" not in err, err
+    rows = json.loads(out.read_text())
+    assert 2 <= len(rows) < 12 and [r["file"] for r in rows] == paths[: len(rows)] and all("top" in r for r in rows)
+    assert f"{len(rows)} result(s) kept in {out}" in err
+    assert _leftovers(tmp_path) == []
+
+
 def test_a_killed_worker_is_one_line_and_the_run_resumes(ckpt, clips, tmp_path, capsys, monkeypatch):
     doomed = _write(tmp_path / "in" / "oom.wav", _tone(500, 0.7))
     orig = inference.stream_audio
@@ -231,24 +255,27 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_one(ckpt, clips, tmp_
 # ------------------------------------------------------------------------------------------------
 
 
-def test_a_name_that_is_not_utf8_is_read_and_written_to_every_format(ckpt, tmp_path, capsys):
+def test_a_name_that_is_not_utf8_is_read_and_written_to_every_format(ckpt, tmp_path, capsysbinary):
     raw = os.path.join(os.fsencode(tmp_path), b"caf\xe9.wav")
     name = _write(os.fsdecode(raw), _tone(700, 0.6))
     good = _write(tmp_path / "z.wav", _tone(300, 0.6))
     for fmt in ("csv", "tsv", "jsonl", "json"):
         out = str(tmp_path / f"r.{fmt}")
-        assert main(["predict", name, good, "-o", out, "--threshold", "0", *_args(ckpt)]) == 0, capsys.readouterr().err
+        assert main(["predict", name, good, "-o", out, "--threshold", "0", *_args(ckpt)]) == 0, capsysbinary.readouterr().err
         data = open(out, "rb").read()
         if fmt in ("csv", "tsv"):
             assert raw in data  # the name's own bytes
         else:
             rows = [json.loads(x) for x in data.splitlines()] if fmt == "jsonl" else json.loads(data)
             assert os.fsencode(rows[0]["file"]) == raw and "top" in rows[0]
+    capsysbinary.readouterr()
+    assert main(["predict", name, good, "--format", "csv", *_args(ckpt)]) == 0  # stdout, too
+    assert capsysbinary.readouterr().out.splitlines()[1].split(b",")[0] == raw
     assert main(["embed", name, good, "-o", str(tmp_path / "e.npz"), *_args(ckpt)]) == 0
     assert os.fsencode(str(np.load(tmp_path / "e.npz")["files"][0])) == raw
     assert main(["embed", name, good, "-o", str(tmp_path / "e.npy"), *_args(ckpt)]) == 0
     assert (tmp_path / "e.files.txt").read_bytes().split(b"\n")[0] == raw
-    assert capsys.readouterr().err == ""
+    assert capsysbinary.readouterr().err == b""
 
 
 def test_tabs_and_line_breaks_in_names_follow_each_format(ckpt, tmp_path, capsys):
