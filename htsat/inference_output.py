@@ -8,7 +8,8 @@ sed_eval and psds_eval read: ``filename onset offset event_label``), and for emb
 
 An output file (``-o FILE``) is never written in place. Results stream into a temporary beside it
 (``.tmp-<name>-*``), and the file itself is replaced by rename only: with what was done so far every
-:data:`PUBLISH_SECONDS` and when the run ends, however it ends (done, a bad file, Ctrl-C, SIGTERM, a
+:data:`PUBLISH_SECONDS` (less often when copying a big output would take more than
+:data:`PUBLISH_SHARE` of the time) and when the run ends, however it ends (done, a bad file, Ctrl-C, SIGTERM, a
 dead worker). A reader therefore sees the previous file or a complete valid one, never half of one;
 a full disk or a kill leaves the previous file as it was. The file is locked against a second run
 (``.<name>.htsat-lock`` beside it, released with its process), checked before any work (its folder
@@ -61,6 +62,8 @@ FAULT_ENV = "HTSAT_INFER_FAULT"
 
 #: a running output file is replaced by what was done so far at most this often (seconds)
 PUBLISH_SECONDS = 10.0
+#: ... and a big one less often: these replacements take at most this share of the run's time
+PUBLISH_SHARE = 0.05
 
 fault_hook: Callable[[str], None] | None = None
 _fault_counts: dict[str, int] = {}
@@ -378,6 +381,7 @@ class _FileOutput:
         self.stream = None
         self.published = 0  # results in the output file now
         self.published_once = False
+        self.publish_seconds = 0.0  # what the last publish took
         self.last_publish = time.monotonic()
         self.broken = False
 
@@ -408,7 +412,14 @@ class _FileOutput:
             name = os.path.basename(target)
             for stale in glob.glob(os.path.join(glob.escape(self.folder), f"{TMP_PREFIX}{glob.escape(name)}-*")):
                 _unlink_quietly(stale)
-        if self.fmt in _BINARY:
+        if self.fmt in _BINARY:  # written at the first publish: try the folder now
+            probe = self._temp(self.output)
+            try:
+                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except OSError as e:
+                raise self._fail(e) from None
+            _unlink_quietly(probe)
+            self.temps.remove(probe)
             self.writer = _Matrix(self.fmt)
             return self
         self.stream_path = self._temp(self.output)
@@ -431,11 +442,12 @@ class _FileOutput:
             except OSError as e:
                 raise self._fail(e) from None
             fault_point("row:" + name)
-        if time.monotonic() - self.last_publish >= PUBLISH_SECONDS:
+        if time.monotonic() - self.last_publish >= max(PUBLISH_SECONDS, self.publish_seconds / PUBLISH_SHARE):
             self.publish(final=False)
 
     def publish(self, final: bool) -> None:
         """Replace the output file(s) by what was written so far (by rename: never half a file)."""
+        started = time.monotonic()
         with _signals_deferred():
             renames: list[tuple[str, str]] = []
             try:
@@ -475,12 +487,14 @@ class _FileOutput:
             _fsync_folder(self.folder)
             self.published, self.published_once = self.writer.count, True
             self.last_publish = time.monotonic()
+            self.publish_seconds = self.last_publish - started
 
     def close(self, failed: bool) -> None:
         """The last publish (unless a write failed, or the run failed before writing anything), then
         the temporaries go and the lock is released."""
         try:
-            if not self.broken and (not failed or self.writer.count > self.published):
+            unchanged = self.published_once and self.writer.count == self.published and self.fmt in _BINARY
+            if not self.broken and not unchanged and (not failed or self.writer.count > self.published):
                 self.publish(final=True)
         finally:
             if self.stream is not None and not self.stream.closed:
