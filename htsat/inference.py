@@ -94,7 +94,7 @@ class InputList(list):
         self.problems: dict[str, str] = {}
 
 
-def _walk_files(top: str, hidden: bool = True) -> Iterator[str]:
+def _walk_files(top: str) -> Iterator[str]:
     """Every file under ``top``, symbolic links to folders followed but each real folder visited once
     (a link back up the tree would otherwise be walked forever)."""
     seen = set()
@@ -108,8 +108,8 @@ def _walk_files(top: str, hidden: bool = True) -> Iterator[str]:
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs[:] = sorted(d for d in dirs if hidden or not d.startswith("."))
-        yield from (os.path.join(root, n) for n in files if hidden or not n.startswith("."))
+        dirs.sort()
+        yield from (os.path.join(root, n) for n in files)
 
 
 def _glob_files(pattern: str) -> list[str]:

@@ -408,6 +408,15 @@ class _FileOutput:
         check_output(self.fmt, self.output, self.inputs)
         self.lock = _Lock(self.output)
         self.lock.acquire()
+        try:
+            self._start()
+        except BaseException:
+            self.broken = True
+            self.close(failed=True)
+            raise
+        return self
+
+    def _start(self) -> None:
         for target in self.targets:  # what a killed run left (we hold the lock: no one else writes them)
             name = os.path.basename(target)
             for stale in glob.glob(os.path.join(glob.escape(self.folder), f"{TMP_PREFIX}{glob.escape(name)}-*")):
@@ -421,7 +430,7 @@ class _FileOutput:
             _unlink_quietly(probe)
             self.temps.remove(probe)
             self.writer = _Matrix(self.fmt)
-            return self
+            return
         self.stream_path = self._temp(self.output)
         try:
             fd = os.open(self.stream_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -431,7 +440,6 @@ class _FileOutput:
             self.stream.flush()
         except OSError as e:
             raise self._fail(e) from None
-        return self
 
     def write(self, result: dict) -> None:
         name = os.path.basename(self.output)
@@ -493,9 +501,10 @@ class _FileOutput:
         """The last publish (unless a write failed, or the run failed before writing anything), then
         the temporaries go and the lock is released."""
         try:
-            unchanged = self.published_once and self.writer.count == self.published and self.fmt in _BINARY
-            if not self.broken and not unchanged and (not failed or self.writer.count > self.published):
-                self.publish(final=True)
+            if not self.broken:
+                unchanged = self.published_once and self.writer.count == self.published and self.fmt in _BINARY
+                if not unchanged and (not failed or self.writer.count > self.published):
+                    self.publish(final=True)
         finally:
             if self.stream is not None and not self.stream.closed:
                 try:
