@@ -270,7 +270,7 @@ def _progress_bar(total: int, show: bool):
 
 def _run_inference(args) -> int:
     from .inference import InferenceError, InputList, expand_inputs
-    from .inference_output import open_writer, read_done
+    from .inference_output import check_output, open_writer, read_done
     from .predict import Predictor
 
     _check_run_args(args)
@@ -286,6 +286,23 @@ def _run_inference(args) -> int:
     if args.resume and not to_file:
         raise ValueError("--resume needs -o FILE: the results to keep are read from it")
     inputs = expand_inputs(args.files)
+    if to_file:
+        check_output(fmt, args.output, inputs)  # before the model loads (a download, perhaps)
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint,
+        name=args.model,
+        backend=args.backend,
+        device=args.device,
+        labels_file=getattr(args, "labels", None),
+        short_clips=args.short_clips,
+        silence_db=None if args.allow_silent else -80.0,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        num_workers=0 if args.num_workers is None else args.num_workers,
+        worker_stage=args.worker_stage,
+    )
+    if args.num_workers is None:
+        predictor.num_workers = _default_workers(predictor.device)
     threshold = args.threshold if predicting and framewise else None
     failed = hours = 0
     bar = None
@@ -303,28 +320,13 @@ def _run_inference(args) -> int:
             _sigterm_stops(),
             open_writer(fmt, args.output, sys.stdout, threshold=threshold, inputs=inputs) as writer,
         ):
-            # the output is checked and locked: now the work
+            # the output is locked (and its temporary made): now the files
             done = read_done(fmt, args.output) if args.resume else {}
             todo = InputList()
             todo.extend(p for p in inputs if p not in done)
             todo.problems = inputs.problems
             if done:
                 say(f"htsat: resuming: {len(inputs) - len(todo)} of {len(inputs)} file(s) already in {args.output}")
-            predictor = Predictor.from_checkpoint(
-                args.checkpoint,
-                name=args.model,
-                backend=args.backend,
-                device=args.device,
-                labels_file=getattr(args, "labels", None),
-                short_clips=args.short_clips,
-                silence_db=None if args.allow_silent else -80.0,
-                precision=args.precision,
-                batch_size=args.batch_size,
-                num_workers=0 if args.num_workers is None else args.num_workers,
-                worker_stage=args.worker_stage,
-            )
-            if args.num_workers is None:
-                predictor.num_workers = _default_workers(predictor.device)
             if predicting:
                 results = predictor.iter_files(
                     todo,
