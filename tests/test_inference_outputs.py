@@ -250,6 +250,28 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_one(ckpt, clips, tmp_
     assert json.loads(js.read_text()) == [{"file": "old.wav", "error": "file not found"}] and _leftovers(tmp_path) == []
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="RLIMIT_FSIZE is POSIX")
+def test_a_file_size_limit_is_a_real_failed_write_that_keeps_the_previous_file(ckpt, clips, tmp_path):
+    """The kernel refuses the write (RLIMIT_FSIZE: EFBIG, as a full disk gives ENOSPC) in a real process."""
+    out = tmp_path / "index.npz"
+    assert main(["embed", *clips, "-o", str(out), *_args(ckpt)]) == 0
+    before = out.read_bytes()
+    script = textwrap.dedent(
+        f"""
+        import resource, sys
+        from htsat.cli import main
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) // 2}, resource.RLIM_INFINITY))
+        sys.exit(main({["embed", *clips, "-o", str(out), *_args(ckpt)]!r}))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"htsat: error: cannot write {out}: File too large; {out} is as it was"
+    ], proc.stderr
+    assert out.read_bytes() == before and _leftovers(tmp_path) == []
+
+
 # ------------------------------------------------------------------------------------------------
 # names: not UTF-8, tabs and line breaks
 # ------------------------------------------------------------------------------------------------
