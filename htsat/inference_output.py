@@ -9,12 +9,20 @@ sed_eval and psds_eval read: ``filename onset offset event_label``), and for emb
 An output file (``-o FILE``) is never written in place. Results stream into a temporary beside it
 (``.tmp-<name>-*``), and the file itself is replaced by rename only: with what was done so far every
 :data:`PUBLISH_SECONDS` (less often when copying a big output would take more than
-:data:`PUBLISH_SHARE` of the time) and when the run ends, however it ends (done, a bad file, Ctrl-C, SIGTERM, a
-dead worker). A reader therefore sees the previous file or a complete valid one, never half of one;
-a full disk or a kill leaves the previous file as it was. The file is locked against a second run
+:data:`PUBLISH_SHARE` of the time) and when the run ends, however it ends (done, a bad file,
+Ctrl-C, SIGTERM, a dead worker). A reader therefore sees the previous file or a complete valid one,
+never half of one; a full disk or a kill leaves the previous file as it was (a kill loses at most
+the results since the last replacement). The file is locked against a second run
 (``.<name>.htsat-lock`` beside it, released with its process), checked before any work (its folder
 exists, it is not a folder and not one of the inputs), and the temporaries of a killed run are
-removed by the next run that takes the lock. :func:`read_done` reads a file back for ``--resume``.
+removed by the next run that takes the lock. ``.npy`` and its ``.files.txt`` are two files, which
+no rename replaces together: the names go first, the matrix second, and a run's first replacement
+removes the old matrix beforehand, so names and a matrix on disk are always of one run (the names
+at most ahead of the matrix).
+
+:func:`read_done` reads an output back for ``--resume``: the results without an error are kept and
+written again in input order, the files missing or failed are computed; results of files that are
+not among the inputs any more are dropped.
 
 Names that a format cannot hold are refused (the file gets an error, the run goes on): a tab or line
 break in a ``.tsv`` name, a line break in a name for ``.files.txt``. Names that are not UTF-8 (a file
