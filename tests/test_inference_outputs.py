@@ -58,7 +58,7 @@ def clips(tmp_path_factory):
 
 
 def _args(ckpt, *extra, workers="0"):
-    return ["--checkpoint", ckpt, "--backend", "reference", "--num-workers", workers, "--no-progress", *extra]
+    return ["--checkpoint", ckpt, "--backend", "reference", "--num-workers", workers, "--no-progress", *extra]  # extra last
 
 
 def _one_line(capsys, rc, *needles):
@@ -159,8 +159,8 @@ def test_sigterm_to_the_process_group_with_workers_leaves_a_valid_json(ckpt, tmp
     """A real SIGTERM to the command and its loader workers (as a scheduler sends it), mid-run."""
     paths = [_write(tmp_path / "in" / f"{i:02d}.wav", _tone(300 + 20 * i, 8.0)) for i in range(12)]
     out = tmp_path / "r.json"
-    cmd = [sys.executable, "-m", "htsat", "predict", *paths, "-o", str(out), "--batch-size", "1", "--progress"]
-    cmd += _args(ckpt, workers="1")[:-1]
+    cmd = [sys.executable, "-m", "htsat", "predict", *paths, "-o", str(out), "--batch-size", "1"]
+    cmd += _args(ckpt, "--progress", workers="1")  # the last of --no-progress / --progress counts
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env, cwd=ROOT, start_new_session=True)
     seen = b""
@@ -357,7 +357,7 @@ def test_glob_double_star_matches_as_glob_does(tmp_path):
 
 def test_progress_without_tqdm_runs_without_a_bar(ckpt, clips, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
-    assert main(["predict", *clips, "--format", "jsonl", *_args(ckpt)[:-1], "--progress"]) == 0
+    assert main(["predict", *clips, "--format", "jsonl", *_args(ckpt, "--progress")]) == 0
     out, err = capsys.readouterr()
     assert len(out.splitlines()) == 3 and err == ""
 
