@@ -109,7 +109,7 @@ def load_audio(
     path = _existing_audio_path(path)
     sf = _soundfile()
     try:
-        data, rate = sf.read(path, dtype="float32", always_2d=True)
+        data, rate = sf.read(os.fsencode(path), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
         raise AudioError(path, f"cannot read audio ({type(e).__name__}: {e})") from e
     if data.ndim != 2 or data.shape[0] == 0:
@@ -316,7 +316,7 @@ def stream_audio(path: PathLike, sample_rate: int, *, block_seconds: float = 30.
     path = _existing_audio_path(path)
     sf = _soundfile()
     try:
-        f = sf.SoundFile(path)
+        f = sf.SoundFile(os.fsencode(path))  # bytes: soundfile cannot encode a name that is not UTF-8
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
         raise AudioError(path, f"cannot read audio ({type(e).__name__}: {e})") from e
     with f:

@@ -6,9 +6,12 @@ Multi-GPU: ``torchrun --nproc_per_node N -m htsat train ...`` runs the same comm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 
 from htsat_kernels import BACKENDS
 
@@ -135,6 +138,12 @@ def _add_run_arguments(q) -> None:
         default=None,
         help="progress bar on stderr (default: when stderr is a terminal)",
     )
+    q.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the results already in -o (a stopped or killed run's) and compute only the files missing there "
+        "or failed (jsonl, json, csv, npy, npz)",
+    )
 
 
 def _add_protocol_parsers(sub) -> None:
@@ -216,9 +225,52 @@ def _check_run_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the results done so far are written, then the run stops."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _dead_workers_named():
+    from .inference import worker_death
+
+    try:
+        yield
+    except RuntimeError as e:
+        died = worker_death(e)
+        if died is None:
+            raise
+        raise died from None
+
+
+def _progress_bar(total: int, show: bool):
+    if not show:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # an optional nicety: without tqdm the run goes on without a bar
+        return None
+    return tqdm(total=total, unit="file", file=sys.stderr, dynamic_ncols=True)
+
+
 def _run_inference(args) -> int:
-    from .inference import expand_inputs
-    from .inference_output import open_writer
+    from .inference import InferenceError, InputList, expand_inputs
+    from .inference_output import check_output, open_writer, read_done
     from .predict import Predictor
 
     _check_run_args(args)
@@ -228,7 +280,14 @@ def _run_inference(args) -> int:
         framewise = args.framewise or fmt == "tsv"
     else:
         fmt = format_for(args.output, args.format, EMBED_FORMATS, "jsonl")
+    to_file = bool(args.output) and args.output != "-"
+    if not to_file and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")  # a name that is not UTF-8: its own bytes, as in a file
+    if args.resume and not to_file:
+        raise ValueError("--resume needs -o FILE: the results to keep are read from it")
     inputs = expand_inputs(args.files)
+    if to_file:
+        check_output(fmt, args.output, inputs)  # before the model loads (a download, perhaps)
     predictor = Predictor.from_checkpoint(
         args.checkpoint,
         name=args.model,
@@ -244,23 +303,10 @@ def _run_inference(args) -> int:
     )
     if args.num_workers is None:
         predictor.num_workers = _default_workers(predictor.device)
-    if predicting:
-        results = predictor.iter_files(
-            inputs,
-            top_k=args.top_k,
-            framewise=framewise,
-            threshold=args.threshold,
-            merge_gap=args.merge_gap,
-            min_duration=args.min_duration,
-        )
-    else:
-        results = predictor.embed_files(inputs, embedding=args.embedding)
-    show = sys.stderr.isatty() if args.progress is None else args.progress
+    threshold = args.threshold if predicting and framewise else None
+    failed = hours = 0
     bar = None
-    if show:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(inputs), unit="file", file=sys.stderr, dynamic_ncols=True)
+    writer = None
 
     def say(line: str) -> None:  # above the bar while there is one
         if bar is not None:
@@ -268,26 +314,60 @@ def _run_inference(args) -> int:
         else:
             print(line, file=sys.stderr, flush=True)
 
-    failed = hours = 0
-    threshold = args.threshold if predicting and framewise else None
     try:
-        with open_writer(fmt, args.output, sys.stdout, threshold=threshold) as writer:
-            for r in results:
-                for w in r.get("warnings", ()):
-                    say(f"htsat: warning: {w}")
-                if "error" in r:
-                    failed += 1
-                    say(f"htsat: error: {r['file']}: {r['error']}")
-                else:
-                    hours += r["duration"] / 3600
-                writer.write(r)
-                if bar is not None:
-                    bar.set_postfix_str(f"{hours:.2f} h audio, {failed} failed", refresh=False)
-                    bar.update(1)
+        with (
+            _dead_workers_named(),
+            _sigterm_stops(),
+            open_writer(fmt, args.output, sys.stdout, threshold=threshold, inputs=inputs) as writer,
+        ):
+            # the output is locked (and its temporary made): now the files
+            done = read_done(fmt, args.output) if args.resume else {}
+            todo = InputList()
+            todo.extend(p for p in inputs if p not in done)
+            todo.problems = inputs.problems
+            if done:
+                say(f"htsat: resuming: {len(inputs) - len(todo)} of {len(inputs)} file(s) already in {args.output}")
+            if predicting:
+                results = predictor.iter_files(
+                    todo,
+                    top_k=args.top_k,
+                    framewise=framewise,
+                    threshold=args.threshold,
+                    merge_gap=args.merge_gap,
+                    min_duration=args.min_duration,
+                )
+            else:
+                results = predictor.embed_files(todo, embedding=args.embedding)
+            bar = _progress_bar(len(inputs), sys.stderr.isatty() if args.progress is None else args.progress)
+            try:
+                for path in inputs:
+                    r = done.get(path) or next(results)
+                    why = writer.refuses(r["file"]) if "error" not in r else None
+                    if why is not None:
+                        r = {"file": r["file"], "error": why}
+                    for w in r.get("warnings", ()):
+                        say(f"htsat: warning: {w}")
+                    if "error" in r:
+                        failed += 1
+                        say(f"htsat: error: {r['file']}: {r['error']}")
+                    else:
+                        hours += r.get("duration", 0.0) / 3600
+                    writer.write(r)
+                    if bar is not None:
+                        bar.set_postfix_str(f"{hours:.2f} h audio, {failed} failed", refresh=False)
+                        bar.update(1)
+            finally:
+                results.close()
+    except (KeyboardInterrupt, InferenceError):
+        if bar is not None:
+            bar.close()
+            bar = None
+        if to_file and writer is not None and writer.published:
+            say(f"htsat: {writer.published} result(s) kept in {args.output}; add --resume to the same command to finish")
+        raise
     finally:
         if bar is not None:
             bar.close()
-        results.close() if hasattr(results, "close") else None
     if failed:
         _err(f"{failed} of {len(inputs)} file(s) failed")
         return 1
@@ -300,9 +380,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from .audio import AudioError
     from .data import ManifestError
+    from .inference import InferenceError
     from .training import TrainingError
 
-    known = (AudioError, ManifestError, OSError, ValueError, BackendUnavailable, TrainingError)  # OSError messages name the file
+    known = (
+        AudioError,
+        ManifestError,
+        OSError,
+        ValueError,
+        BackendUnavailable,
+        TrainingError,
+        InferenceError,
+    )  # OSError messages name the file
     try:
         if args.command in ("average", "evaluate", "models", "download"):
             return _run_protocol(args)
@@ -318,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
             pass
         _err("output closed by the reader (broken pipe); stopped")
         return 141
+    except Terminated:
+        _err("terminated (SIGTERM)")
+        return 143
     except KeyboardInterrupt:
         _err("interrupted")
         return 130

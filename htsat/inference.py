@@ -15,9 +15,12 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
+import functools
 import glob
 import math
 import os
+import signal
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -25,7 +28,12 @@ import torch
 
 from .audio import AudioError, check_audio, fit_length, stream_audio
 
-__all__ = ["AUDIO_EXTENSIONS", "InputList", "expand_inputs", "file_windows", "run_files"]
+__all__ = ["AUDIO_EXTENSIONS", "InferenceError", "InputList", "expand_inputs", "file_windows", "run_files"]
+
+
+class InferenceError(RuntimeError):
+    """A run that cannot go on (a worker process died); the message is one line."""
+
 
 # extensions of the formats libsndfile reads (soundfile.available_formats()), with their usual aliases
 _FORMAT_EXTENSIONS = {
@@ -86,6 +94,53 @@ class InputList(list):
         self.problems: dict[str, str] = {}
 
 
+def _walk_files(top: str) -> Iterator[str]:
+    """Every file under ``top``, symbolic links to folders followed but each real folder visited once
+    (a link back up the tree would otherwise be walked forever)."""
+    seen = set()
+    for root, dirs, files in os.walk(top, followlinks=True):
+        try:
+            st = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        yield from (os.path.join(root, n) for n in files)
+
+
+def _glob_files(pattern: str) -> list[str]:
+    """``glob.glob(pattern, recursive=True)``, but ``**`` walks with :func:`_walk_files` (glob's own
+    recursion follows links to folders without end)."""
+    if "**" not in pattern:
+        return glob.glob(pattern)
+    parts = pattern.split(os.sep)
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base_parts, pat = parts[:fixed], parts[fixed:]
+    base = os.sep.join(base_parts) or ("." if not pattern.startswith(os.sep) else os.sep)
+    if not os.path.isdir(base):
+        return []
+
+    def match(pat: list[str], names: list[str]) -> bool:  # glob's rules: * never matches a leading dot
+        if not pat:
+            return not names
+        if pat[0] == "**":
+            return any(match(pat[1:], names[k:]) for k in range(len(names) + 1) if not any(n.startswith(".") for n in names[:k]))
+        if not names or (names[0].startswith(".") and not pat[0].startswith(".")):
+            return False
+        return fnmatch.fnmatchcase(names[0], pat[0]) and match(pat[1:], names[1:])
+
+    out = []
+    for path in _walk_files(base):
+        names = os.path.relpath(path, base).split(os.sep)
+        if match(pat, names):
+            out.append(os.sep.join(base_parts + names))
+    return out
+
+
 def expand_inputs(specs: Sequence[str], *, _depth: int = 0) -> InputList:
     """Files, folders (recursive, by the audio extensions soundfile reads, sorted), glob patterns
     and ``@list.txt`` files (one path, folder or pattern per line; blank lines and ``#`` comments
@@ -117,16 +172,13 @@ def expand_inputs(specs: Sequence[str], *, _depth: int = 0) -> InputList:
             for p in sub:
                 add(p, sub.problems.get(p))
         elif os.path.isdir(spec):
-            found = []
-            for root, dirs, files in os.walk(spec, followlinks=True):
-                dirs.sort()
-                found.extend(os.path.join(root, n) for n in files if _is_audio(n))
+            found = [p for p in _walk_files(spec) if _is_audio(p)]
             if not found:
                 add(spec, f"no audio files in this folder (extensions: {', '.join(sorted(AUDIO_EXTENSIONS))})")
             for p in sorted(found):
                 add(p)
         elif not os.path.exists(spec) and glob.has_magic(spec):
-            matches = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+            matches = sorted(p for p in _glob_files(spec) if os.path.isfile(p))
             if not matches:
                 add(spec, "no files match this pattern")
             for p in matches:
@@ -318,11 +370,47 @@ def _keep_freed_memory(_worker_id: int = 0) -> None:
     libc.mallopt(m_trim_threshold, 1024 * 1024 * 1024)
 
 
+def _init_worker(worker_id: int, keep_freed_memory: bool = False) -> None:
+    """A SIGTERM sent to the whole process group is the main process's to handle (it writes what was
+    done and stops the workers); a worker dying first would only turn it into a dead-worker error."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if keep_freed_memory:
+        _keep_freed_memory(worker_id)
+
+
 def _as_is(item: dict) -> dict:
     """The loader's collate function: items cross from the workers as they are. (The default converts
     every numpy array to a tensor, and each tensor then crosses through its own shared-memory file,
     a socket round trip apiece: most of the main process's time when the workers run the model.)"""
     return item
+
+
+def _worker_deaths_named(items: Iterator[dict]) -> Iterator[dict]:
+    """The loader's items; a worker killed under it (the kernel's OOM killer) becomes one line instead
+    of the loader's traceback."""
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            died = worker_death(e)
+            if died is None:
+                raise
+            raise died from None
+        yield item
+
+
+def worker_death(exc: BaseException) -> InferenceError | None:
+    """The one-line error for torch's dead-worker RuntimeError (raised by the loader, or by its SIGCHLD
+    handler wherever the main process happens to be); None for any other error."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if not isinstance(exc, RuntimeError) or not first.startswith("DataLoader worker"):
+        return None
+    return InferenceError(
+        f"a worker process died ({first.rstrip('. ')}; out of memory? try fewer --num-workers or a smaller --batch-size)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -559,13 +647,13 @@ def run_files(
             num_workers=num_workers,
             persistent_workers=False,
             prefetch_factor=ahead,
-            worker_init_fn=_keep_freed_memory if stage == "model" else None,
+            worker_init_fn=functools.partial(_init_worker, keep_freed_memory=stage == "model"),
             collate_fn=_as_is,
         )
     else:
         loader = dataset
     batch: list[dict] = []
-    it = iter(loader)
+    it = _worker_deaths_named(iter(loader))
     try:
         yield from ready()
         for item in it:

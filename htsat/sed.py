@@ -68,6 +68,8 @@ def read_events(path: str) -> dict[str, list[Event]]:
             onset, offset = float(cells[0]), float(cells[1])
         except ValueError:
             raise ManifestError(f"{path}:{line}: onset/offset are not numbers: {cells[:2]}") from None
+        if not (math.isfinite(onset) and math.isfinite(offset)) or onset < 0:
+            raise ManifestError(f"{path}:{line}: onset/offset must be finite seconds >= 0, got {cells[0]}, {cells[1]}")
         if not cells[2] or offset < onset:
             raise ManifestError(f"{path}:{line}: an event needs a label and offset >= onset")
         events.append((onset, offset, cells[2]))
@@ -154,25 +156,47 @@ def event_based_metrics(
     return out
 
 
+def _active_segments(events: list[Event], label: str, segment: float) -> list[tuple[int, int]]:
+    """The segments where ``label`` is active, as merged [first, stop) ranges of segment indices (an
+    event far out in time costs no memory)."""
+    ranges = []
+    for on, off, lab in events:
+        if lab == label:
+            first = math.floor(on / segment)
+            ranges.append((first, max(math.ceil(off / segment - 1e-9), first + 1)))
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _overlap(x: list[tuple[int, int]], y: list[tuple[int, int]]) -> int:
+    """Segments in both merged range lists."""
+    i = j = total = 0
+    while i < len(x) and j < len(y):
+        total += max(0, min(x[i][1], y[j][1]) - max(x[i][0], y[j][0]))
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
 def segment_based_metrics(ref: dict[str, list[Event]], est: dict[str, list[Event]], *, segment: float = 1.0) -> dict[str, Any]:
     """Segment-based F1: a label is active in a segment when an event of it overlaps the segment."""
     labels = _labels(ref, est)
     counts = {lab: [0, 0, 0] for lab in labels}
     for name in sorted(set(ref) | set(est)):
         evs_r, evs_s = ref.get(name, []), est.get(name, [])
-        end = max([e[1] for e in evs_r + evs_s], default=0.0)
-        n = max(1, math.ceil(end / segment - 1e-9))
         for lab in labels:
-            a, b = np.zeros(n, bool), np.zeros(n, bool)
-            for act, evs in ((a, evs_r), (b, evs_s)):
-                for on, off, el in evs:
-                    if el == lab:
-                        act[int(math.floor(on / segment)) : max(int(math.ceil(off / segment - 1e-9)), int(on / segment) + 1)] = (
-                            True
-                        )
-            counts[lab][0] += int((a & b).sum())
-            counts[lab][1] += int((~a & b).sum())
-            counts[lab][2] += int((a & ~b).sum())
+            a, b = _active_segments(evs_r, lab, segment), _active_segments(evs_s, lab, segment)
+            both = _overlap(a, b)
+            counts[lab][0] += both
+            counts[lab][1] += sum(e - s for s, e in b) - both
+            counts[lab][2] += sum(e - s for s, e in a) - both
     out = _summary(counts, labels)
     out["segment"] = segment
     return out
