@@ -17,7 +17,7 @@ import htsat_kernels
 from htsat_kernels import BackendUnavailable, backends, reference
 
 extension = pytest.importorskip("htsat_kernels.fused.extension")
-pytestmark = pytest.mark.skipif(extension.load_error is not None, reason="needs the compiled extension")
+needs_extension = pytest.mark.skipif(extension.load_error is not None, reason="needs the compiled extension")
 
 
 @pytest.mark.parametrize(
@@ -65,6 +65,7 @@ def _cuda_args(op: str) -> tuple:
 COMPILED_OPS = ["window_partition", "window_merge", "patch_merge", "layer_norm_window_partition", "window_merge_add"]
 
 
+@needs_extension
 @pytest.mark.parametrize("op", COMPILED_OPS)
 def test_a_gpu_without_kernel_image_is_declined_before_launch(op, a100_build_on_h100, caplog):
     args = _cuda_args(op)
@@ -79,6 +80,7 @@ def test_a_gpu_without_kernel_image_is_declined_before_launch(op, a100_build_on_
     assert backends.dispatch(op, htsat_kernels.OPS[op].example(), "fused") is not getattr(reference, op)
 
 
+@needs_extension
 @pytest.mark.parametrize("archs", [["sm_90"], ["sm_80", "compute_80"]])
 def test_a_gpu_with_a_kernel_image_is_accepted(archs, a100_build_on_h100, monkeypatch):
     monkeypatch.setattr(extension, "build_record", {**extension.build_record, "cuda_archs": archs})
