@@ -8,6 +8,7 @@ runs without a GPU.
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -36,6 +37,7 @@ needs_extension = pytest.mark.skipif(extension.load_error is not None, reason="n
         (["sm_100f"], (10, 3), True),  # family code: the later minors of its major
         (["sm_100"], (12, 0), False),
         (None, (9, 0), True),  # a record without the list (an older build): nothing to compare
+        ("8.0 (HTSAT_KERNELS_CUDA_ARCHS)", (9, 0), True),  # an older build's description string: unknown
     ],
 )
 def test_built_architectures_are_compared_with_the_device(archs, capability, runs):
@@ -52,7 +54,7 @@ def a100_build_on_h100(monkeypatch):
     monkeypatch.setattr(extension, "with_cuda", True)
     monkeypatch.setattr(extension, "build_record", {**extension.build_record, "cuda": True, "cuda_archs": ["sm_80"]})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=9, minor=0))
 
 
 def _cuda_args(op: str) -> tuple:

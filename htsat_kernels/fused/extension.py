@@ -55,12 +55,12 @@ except Exception as exc:  # not built, the compile failed at install time, or bu
         load_error = f"htsat_kernels._C is not built: run {BUILD_HINT} (error: {type(exc).__name__}: {exc})"
 
 
-def arch_reason(archs: list[str] | None, capability: tuple[int, int]) -> str | None:
+def arch_reason(archs: object, capability: tuple[int, int]) -> str | None:
     """Why a binary holding ``archs`` ("sm_80", "compute_90", "sm_90a") has no code for a GPU of compute
     capability ``capability``, or None. Machine code sm_XY runs on X.Y' for Y' >= Y (same major; "a": X.Y
     only, "f": that family), PTX compute_XY on X.Y and newer (JIT-compiled by the driver). None also when the
     record does not list the architectures (a build older than this check)."""
-    if not archs:
+    if not isinstance(archs, list) or not archs:  # older records held a description string here
         return None
     cap = tuple(capability)
     for code in archs:
@@ -90,7 +90,8 @@ def device_reason(device: torch.device | int | None = None) -> str | None:
         return None
     if not with_cuda:
         return f"htsat_kernels._C was built without its CUDA part ({build_record.get('cuda_error') or 'CPU-only build'})"
-    return arch_reason(build_record.get("cuda_archs"), torch.cuda.get_device_capability(device))
+    props = torch.cuda.get_device_properties(device)  # (torch.compile folds it to a constant while tracing)
+    return arch_reason(build_record.get("cuda_archs"), (props.major, props.minor))
 
 
 def require() -> None:
