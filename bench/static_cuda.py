@@ -225,6 +225,7 @@ def cuda_records(so_path: str | None = None) -> tuple[list[dict], str | None]:
     so_path = so_path or extension_path()
     if not so_path:
         return [], "no compiled extension (htsat_kernels/_C*.so) found: build it with `make build`"
+    so_path = os.path.abspath(so_path)  # cuobjdump extracts into a temporary folder it runs in
     cuobjdump, nvdisasm = find_tool("cuobjdump"), find_tool("nvdisasm")
     if not cuobjdump:
         return [], "cuobjdump not found (nvcc's bin dir, $CUDA_HOME/bin, PATH, Triton's bundled tools)"
