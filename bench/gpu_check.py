@@ -50,7 +50,7 @@ class Phase:
 
 
 # Nominal times (estimates for an H100 with 16 cores) sum to the 510 s that `make gpu-check` gives (a test
-# holds them to it); the allotment trims the later phases when an earlier one overruns. The model phase's
+# holds them to it); the allotment trims the later phases when an earlier one overruns. The model phase's nominal
 # covers its first two parts (eager, then the compiled training step).
 PHASES = (
     Phase("build", 120, 60),
