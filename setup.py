@@ -16,10 +16,15 @@ Knobs (environment variables):
   TORCH_CUDA_ARCH_LIST="8.0;9.0"       compute capabilities of the CUDA part, in torch's syntax ("9.0+PTX" adds
                                        PTX, named ones such as "Hopper" work too)
   HTSAT_KERNELS_CUDA_ARCHS="9.0"       the same for this package only; overrides TORCH_CUDA_ARCH_LIST
-                                       default (neither set): the GPUs visible at build time, else "8.0;9.0"
+                                       default (neither set): the GPUs visible at build time, else "8.0;9.0",
+                                       the newest of them also as PTX (newer GPUs JIT-compile it)
   MAX_JOBS=N                           parallel compile jobs (ninja): each csrc/ file is one job
   CUDA_HOME                            the CUDA toolkit (default: found from nvcc on PATH)
   CXX                                  the C++ compiler (default c++)
+
+The build record's ``cuda_archs`` lists what the CUDA part holds ("sm_90": machine code for compute
+capability 9.x, x >= 0; "compute_90": PTX for 9.0 and newer); the ops compare it with the device before
+each launch and decline a GPU it cannot run on (htsat_kernels/fused/extension.py).
 
 The CUDA part is built when a CUDA toolkit with nvcc is found whose major version matches the CUDA version
 torch was built with (a CPU-only torch builds the CPU part only).
@@ -41,7 +46,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
 EXT_NAME = "htsat_kernels._C"
 BUILD_INFO = "_C_build.json"  # read by htsat_kernels/fused/extension.py
-DEFAULT_ARCHS = "8.0;9.0"  # A100, H100 / H200
+DEFAULT_ARCHS = "8.0;9.0"  # A100, H100 / H200 (the newest is also built as PTX, see _with_ptx)
 
 
 def _flag(name: str) -> bool:
@@ -101,6 +106,27 @@ def _gencode_flags(spec: str, source: str) -> list[str]:
     return flags
 
 
+def _with_ptx(spec: str) -> str:
+    """ "8.0;9.0" -> "8.0;9.0+PTX": the newest architecture of a default list also as PTX, so that a GPU newer
+    than any built for JIT-compiles it instead of having no kernel image (explicit lists are kept as given)."""
+    items = [i for i in re.split(r"[;,\s]+", spec.strip()) if i]
+    if not items or any(i.endswith("+PTX") for i in items):
+        return spec
+    newest = max(items, key=lambda i: tuple(int(x) for x in re.findall(r"\d+", i)[:2]))
+    return ";".join(f"{i}+PTX" if i == newest else i for i in items)
+
+
+def _archs_of(gencode: list[str]) -> list[str]:
+    """-gencode flags -> what the binary holds: ["sm_80", "sm_90", "compute_90"] (machine code, PTX)."""
+    archs: list[str] = []
+    for flag in gencode:
+        m = re.search(r",code=\[?([\w,]+)\]?", flag)
+        for code in m.group(1).split(",") if m else []:
+            if code not in archs:
+                archs.append(code)
+    return archs
+
+
 def _visible_gpu_archs() -> str | None:
     """The compute capabilities of the GPUs visible now ("8.0;9.0"), capped at the newest torch supports."""
     import torch
@@ -118,18 +144,26 @@ def _visible_gpu_archs() -> str | None:
 
 
 def _cuda_arch_flags() -> tuple[list[str], str]:
-    """(-gencode flags, a description of where the architectures came from). No flags: torch's
-    TORCH_CUDA_ARCH_LIST handling chooses (explicit -gencode flags would suppress it)."""
+    """(-gencode flags, a description of where the architectures came from). TORCH_CUDA_ARCH_LIST is
+    torch's own syntax (named architectures too), so torch's parser turns it into the flags."""
     own = os.environ.get("HTSAT_KERNELS_CUDA_ARCHS", "").strip()
     if own:
         return _gencode_flags(own, "HTSAT_KERNELS_CUDA_ARCHS"), f"{own} (HTSAT_KERNELS_CUDA_ARCHS)"
     torch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
     if torch_list:
-        return [], f"{torch_list} (TORCH_CUDA_ARCH_LIST)"
+        from torch.utils import cpp_extension
+
+        try:
+            flags = cpp_extension._get_cuda_arch_flags()
+        except Exception as exc:  # an arch torch does not know
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST: {exc}") from exc
+        return flags, f"{torch_list} (TORCH_CUDA_ARCH_LIST)"
     visible = _visible_gpu_archs()
     if visible:
+        visible = _with_ptx(visible)
         return _gencode_flags(visible, "visible GPUs"), f"{visible} (the GPUs visible at build time)"
-    return _gencode_flags(DEFAULT_ARCHS, "default"), f"{DEFAULT_ARCHS} (default: no GPU visible, no arch list set)"
+    default = _with_ptx(DEFAULT_ARCHS)
+    return _gencode_flags(default, "default"), f"{default} (default: no GPU visible, no arch list set)"
 
 
 def _nvcc_release(cuda_home: str) -> str | None:
@@ -164,7 +198,8 @@ def _cuda_toolkit(torch_guess: str | None) -> tuple[str | None, str]:
 
 
 # What the build attempts; the build command records the outcome in BUILD_INFO.
-PLAN: dict = {"cuda": False, "cuda_archs": None, "cuda_error": None, "error": None}
+# cuda_archs: what the CUDA part holds (["sm_80", "compute_90"]), compared with the device at run time.
+PLAN: dict = {"cuda": False, "cuda_archs": None, "cuda_archs_source": None, "cuda_error": None, "error": None}
 
 
 def _cpu_extension():
@@ -201,15 +236,16 @@ def _extensions():
     if cuda_home is None:
         if _flag("HTSAT_KERNELS_REQUIRE_CUDA"):
             sys.exit(f"htsat_kernels: HTSAT_KERNELS_REQUIRE_CUDA is set but the CUDA part cannot be built: {why}")
-        if _flag("HTSAT_KERNELS_REQUIRE_EXT") and why.startswith("HTSAT_KERNELS_CUDA_ARCHS"):
+        if _flag("HTSAT_KERNELS_REQUIRE_EXT") and why.startswith(("HTSAT_KERNELS_CUDA_ARCHS", "TORCH_CUDA_ARCH_LIST")):
             sys.exit(f"htsat_kernels: {why}")
         print(f"htsat_kernels: building the C++ CPU kernels only ({why})")
         PLAN["cuda_error"] = f"the CUDA part was not built: {why}"
         return [_cpu_extension()]
     # cpp_extension reads its module-level CUDA_HOME when it builds include/library paths and runs nvcc.
     cpp_extension.CUDA_HOME = cuda_home
-    print(f"htsat_kernels: building C++ CPU + CUDA kernels (CUDA_HOME={cuda_home}, archs {archs})")
-    PLAN.update(cuda=True, cuda_archs=archs)
+    built = _archs_of(gencode)
+    print(f"htsat_kernels: building C++ CPU + CUDA kernels (CUDA_HOME={cuda_home}, archs {archs}: {' '.join(built)})")
+    PLAN.update(cuda=True, cuda_archs=built, cuda_archs_source=archs)
     cpu = _cpu_extension()
     return [
         cpp_extension.CUDAExtension(
@@ -247,7 +283,7 @@ def _cmdclass():
                 if _flag("HTSAT_KERNELS_REQUIRE_EXT"):
                     raise
                 if info["cuda"]:
-                    info.update(cuda=False, cuda_error=f"the CUDA build failed: {_failure(exc)}")
+                    info.update(cuda=False, cuda_archs=None, cuda_error=f"the CUDA build failed: {_failure(exc)}")
                     _warn(f"{info['cuda_error']}\nRetrying with the C++ CPU kernels only (CUDA tensors will use the references).")
                     self.inplace, self.compiler = inplace, compiler
                     for ext in self.extensions:

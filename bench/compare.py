@@ -3,8 +3,10 @@
 Records are matched on (section, op, provider, mode, dtype, shape). For each match: A and B
 median ms, the speedup of B over A (A_ms / B_ms: above 1 means B is faster), a REGRESSION flag
 when B is slower than A by more than ``--threshold`` (default 10%), and the error change (ERR+
-when B's max relative error grew past 2x A's and above 1e-6), and for GPU runs the ideal time at the device's
-roofline with each run's percent of it (``ideal_ms``, ``pct_roofline``). Records that ran in one run and were
+when B's max relative error grew past 2x A's and above 1e-6), the FLOPs of one call and B's achieved
+TFLOP/s where the op does arithmetic, and for GPU runs the ideal time at the device's roofline with each
+run's percent of it (``ideal_ms``, ``pct_roofline``; computed from the run's peaks where the record lacks
+them). Records that ran in one run and were
 skipped in the other, or exist in only one, are listed. Always exits 0 (a report, not a gate)
 unless ``--fail-on-regression`` is given.
 """
@@ -44,6 +46,22 @@ def _err(x) -> str:
     return "0" if x == 0 else f"{x:.1e}"
 
 
+def _ideal_and_pct(r: dict, meta: dict) -> tuple[float | None, float | None]:
+    """(ideal ms, percent of roofline) of a record: its own, else from its run's peaks (GPU runs only)."""
+    from .roofline import pct_of_roofline, record_ideal_ms
+
+    if r.get("ideal_ms") is not None:
+        return r["ideal_ms"], r.get("pct_roofline")
+    if r.get("skipped_reason") or not r.get("bytes") or not meta.get("peak_gbps"):
+        return None, None
+    ideal = record_ideal_ms(r, meta)
+    return ideal, pct_of_roofline(ideal, r.get("median_ms"))
+
+
+def _gflop(x) -> str:
+    return "-" if not x else f"{x / 1e9:.3g}"
+
+
 def compare(a: dict, b: dict, threshold: float = 0.10, only_changes: bool = False) -> tuple[str, dict]:
     from .report import format_table
 
@@ -67,8 +85,14 @@ def compare(a: dict, b: dict, threshold: float = 0.10, only_changes: bool = Fals
         "B rel err",
         "flags",
     ]
+    # FLOP columns where any op does arithmetic: the count of one call and B's achieved rate
+    flops = any(r.get("flops") for r in list(ra.values()) + list(rb.values()))
+    if flops:
+        headers[-1:-1] = ["GFLOP", "B TFLOP/s"]
     # roofline columns (GPU runs): the ideal time and each run's percent of it
-    roof = any(r.get("ideal_ms") is not None for r in list(ra.values()) + list(rb.values()))
+    roof_a = {k: _ideal_and_pct(r, a["meta"]) for k, r in ra.items()}
+    roof_b = {k: _ideal_and_pct(r, b["meta"]) for k, r in rb.items()}
+    roof = any(v[0] is not None for v in list(roof_a.values()) + list(roof_b.values()))
     if roof:
         headers[-1:-1] = ["ideal ms", "A %roof", "B %roof"]
     rows = []
@@ -112,9 +136,13 @@ def compare(a: dict, b: dict, threshold: float = 0.10, only_changes: bool = Fals
                 " ".join(flags),
             ]
         )
+        if flops:
+            n = y.get("flops") or x.get("flops")
+            rate = n / (tb * 1e-3) / 1e12 if n and tb and not y.get("skipped_reason") else None
+            rows[-1][-1:-1] = [_gflop(n), "-" if rate is None else f"{rate:.3g}"]
         if roof:
-            ideal = y.get("ideal_ms") if y.get("ideal_ms") is not None else x.get("ideal_ms")
-            rows[-1][-1:-1] = [_ms(ideal), _pct(x.get("pct_roofline")), _pct(y.get("pct_roofline"))]
+            (ideal_a, pct_a), (ideal_b, pct_b) = roof_a[k], roof_b[k]
+            rows[-1][-1:-1] = [_ms(ideal_b if ideal_b is not None else ideal_a), _pct(pct_a), _pct(pct_b)]
     ma, mb = a["meta"], b["meta"]
 
     def desc(m):
@@ -123,7 +151,7 @@ def compare(a: dict, b: dict, threshold: float = 0.10, only_changes: bool = Fals
     lines = [f"A: {desc(ma)}", f"B: {desc(mb)}"]
     if ma.get("device") != mb.get("device"):
         lines.append("note: the runs are on different devices; speedups compare the devices too.")
-    right = {6, 7, 8, 9, 10} | ({11, 12, 13} if roof else set())
+    right = set(range(6, len(headers) - 1))
     lines += ["", format_table(headers, rows, right=right) if rows else "(no matched records to show)", ""]
     if only_a:
         lines.append(

@@ -212,6 +212,8 @@ def build_report(
             "registers in the stack frame; these kernels have no local arrays and no ABI calls that need one",
             "shared_bytes": "shared memory per block (Triton metadata + static SHARED)",
             "blocks_per_sm": "resident blocks per SM allowed by registers, shared memory, warp and block limits",
+            "num_warps": "warps per block: Triton's launch config; CUDA: the kernel's __launch_bounds__ (EIATTR_MAX_THREADS), "
+            "the block size its host launcher uses",
             "tensor_core_instructions": "wgmma.mma_async + mma.sync instructions in the PTX (0: FMA path)",
             "int64_div_calls": "SASS call sites of __cuda_sm20_{div,rem}_{s,u}64 (64-bit integer division helpers)",
             "ideal_us": f"max(bytes / peak bandwidth, flops / dense bf16 peak) at batch {BATCH}, per device",
@@ -327,7 +329,7 @@ def render_text(report: dict) -> str:
             rows = _triton_rows(recs)
             lines += ["", f"-- {kernel}", format_table(hdr[: max(len(x) for x in rows)], rows, right={5, 6, 7, 8})]
     cu = [r for r in records if r.get("backend") == "cuda"]
-    lines += ["", "#### CUDA kernels of the extension (block size is set by the host: warps/SM is the register limit)"]
+    lines += ["", "#### CUDA kernels of the extension (block = the launch bound the host launches with; static shared memory)"]
     if not cu:
         lines.append(f"  none: {meta.get('cuda_note')}")
     else:
@@ -338,7 +340,10 @@ def render_text(report: dict) -> str:
                 str(r["registers"]),
                 str(r["spill_bytes"]),
                 str(r["shared_bytes"]),
-                str(r["warps_per_sm"]),
+                "-" if r.get("num_warps") is None else str(r["num_warps"]),
+                "-"
+                if r.get("blocks_per_sm") is None
+                else f"{r['blocks_per_sm']} ({r['warps_per_sm']} warps, {r['occupancy_limit']})",
                 "-" if r.get("int64_div_calls") is None else str(r["int64_div_calls"]),
                 "-" if r.get("sass_instructions") is None else str(r["sass_instructions"]),
             ]
@@ -346,9 +351,19 @@ def render_text(report: dict) -> str:
         ]
         lines.append(
             format_table(
-                ["arch", "kernel", "regs", "spill B", "smem B", "warps/SM", "int64 div calls", "SASS instr"],
+                [
+                    "arch",
+                    "kernel",
+                    "regs",
+                    "spill B",
+                    "smem B",
+                    "warps",
+                    "blocks/SM (warps/SM, limit)",
+                    "int64 div",
+                    "SASS instr",
+                ],
                 rows,
-                right={2, 3, 4, 5, 6, 7},
+                right={2, 3, 4, 5, 7, 8},
             )
         )
     rl = report.get("roofline") or []

@@ -9,7 +9,10 @@ in the system python, no network). Phases, each timed, in this order:
    refusal, e.g. without the needed driver permissions, is recorded, not fatal).
 4. ``ops``: every op at the four stage shapes, B = 128, bf16, forward and full; providers
    reference / fused / sdpa first, then compile / flex stage by stage while the budget lasts.
-5. ``model``: the whole model, training step and inference, eager and fused, then compiled.
+5. ``model``: the whole model, training step and inference, eager (reference and fused), then the
+   compiled (torch.compile / Inductor) fused training step: its forward + backward against the
+   fp32 model by the numerics rule (``compiled_train_check``) and its time next to eager; then the
+   compiled inference if time is left.
 6. ``static``: the compile report, if time is left.
 
 ``--budget`` seconds bound the whole run: each phase gets at most its nominal time and never the
@@ -46,16 +49,20 @@ class Phase:
     min_s: float  # below this it is not worth starting
 
 
-# Nominal times (estimates for an H100 with 16 cores) sum to about 9 minutes; `make gpu-check` gives 510 s
-# and the allotment trims the later phases to fit.
+# Nominal times (estimates for an H100 with 16 cores) sum to the 510 s that `make gpu-check` gives (a test
+# holds them to it); the allotment trims the later phases when an earlier one overruns. The model phase's nominal
+# covers its first two parts (eager, then the compiled training step).
 PHASES = (
     Phase("build", 120, 60),
-    Phase("tests", 75, 30),
-    Phase("sanitizer", 45, 20),
-    Phase("ops", 150, 45),
-    Phase("model", 100, 40),
+    Phase("tests", 60, 30),
+    Phase("sanitizer", 40, 20),
+    Phase("ops", 110, 45),
+    Phase("model", 140, 40),
     Phase("static", 40, 30),
 )
+# the numerics rule (docs/design.md section 6) for a low-precision whole model: error against the fp32
+# model at most 2x the eager reference's own error in that dtype, plus this (relative to max |truth|)
+MODEL_RULE_ATOL = 1e-2
 
 
 def allotment(remaining: float, phases_left: list[Phase]) -> float:
@@ -275,11 +282,14 @@ class GpuCheck:
         return parts
 
     def plan_model(self) -> list[tuple[str, list[str], float]]:
+        """Eager first (the baseline of everything after), then the compiled fused training step (its error
+        probe runs forward + backward through the compiled graph; Inductor compiles the train graph for
+        the timing), then the compiled inference."""
         common = ["--ops", "model", "--dtypes", "bf16", "--skip-model-check"]
         return [
             ("model_eager", [*common, "--modes", "train,inference", "--providers", "reference,fused"], 45),
+            ("model_compiled_train", [*common, "--modes", "train", "--providers", "fused+compile"], 90),
             ("model_compiled_inference", [*common, "--modes", "inference", "--providers", "compile,fused+compile"], 60),
-            ("model_compiled_train", [*common, "--modes", "train", "--providers", "compile,fused+compile"], 90),
         ]
 
     def _parts(self, parts, allot: float) -> dict:
@@ -302,7 +312,12 @@ class GpuCheck:
         return self._parts(self.plan_ops(), allot)
 
     def phase_model(self, allot: float) -> dict:
-        return self._parts(self.plan_model(), allot)
+        info = self._parts(self.plan_model(), allot)
+        check = compiled_train_check(self.records)
+        info["compiled_train"] = check
+        if check is not None and not check["ok"]:
+            info["status"] = "compiled training step off the numerics rule"
+        return info
 
     def phase_static(self, allot: float) -> dict:
         cmd = [self.python, "-m", "bench", "--static", "--out", str(self.work / "static")]
@@ -347,6 +362,42 @@ class GpuCheck:
         if any(r.get("ideal_ms") is not None for r in result["records"]):
             print(render_roofline(result, providers=("fused",)))  # every provider's figures are in the JSON
         return path
+
+
+def compiled_train_check(records: list[dict]) -> dict | None:
+    """The compiled (Inductor) fused training step against eager, from the model records: times side by side
+    and the numerics rule: its error against the fp32 model (outputs and every parameter gradient) at most
+    2x the eager reference's own error in that dtype + MODEL_RULE_ATOL. None when it did not run."""
+    train = {
+        r["provider"]: r
+        for r in records
+        if r.get("op") == "model" and r.get("mode") == "train" and not r.get("skipped_reason") and r.get("median_ms")
+    }
+    comp, eager, ref = train.get("fused+compile"), train.get("fused"), train.get("reference")
+    if comp is None:
+        return None
+    out = {
+        "dtype": comp.get("dtype"),
+        "compiled_ms": comp["median_ms"],
+        "eager_fused_ms": eager["median_ms"] if eager else None,
+        "eager_reference_ms": ref["median_ms"] if ref else None,
+        "speedup_vs_eager_fused": eager["median_ms"] / comp["median_ms"] if eager else None,
+        "speedup_vs_eager_reference": ref["median_ms"] / comp["median_ms"] if ref else None,
+        "compiled_rel_err": comp.get("max_rel_err"),
+        "eager_reference_rel_err": ref.get("max_rel_err") if ref else None,
+        "compiled_rel_diff_vs_reference": comp.get("max_rel_diff_vs_reference"),
+    }
+    err, base = out["compiled_rel_err"], out["eager_reference_rel_err"]
+    if err is None or base is None:
+        out.update(ok=False, verdict="no error figures to compare (the eager reference or the error probe did not run)")
+        return out
+    bound = (2 * base if comp.get("dtype") != "fp32" else 0.0) + MODEL_RULE_ATOL
+    out["ok"] = bool(err <= bound)  # NaN fails
+    out["verdict"] = (
+        f"error {err:.2e} vs the fp32 model {'<=' if out['ok'] else '>'} {bound:.2e} "
+        f"(2 x eager reference {base:.2e} + {MODEL_RULE_ATOL:g})"
+    )
+    return out
 
 
 def cuda_test_files() -> list[str]:
@@ -397,6 +448,15 @@ def summary_text(result: dict) -> str:
             "",
             "whole model (bf16):",
             format_table(["mode", "B", "provider", "clips/s", "peak MB"], mrows, right={1, 3, 4}),
+        ]
+    check = compiled_train_check(result["records"])
+    if check is not None:
+        eager = check["eager_fused_ms"]
+        lines += [
+            "",
+            f"compiled training step (fused+compile, {check['dtype']}): {check['compiled_ms']:.1f} ms"
+            + (f" vs eager fused {eager:.1f} ms ({check['speedup_vs_eager_fused']:.2f}x)" if eager else "")
+            + f"; {'ok' if check['ok'] else 'FAILS'}: {check['verdict']}",
         ]
     return "\n".join(lines)
 

@@ -38,10 +38,16 @@ def annotate_records(records: list, peaks: dict) -> None:
     for r in records:
         if r.get("skipped_reason") or not r.get("bytes"):
             continue
-        tflops = peaks.get("peak_tflops") if r.get("dtype") in ("bf16", "fp16") else None
-        ideal = ideal_ms(r.get("bytes"), r.get("flops"), peaks.get("peak_gbps"), tflops)
+        ideal = record_ideal_ms(r, peaks)
         r["ideal_ms"] = ideal
         r["pct_roofline"] = pct_of_roofline(ideal, r.get("median_ms"))
+
+
+def record_ideal_ms(r: dict, peaks: dict) -> float | None:
+    """The ideal time of one record at ``peaks`` (a run's meta holds them): bf16/fp16 records may use the
+    tensor peak, the others are bounded by bandwidth."""
+    tflops = peaks.get("peak_tflops") if r.get("dtype") in ("bf16", "fp16") else None
+    return ideal_ms(r.get("bytes"), r.get("flops"), peaks.get("peak_gbps"), tflops)
 
 
 def render_roofline(result: dict, providers=("fused", "reference", "compile", "sdpa", "flex")) -> str:

@@ -2,7 +2,12 @@
 compiled extension (``htsat_kernels/_C*.so``), for every arch built into it.
 
 Per kernel: registers, stack and local bytes and static shared memory from
-``cuobjdump --dump-resource-usage``, and from the SASS (``nvdisasm``) the number of call sites
+``cuobjdump --dump-resource-usage``; the block size from the kernel's ``__launch_bounds__`` (the
+``EIATTR_MAX_THREADS`` attribute of ``cuobjdump -elf``), which is the block the host launcher uses
+(every kernel in csrc/ is launched with the constant of its bound; ``param_reduce_kernel`` with 8 x
+lanes threads, lanes = 64 from 512 row chunks on, which every HTS-AT stage at B >= 4 reaches), and
+the occupancy that follows at that block size (``num_warps``, ``blocks_per_sm``; dynamic shared
+memory set at launch, the LayerNorm backward's column window, is not in it); and from the SASS (``nvdisasm``) the number of call sites
 of the 64-bit integer division and remainder helpers (``CALL.REL ... __cuda_sm20_{div,rem}_{s,u}64``,
 about 70 instructions each, that a 32-bit index path or a precomputed divisor avoids; issue #10).
 Kernels are found in the binary, not by source file name.
@@ -85,6 +90,29 @@ def parse_resource_usage(text: str) -> dict:
             reg, stack, shared, local = (int(x) for x in m.groups())
             out.setdefault(arch or "?", {})[fn] = {"registers": reg, "stack": stack, "shared": shared, "local": local}
             fn = None
+    return out
+
+
+def parse_max_threads(text: str) -> dict:
+    """``cuobjdump -elf`` output of one cubin -> {mangled kernel: threads per block of its
+    ``__launch_bounds__``}; a kernel without a bound is absent."""
+    out: dict = {}
+    fn, pending = None, False
+    for line in text.splitlines():
+        m = re.match(r"\s*\.nv\.info\.(\S+)\s*$", line)
+        if m:
+            fn, pending = m.group(1), False
+            continue
+        if "EIATTR_MAX_THREADS" in line:
+            pending = True
+            continue
+        m = re.match(r"\s*Value:\s+((?:0x[0-9a-fA-F]+\s*)+)$", line)
+        if pending and m and fn is not None:
+            threads = 1
+            for v in m.group(1).split():  # x, y, z
+                threads *= int(v, 16)
+            out[fn] = threads
+            pending = False
     return out
 
 
@@ -197,6 +225,7 @@ def cuda_records(so_path: str | None = None) -> tuple[list[dict], str | None]:
     so_path = so_path or extension_path()
     if not so_path:
         return [], "no compiled extension (htsat_kernels/_C*.so) found: build it with `make build`"
+    so_path = os.path.abspath(so_path)  # cuobjdump extracts into a temporary folder it runs in
     cuobjdump, nvdisasm = find_tool("cuobjdump"), find_tool("nvdisasm")
     if not cuobjdump:
         return [], "cuobjdump not found (nvcc's bin dir, $CUDA_HOME/bin, PATH, Triton's bundled tools)"
@@ -213,6 +242,8 @@ def cuda_records(so_path: str | None = None) -> tuple[list[dict], str | None]:
             m = re.search(r"\.(sm_\d+a?)\.cubin$", cubin)
             if m and "?" in usage:  # a lone cubin's listing may not name its arch: take it from the file name
                 usage[gpu_limits.arch_name(m.group(1))] = usage.pop("?")
+            elf = subprocess.run([cuobjdump, "-elf", cubin], capture_output=True, text=True, timeout=120)
+            block_threads = parse_max_threads(elf.stdout)
             sass: dict = {}
             if nvdisasm:
                 dis = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, timeout=300)
@@ -222,7 +253,9 @@ def cuda_records(so_path: str | None = None) -> tuple[list[dict], str | None]:
                 names = demangle(list(fns))
                 for mangled, u in fns.items():
                     short = short_kernel_name(names[mangled])
-                    occ = gpu_limits.occupancy(arch, u["registers"], None) if arch in gpu_limits.ARCH_LIMITS else {}
+                    threads = block_threads.get(mangled)
+                    warps = -(-threads // 32) if threads else None
+                    occ = gpu_limits.occupancy(arch, u["registers"], warps, u["shared"]) if arch in gpu_limits.ARCH_LIMITS else {}
                     s = sass.get(mangled, {})
                     records.append(
                         {
@@ -237,10 +270,11 @@ def cuda_records(so_path: str | None = None) -> tuple[list[dict], str | None]:
                             "spill_bytes": u["stack"] + u["local"],
                             "stack_bytes": u["stack"],
                             "shared_bytes": u["shared"],
-                            "num_warps": None,
-                            "blocks_per_sm": None,
+                            "block_threads": threads,
+                            "num_warps": warps,
+                            "blocks_per_sm": occ.get("blocks_per_sm"),
                             "warps_per_sm": occ.get("warps_per_sm"),
-                            "occupancy_limit": "registers (block size set by the host)",
+                            "occupancy_limit": occ.get("occupancy_limit") if warps else "registers (no launch bound)",
                             "tensor_core_instructions": None,
                             "int64_div_calls": s.get("int64_div_calls") if nvdisasm else None,
                             "sass_instructions": s.get("sass_instructions"),

@@ -138,7 +138,8 @@ class SwinTransformerBlock(nn.Module):
         n1 = self.norm1
         ws, shift = self.window_size, self.shift_size
         windows = hk.layer_norm_window_partition(x.view(B, H, W, C), n1.weight, n1.bias, n1.eps, ws, shift)
-        if self.mask_is_grid and self.attn_mask.dtype == torch.float32:  # exactly what the grid gives
+        # the grid's mask (0 and -100) is exact in every float dtype: a .half() / bf16 model keeps its grid
+        if self.mask_is_grid:
             windows = self.attn(windows, None, (H, W, shift))
         else:
             windows = self.attn(windows, self.attn_mask)

@@ -63,6 +63,8 @@ class FusedImpl:
     auto_on_cpu: bool = True
     # "auto" only: a reason to prefer the reference although the kernel could run (it is slower there)
     auto_declines: Callable[..., str | None] | None = None
+    # why the kernel cannot run on the current GPU (its binary has no code for it), or None
+    device_reason: Callable[[], str | None] | None = None
 
 
 # op name -> FusedImpl, or the reason the implementation could not be loaded at all.
@@ -80,8 +82,16 @@ def register_reference(op: str, fn: Callable) -> None:
 
 
 def fused_status() -> dict[str, str]:
-    """For each op: "available" or the reason its fused implementation cannot load."""
-    return {op: ("available" if isinstance(impl, FusedImpl) else impl) for op, impl in sorted(_fused.items())}
+    """For each op: "available", the reason its fused implementation cannot load, or "available on CPU
+    only: <reason>" when it loaded but cannot run on the current GPU."""
+    return {op: _status(impl) for op, impl in sorted(_fused.items())}
+
+
+def _status(impl: FusedImpl | str) -> str:
+    if isinstance(impl, str):
+        return impl
+    why = impl.device_reason() if impl.device_reason is not None else None
+    return "available" if why is None else f"available on CPU only: {why}"
 
 
 def dispatch(op: str, args: tuple, backend: str | None) -> Callable:

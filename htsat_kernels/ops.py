@@ -51,9 +51,16 @@ class Fused:
     auto_declines: Callable[..., str | None] | None = None
 
     def load(self) -> FusedImpl:
-        """Import the module (raises if the extension / Triton is missing) and wrap its functions."""
+        """Import the module (raises if the extension / Triton is missing) and wrap its functions; a module
+        may say why it cannot run on the current GPU (``device_reason()``, for fused_status())."""
         mod = importlib.import_module(f"htsat_kernels.fused.{self.module}")
-        return FusedImpl(getattr(mod, self.run), getattr(mod, self.unsupported), self.auto_on_cpu, self.auto_declines)
+        return FusedImpl(
+            getattr(mod, self.run),
+            getattr(mod, self.unsupported),
+            self.auto_on_cpu,
+            self.auto_declines,
+            getattr(mod, "device_reason", None),
+        )
 
 
 @dataclass(frozen=True)

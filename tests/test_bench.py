@@ -10,6 +10,7 @@ import copy
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -256,6 +257,37 @@ def test_compare_flags_regressions_and_errors(tmp_path, capsys):
     assert stats["regressions"] == 1 and stats["error_increases"] == 1
     assert stats["only_a"] == 1 and stats["only_b"] == 1
     assert "0.50x" in text and "REGRESSION" in text and "ERR+" in text
+
+
+def test_compare_shows_flops_and_the_roofline_of_gpu_runs():
+    """FLOPs per call and B's achieved rate; on GPU runs the ideal time and each run's percent of the
+    roofline, from the record or, where it has none (an older file), from its run's peaks."""
+    from bench.compare import compare
+
+    rec = {
+        "section": "ops",
+        "op": "window_attention",
+        "provider": "fused",
+        "mode": "forward",
+        "dtype": "bf16",
+        "shape": "B=32",
+        "median_ms": 2.0,
+        "bytes": 2_000_000_000,  # 1 ms at 2000 GB/s
+        "flops": 4_000_000_000_000,  # 4 ms at 1000 TFLOP/s: the bound
+        "skipped_reason": None,
+    }
+    gpu = {"device": "G", "device_type": "cuda", "peak_gbps": 2000.0, "peak_tflops": 1000.0}
+    a = {"meta": gpu, "records": [{**rec, "median_ms": 8.0, "ideal_ms": 4.0, "pct_roofline": 50.0}]}
+    b = {"meta": gpu, "records": [rec]}
+    text, _ = compare(a, b)
+    header, _, row = text.splitlines()[3:6]
+    cells = dict(zip(re.split(r"\s{2,}", header), re.split(r"\s{2,}", row.strip())))
+    assert cells["GFLOP"] == "4e+03" and cells["B TFLOP/s"] == "2e+03"  # 4e12 FLOP in 2 ms
+    assert cells["ideal ms"] == "4" and cells["A %roof"] == "50%"
+    assert cells["B %roof"] == "200%"  # from B's peaks: 4 ms ideal / 2 ms measured
+    cpu = {"meta": {"device": "C", "device_type": "cpu"}, "records": [{**rec, "flops": 0}]}
+    text, _ = compare(cpu, cpu)
+    assert "GFLOP" not in text and "%roof" not in text  # no arithmetic, no peaks: no such columns
 
 
 def test_readme_shows_latest_gpu_run(quick_run, tmp_path):

@@ -8,6 +8,9 @@ batch 128; then bf16, fp16 and fp32 at the first stage of HTS-AT and of clap-lar
 xfails naming the issue that fixes them, so the fix flips the test.
 """
 
+import os
+import re
+
 import pytest
 
 from bench import compile_report as cr
@@ -281,6 +284,96 @@ def test_the_launchers_take_their_config_from_launch_config(monkeypatch):
     out = hk.window_attention(qkv, table, None, h, (C // h) ** -0.5, backend="fused")
     out.sum().backward()
     assert calls == [("forward", 16, 8, torch.float32, False, None), ("backward", 16, 8, torch.float32, False, None)]
+
+
+def test_launch_bounds_are_read_from_the_cubin():
+    text = (
+        ".nv.info._Z3fooPf\n\t<0x7>\n\tAttribute:\tEIATTR_MAX_THREADS\n\tFormat:\tEIFMT_SVAL\n\tValue:\t0x80 0x1 0x1 \n"
+        "\t<0x8>\n\tAttribute:\tEIATTR_CBANK_PARAM_SIZE\n\tFormat:\tEIFMT_HVAL\n\tValue:\t0x8\n"
+        ".nv.info._Z3bazPf\n\tAttribute:\tEIATTR_CBANK_PARAM_SIZE\n\tFormat:\tEIFMT_HVAL\n\tValue:\t0x8\n"
+        ".nv.info._Z3barPf\n\tAttribute:\tEIATTR_MAX_THREADS\n\tFormat:\tEIFMT_SVAL\n\tValue:\t0x8 0x40 0x1 \n"
+    )
+    assert sc.parse_max_threads(text) == {"_Z3fooPf": 128, "_Z3barPf": 512}
+
+
+def _launch_args(text: str) -> list[list[str]]:
+    """The <<<grid, block, ...>>> arguments of every kernel launch in CUDA source, split at top-level commas."""
+    out = []
+    for m in re.finditer(r"<<<(.*?)>>>", text, re.S):
+        args, depth, cur = [], 0, ""
+        for ch in m.group(1):
+            depth += ch in "(<[" and 1 or (ch in ")>]" and -1 or 0)
+            if ch == "," and depth == 0:
+                args.append(cur.strip())
+                cur = ""
+            else:
+                cur += ch
+        out.append([*args, cur.strip()])
+    return out
+
+
+def test_every_cuda_kernel_is_launched_with_its_launch_bound():
+    """The compile report takes a CUDA kernel's block size from its __launch_bounds__: every kernel in
+    csrc/ declares one and every launch uses a bound's constant (param_reduce: 8 x lanes, lanes <= 64)."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".cu"):
+            continue
+        text = open(os.path.join(root, name)).read()
+        kernels = re.findall(r"__global__\s+void\s+(?!__launch_bounds__)(\w+)", text)
+        assert not kernels, f"{name}: kernels without __launch_bounds__: {kernels}"
+        bounds = {re.sub(r"\s+", "", b.split(",")[0]) for b in re.findall(r"__launch_bounds__\(([^)]*)\)", text)}
+        launches = _launch_args(text)
+        assert bounds and launches, name
+        for args in launches:
+            block = re.sub(r"\s+", "", args[1])
+            ok = block in bounds or (block == "dim3(kReduceCols,lanes)" and "kReduceCols*kMaxReduceLanes" in bounds)
+            assert ok, f"{name}: a launch with block {args[1]!r}, not one of the launch bounds {sorted(bounds)}"
+
+
+_LAUNCH_BOUNDS_CU = """
+__global__ void __launch_bounds__(128) rows_kernel(float* x) { x[threadIdx.x] += 1.f; }
+__global__ void __launch_bounds__(512) reduce_kernel(float* x) {
+  __shared__ float s[2048];
+  s[threadIdx.x] = x[threadIdx.x];
+  __syncthreads();
+  x[threadIdx.x] = s[threadIdx.x ^ 1];
+}
+__global__ void unbounded_kernel(float* x) { x[threadIdx.x] += 1.f; }
+"""
+
+
+@pytest.mark.slow
+def test_cuda_records_carry_the_launch_block_and_its_occupancy(tmp_path):
+    """A library built with nvcc: each kernel's record has the warps of its launch bound and the blocks per
+    SM that registers, shared memory and the warp limit allow at that block size."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvcc") is None or sc.find_tool("cuobjdump") is None:
+        pytest.skip("needs nvcc and cuobjdump")
+    src = tmp_path / "bounds.cu"
+    src.write_text(_LAUNCH_BOUNDS_CU)
+    so = tmp_path / "bounds.so"
+    subprocess.run(
+        ["nvcc", "-shared", "-Xcompiler", "-fPIC", "-gencode=arch=compute_90,code=sm_90", str(src), "-o", str(so)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    recs, note = sc.cuda_records(str(so))
+    assert note is None
+    by = {r["kernel"]: r for r in recs}
+    rows, red, unb = by["rows_kernel"], by["reduce_kernel"], by["unbounded_kernel"]
+    assert (rows["block_threads"], rows["num_warps"], red["num_warps"]) == (128, 4, 16)
+    for r in (rows, red):
+        assert (
+            r["blocks_per_sm"]
+            == gpu_limits.occupancy("sm_90", r["registers"], r["num_warps"], r["shared_bytes"])["blocks_per_sm"]
+        )
+    assert rows["blocks_per_sm"] == 16 and rows["occupancy_limit"] == "warps"  # 64 warps per SM at 4 per block
+    assert red["blocks_per_sm"] == 4  # 16 warps per block
+    assert unb["num_warps"] is None and unb["blocks_per_sm"] is None and "no launch bound" in unb["occupancy_limit"]
 
 
 def test_a_cpu_only_extension_gives_a_note_not_a_crash():

@@ -2,6 +2,7 @@
 incremental result writing, and the immediate refusal on a machine without a GPU."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -178,3 +179,62 @@ def test_run_command_stops_a_command_at_its_time_limit(tmp_path):
     assert res.timed_out and res.seconds < 30
     ok = gc.run_command([sys.executable, "-c", "print('hi')"], timeout=60, log=tmp_path / "y.log")
     assert ok.rc == 0 and (tmp_path / "y.log").read_text().strip() == "hi"
+
+
+def test_nominal_times_fit_the_make_budget_and_the_model_phase_fits_its_compiled_training_step(tmp_path):
+    """The budget logic is honest: the phases' nominal times sum to `make gpu-check`'s budget, and the model
+    phase's covers eager and then the compiled training step (its first two parts), in that order."""
+    make = (gc.REPO / "Makefile").read_text()
+    budget = float(re.search(r"GPU_CHECK_BUDGET \?= (\d+)", make).group(1))
+    assert sum(p.nominal_s for p in gc.PHASES) == budget
+    check, _, _ = make_check(tmp_path, cost=lambda cmd: 10)
+    plan = check.plan_model()
+    assert [name for name, _, _ in plan[:2]] == ["model_eager", "model_compiled_train"]
+    args = plan[1][1]
+    assert args[args.index("--modes") + 1] == "train" and args[args.index("--providers") + 1] == "fused+compile"
+    model = next(p for p in gc.PHASES if p.name == "model")
+    assert sum(nominal for _, _, nominal in plan[:2]) <= model.nominal_s
+
+
+def _model_record(provider, ms, err, diff=None):
+    return {
+        "op": "model",
+        "mode": "train",
+        "provider": provider,
+        "dtype": "bf16",
+        "median_ms": ms,
+        "max_rel_err": err,
+        "max_rel_diff_vs_reference": diff,
+        "skipped_reason": None,
+    }
+
+
+def test_compiled_training_step_is_held_to_the_numerics_rule():
+    eager = [_model_record("reference", 300.0, 0.2), _model_record("fused", 200.0, 0.21)]
+    assert gc.compiled_train_check(eager) is None  # the compiled step did not run
+    check = gc.compiled_train_check([*eager, _model_record("fused+compile", 160.0, 0.3, 0.1)])
+    assert check["ok"] and check["speedup_vs_eager_fused"] == pytest.approx(1.25)
+    assert check["compiled_ms"] == 160.0 and check["eager_reference_ms"] == 300.0
+    bad = gc.compiled_train_check([*eager, _model_record("fused+compile", 160.0, 0.45)])  # > 2 x 0.2 + 0.01
+    assert not bad["ok"] and "> 4.10e-01" in bad["verdict"]
+    assert not gc.compiled_train_check([*eager, _model_record("fused+compile", 160.0, float("nan"))])["ok"]
+    text = gc.summary_text(
+        {"meta": {"device": "X", "gpu_check": {}}, "records": [*eager, _model_record("fused+compile", 160.0, 0.45)]}
+    )
+    assert "compiled training step (fused+compile, bf16): 160.0 ms vs eager fused 200.0 ms (1.25x); FAILS" in text
+
+
+def test_a_compiled_training_step_off_the_rule_fails_the_model_phase(tmp_path, monkeypatch):
+    check, _, _ = make_check(tmp_path, cost=lambda cmd: 10)
+
+    def bench(self, name, args, allot):
+        if name == "model_eager":
+            self.records += [_model_record("reference", 300.0, 0.2), _model_record("fused", 200.0, 0.21)]
+        elif name == "model_compiled_train":
+            self.records.append(_model_record("fused+compile", 160.0, 0.9))
+        return {"part": name, "status": "ok", "seconds": 10.0, "records": 1}
+
+    monkeypatch.setattr(gc.GpuCheck, "_bench", bench)
+    info = check.phase_model(140)
+    assert info["status"] == "compiled training step off the numerics rule"
+    assert info["compiled_train"]["ok"] is False

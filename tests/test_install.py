@@ -160,15 +160,19 @@ def test_bad_arch_list_is_a_clear_error_under_require_ext(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "env, expected",
+    "env, expected, binary",
     [
-        ({"TORCH_CUDA_ARCH_LIST": "8.6"}, "8.6 (TORCH_CUDA_ARCH_LIST)"),
-        ({"TORCH_CUDA_ARCH_LIST": "8.6", "HTSAT_KERNELS_CUDA_ARCHS": "9.0"}, "9.0 (HTSAT_KERNELS_CUDA_ARCHS)"),
-        ({}, None),  # the GPUs visible now, else the documented default
+        ({"TORCH_CUDA_ARCH_LIST": "8.6"}, "8.6 (TORCH_CUDA_ARCH_LIST)", "sm_86"),
+        ({"TORCH_CUDA_ARCH_LIST": "8.6;Hopper"}, "8.6;Hopper (TORCH_CUDA_ARCH_LIST)", "sm_86 compute_90 sm_90"),
+        ({"TORCH_CUDA_ARCH_LIST": "8.6", "HTSAT_KERNELS_CUDA_ARCHS": "9.0"}, "9.0 (HTSAT_KERNELS_CUDA_ARCHS)", "sm_90"),
+        ({"HTSAT_KERNELS_CUDA_ARCHS": "8.0;9.0+PTX"}, "8.0;9.0+PTX (HTSAT_KERNELS_CUDA_ARCHS)", "sm_80 sm_90 compute_90"),
+        ({}, None, None),  # the GPUs visible now, else the documented default (the newest also as PTX)
     ],
-    ids=["torch-list", "own-override", "default"],
+    ids=["torch-list", "torch-named", "own-override", "own-ptx", "default"],
 )
-def test_cuda_architectures_follow_the_documented_precedence(tmp_path, env, expected):
+def test_cuda_architectures_follow_the_documented_precedence(tmp_path, env, expected, binary):
+    """The build says (and records, when the CUDA part builds: build_info below) which machine code and PTX
+    the binary holds; the ops compare that list with the device at run time."""
     import torch
 
     proc, lib = _build(tmp_path, CXX="false", CUDA_HOME=_broken_cuda_toolkit(tmp_path), **env)
@@ -176,6 +180,13 @@ def test_cuda_architectures_follow_the_documented_precedence(tmp_path, env, expe
         pytest.skip("this torch has no CUDA: the CUDA part is never attempted")
     assert proc.returncode == 0, proc.stderr[-3000:]
     if expected is None:
-        expected = "(the GPUs visible at build time)" if torch.cuda.device_count() else "8.0;9.0 (default: no GPU visible"
-    assert expected in _record(lib)["cuda_archs"]
+        if torch.cuda.device_count():
+            expected = "(the GPUs visible at build time)"
+        else:
+            expected, binary = "8.0;9.0+PTX (default: no GPU visible", "sm_80 sm_90 compute_90"
+    record = _record(lib)
+    assert expected in record["cuda_archs_source"]
+    assert record["cuda_archs"] is None  # the CUDA part failed (broken nvcc): nothing to compare with a device
     assert f"archs {expected}" in proc.stdout
+    if binary is not None:
+        assert f"{binary})" in proc.stdout

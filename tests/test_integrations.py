@@ -313,6 +313,20 @@ def test_laion_htsat_shifted_blocks_pass_their_grid(monkeypatch):
     assert sum(1 for none, g in seen if g is None and not none) == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_laion_htsat_half_blocks_still_pass_their_grid(dtype):
+    """A model cast with .half() / .bfloat16() casts attn_mask too; it still holds the grid's mask (0 and
+    -100 are exact), so the patched block passes the grid, until the buffer is changed."""
+    from htsat_kernels.integrations.laion_clap import _mask_is_the_grids
+
+    branch = _tiny_laion_branch().to(dtype)
+    block = next(b for b in branch.modules() if type(b).__name__ == "SwinTransformerBlock" and b.shift_size > 0)
+    assert block.attn_mask.dtype == dtype and _mask_is_the_grids(block)
+    with torch.no_grad():
+        block.attn_mask[0, 0, 1] = -100.0  # in place, as load_state_dict writes a buffer
+    assert not _mask_is_the_grids(block)
+
+
 def test_laion_htsat_use_checkpoint_trains():
     """The original's use_checkpoint path passes (x, attn) tuples on and fails; patched it works."""
     plain = _tiny_laion_branch()

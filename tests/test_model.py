@@ -205,11 +205,37 @@ def test_shifted_blocks_pass_their_grid_while_the_buffer_is_its_mask(audioset):
     assert not torch.equal(out, by_grid)
     blk.load_state_dict(sd)
     assert blk.mask_is_grid
-    blk.half()  # a buffer in another dtype is passed as it is (the reference adds it in that dtype)
-    assert blk.attn_mask.dtype == torch.float16 and blk.mask_is_grid
-    with torch.no_grad():
-        blk(x.half())
-    assert calls[-1][0] is blk.attn_mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_model_still_passes_its_grid(audioset, dtype):
+    """A model cast with .half() / .bfloat16() casts its mask buffer too; the buffer still holds the grid's
+    values (0 and -100 are exact in every float dtype), so the op gets the grid (the fused kernel computes
+    the mask) with the same outputs as passing the buffer; a changed mask in that dtype is honoured."""
+    import copy
+
+    blk = copy.deepcopy(audioset.layers[1].blocks[1]).to(dtype)
+    assert blk.attn_mask.dtype == dtype and blk.mask_is_grid
+    calls = []
+    forward = blk.attn.forward
+    blk.attn.forward = lambda w, m, g=None: calls.append((m, g)) or forward(w, m, g)
+    x = torch.randn(2, 32 * 32, 192, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.no_grad(), htsat_kernels.use_backend("reference"):
+        by_grid = blk(x)
+        assert calls[-1] == (None, (32, 32, 4))
+        blk.mask_is_grid = False
+        by_buffer = blk(x)
+        assert calls[-1][0] is blk.attn_mask
+        assert torch.equal(by_grid, by_buffer)
+        sd = {k: v.clone() for k, v in blk.state_dict().items()}
+        blk.load_state_dict(sd)
+        assert blk.mask_is_grid
+        changed = sd["attn_mask"].clone()
+        changed[0, 0, 1] = -100.0
+        blk.load_state_dict({**sd, "attn_mask": changed})
+        assert not blk.mask_is_grid
+        blk(x)
+        assert calls[-1][0] is blk.attn_mask and calls[-1][1] is None
 
 
 # --------------------------------------------------------------------------------------------

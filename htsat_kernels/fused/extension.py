@@ -5,7 +5,9 @@ patch_merge_forward, patch_merge_backward, layer_norm_window_partition(_backward
 the dispatcher. ``load_error`` is None when it loaded, otherwise why not and how to build it; the fused
 modules raise ImportError with it, which the dispatcher records as the reason the fused path is
 unavailable (``htsat_kernels.fused_status()``). The build is optional (setup.py): it records its outcome
-in ``_C_build.json`` next to the extension, so a compile that failed at install time is reported as such.
+in ``_C_build.json`` next to the extension, so a compile that failed at install time is reported as such,
+with the architectures its CUDA part holds (``cuda_archs``): a CUDA tensor on a GPU that none of them runs
+on is declined before launch (the CUDA runtime would fail with "no kernel image is available").
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 from types import ModuleType
 
 import torch
@@ -52,6 +55,45 @@ except Exception as exc:  # not built, the compile failed at install time, or bu
         load_error = f"htsat_kernels._C is not built: run {BUILD_HINT} (error: {type(exc).__name__}: {exc})"
 
 
+def arch_reason(archs: object, capability: tuple[int, int]) -> str | None:
+    """Why a binary holding ``archs`` ("sm_80", "compute_90", "sm_90a") has no code for a GPU of compute
+    capability ``capability``, or None. Machine code sm_XY runs on X.Y' for Y' >= Y (same major; "a": X.Y
+    only, "f": that family), PTX compute_XY on X.Y and newer (JIT-compiled by the driver). None also when the
+    record does not list the architectures (a build older than this check)."""
+    if not isinstance(archs, list) or not archs:  # older records held a description string here
+        return None
+    cap = tuple(capability)
+    for code in archs:
+        m = re.fullmatch(r"(sm|compute)_(\d+)(\d)([af]?)", str(code))
+        if not m:
+            continue
+        kind, built, suffix = m.group(1), (int(m.group(2)), int(m.group(3))), m.group(4)
+        if suffix == "a":
+            runs = cap == built
+        elif suffix == "f" or kind == "sm":
+            runs = cap[0] == built[0] and cap[1] >= built[1]
+        else:
+            runs = cap >= built
+        if runs:
+            return None
+    major, minor = cap
+    return (
+        f"htsat_kernels._C's CUDA part was built for {', '.join(archs)}, which has no kernel image for this GPU "
+        f'(compute capability {major}.{minor}); rebuild on this machine or with HTSAT_KERNELS_CUDA_ARCHS="{major}.{minor}"'
+    )
+
+
+def device_reason(device: torch.device | int | None = None) -> str | None:
+    """Why the CUDA kernels cannot run on ``device`` (default: the current GPU), or None: no CUDA part, or
+    none of the built architectures runs on it. None where there is no GPU to compare with."""
+    if not torch.cuda.is_available():
+        return None
+    if not with_cuda:
+        return f"htsat_kernels._C was built without its CUDA part ({build_record.get('cuda_error') or 'CPU-only build'})"
+    props = torch.cuda.get_device_properties(device)  # (torch.compile folds it to a constant while tracing)
+    return arch_reason(build_record.get("cuda_archs"), (props.major, props.minor))
+
+
 def require() -> None:
     """Raise ImportError with the build hint when the extension did not load."""
     if load_error is not None:
@@ -72,7 +114,7 @@ def tensor_reason(name: str, t, ndim: int) -> str | None:
         if not with_cuda:
             why = build_record.get("cuda_error") or "no nvcc at build time, or HTSAT_KERNELS_SKIP_CUDA=1"
             return f"{name} is a CUDA tensor but htsat_kernels._C was built without its CUDA part ({why})"
-        return None
+        return device_reason(t.device)
     return f"{name} is on device {t.device.type!r}; the compiled kernels run on CPU and CUDA only"
 
 

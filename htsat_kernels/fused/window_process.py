@@ -30,6 +30,7 @@ from . import extension
 from .first_order import first_order_only
 
 extension.require()  # ImportError with the build hint when htsat_kernels._C is missing
+device_reason = extension.device_reason  # fused_status(): whether the built CUDA code runs on this GPU
 
 _ops = torch.ops.htsat_kernels
 

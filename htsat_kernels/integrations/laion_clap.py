@@ -54,18 +54,19 @@ def window_attention_of(attn: Any, windows: Tensor, mask: Tensor | None, grid: t
 
 
 def _mask_is_the_grids(block: Any) -> bool:
-    """Whether the block's attn_mask buffer is exactly (fp32, bit for bit) the shift mask of its grid, so
-    the grid can be passed instead. Checked once per buffer version (a load_state_dict into the buffer
-    changes it), never while torch.compile traces (the buffer is passed there)."""
+    """Whether the block's attn_mask buffer holds exactly the shift mask of its grid, so the grid can be
+    passed instead; in any float dtype (a .half() model's buffer: 0 and -100 are exact in each). Checked
+    once per buffer version (a load_state_dict into the buffer changes it), never while torch.compile
+    traces (the buffer is passed there)."""
     mask = block.attn_mask
-    if mask is None or mask.dtype != torch.float32 or mask.is_meta or torch.compiler.is_compiling():
+    if mask is None or not mask.is_floating_point() or mask.is_meta or torch.compiler.is_compiling():
         return False
     key = (mask.data_ptr(), mask._version, mask.device)
     cached = block.__dict__.get("_htsat_kernels_grid_check")
     if cached is None or cached[0] != key:
         H, W = block.input_resolution
         want = hk.reference.shifted_window_mask(H, W, block.window_size, block.shift_size).to(mask.device)
-        cached = (key, mask.shape == want.shape and bool(torch.equal(mask, want)))
+        cached = (key, mask.shape == want.shape and bool(torch.equal(mask.float(), want)))
         block.__dict__["_htsat_kernels_grid_check"] = cached
     return cached[1]
 
