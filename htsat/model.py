@@ -66,6 +66,7 @@ class HTSAT(nn.Module):
                     drop_path=drop_path[start : start + depth],
                     downsample=i < num_stages - 1,
                     use_checkpoint=cfg.use_checkpoint,
+                    save_policy=cfg.save_policy,
                 )
             )
         self.norm = nn.LayerNorm(cfg.num_features)

@@ -79,6 +79,11 @@ def register_reference(op: str, fn: Callable) -> None:
     _reference[op] = fn
 
 
+def reference_of(op: str) -> Callable:
+    """The reference function registered for ``op`` (compare with ``dispatch``'s choice)."""
+    return _reference[op]
+
+
 def fused_status() -> dict[str, str]:
     """For each op: "available" or the reason its fused implementation cannot load."""
     return {op: ("available" if isinstance(impl, FusedImpl) else impl) for op, impl in sorted(_fused.items())}
