@@ -275,6 +275,10 @@ def main(argv=None) -> int:
         ctx.memo.clear()
         ctx.release()
         meta["section_wall_s"][section] = round(time.perf_counter() - t_sec, 1)
+    if "model" in ops_of(args) and "train" in (args.modes or ["train"]):
+        t_sec = time.perf_counter()
+        records += _memory_section(args, device)
+        meta["section_wall_s"]["memory"] = round(time.perf_counter() - t_sec, 1)
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
     meta["n_records"] = len(records)
     meta["n_skipped"] = sum(1 for r in records if r.get("skipped_reason"))
@@ -312,6 +316,38 @@ def main(argv=None) -> int:
         if readme:
             print(f"updated {readme}")
     return 0
+
+
+def ops_of(args) -> list[str]:
+    from . import ops as ops_mod
+
+    return [ops_mod.OP_ALIASES.get(o, o) for o in (args.ops or ["model"])]
+
+
+def _memory_section(args, device) -> list[dict]:
+    """Saved-for-backward bytes per configuration (bench/activation_memory.py), on the model section's config."""
+    from . import activation_memory
+    from .model import ModelSpec, build_model_cases
+
+    if args.model_config:
+        spec = ModelSpec(args.model_config, tiny=False, label=Path(args.model_config).stem)
+    else:
+        spec = build_model_cases(device=device, providers=["reference"], dtypes=["fp32"], modes=["train"], quick=args.quick)[
+            0
+        ].spec
+    batch = 2 if args.quick or device.type != "cuda" else 128
+    dtypes = [d for d in (args.dtypes or ["fp32", "bf16"]) if d in activation_memory.DTYPES] or ["fp32"]
+    print(f"bench: memory section ({spec.label}, B={batch}, {', '.join(dtypes)})", file=sys.stderr, flush=True)
+    return activation_memory.measure(
+        device,
+        spec.name,
+        spec.overrides(),
+        spec.label,
+        batch=batch,
+        dtypes=dtypes,
+        repeats=1 if args.quick else 3,
+        interpreter_batch=None if args.quick else 1,
+    )
 
 
 def _roofline_peaks(device) -> dict:

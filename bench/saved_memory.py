@@ -85,7 +85,11 @@ def _walk(roots: Iterable[Tensor]) -> Iterator:
 
 
 def op_label(node) -> str:
-    """A readable op name for an autograd node: the function's class less "Backward", "Backward0"."""
+    """A readable op name for an autograd node: its ``label`` (htsat_kernels.recompute's functions set
+    one), else the function's class less "Backward", "Backward0"."""
+    label = getattr(node, "label", None)
+    if isinstance(label, str):
+        return label
     name = node.name()
     for suffix in ("Backward0", "Backward1", "Backward"):
         if name.endswith(suffix):

@@ -170,6 +170,7 @@ class SwinTransformerBlock(nn.Module):
                 (x.view(B, H, W, C), n1.weight, n1.bias),
                 qkv_linear.weight,
                 qkv_linear.bias,
+                "qkv, norm1 recomputed",
             )
         else:
             qkv = self.attn.qkv(hk.layer_norm_window_partition(x.view(B, H, W, C), n1.weight, n1.bias, n1.eps, ws, shift))
@@ -191,10 +192,14 @@ class SwinTransformerBlock(nn.Module):
         # fc1 recomputes norm2 of the kept residual x; fc2 recomputes GELU of fc1's output, kept once
         C = x.shape[-1]
         h = recompute.recomputed_input_linear(
-            lambda t, w, b: F.layer_norm(t, (C,), w, b, n2.eps), (x, n2.weight, n2.bias), mlp.fc1.weight, mlp.fc1.bias
+            lambda t, w, b: F.layer_norm(t, (C,), w, b, n2.eps),
+            (x, n2.weight, n2.bias),
+            mlp.fc1.weight,
+            mlp.fc1.bias,
+            "fc1, norm2 recomputed",
         )
         if self.save_policy == "recompute-norms-mlp":
-            return recompute.recomputed_input_linear(mlp.act, (h,), mlp.fc2.weight, mlp.fc2.bias)
+            return recompute.recomputed_input_linear(mlp.act, (h,), mlp.fc2.weight, mlp.fc2.bias, "fc2, GELU recomputed")
         return mlp.fc2(mlp.act(h))
 
 
@@ -218,6 +223,7 @@ class PatchMerging(nn.Module):
                 (x.view(B, H, W, C), norm.weight, norm.bias),
                 self.reduction.weight,
                 None,
+                "reduction, patch-merge norm recomputed",
             )
         x = hk.patch_merge(x.view(B, H, W, C), norm.weight, norm.bias, norm.eps)
         return self.reduction(x)

@@ -47,8 +47,9 @@ class _RecomputedInputLinear(torch.autograd.Function):
     under the backend and autocast state of the forward."""
 
     @staticmethod
-    def forward(ctx, fn: Callable[..., Tensor], n_inputs: int, *args: Tensor | None) -> Tensor:
+    def forward(ctx, fn: Callable[..., Tensor], label: str, n_inputs: int, *args: Tensor | None) -> Tensor:
         inputs, weight, bias = args[:n_inputs], args[n_inputs], args[n_inputs + 1]
+        ctx.label = label  # names the node in activation accounting (bench/saved_memory.py)
         assert weight is not None
         device_type = weight.device.type
         ctx.fn, ctx.n_inputs, ctx.has_bias = fn, n_inputs, bias is not None
@@ -64,7 +65,7 @@ class _RecomputedInputLinear(torch.autograd.Function):
         saved = ctx.saved_tensors
         n = ctx.n_inputs
         inputs, weight, bias = saved[:n], saved[n], saved[n + 1]
-        needs = ctx.needs_input_grad[2:]
+        needs = ctx.needs_input_grad[3:]
         enabled, dtype = ctx.autocast
         with torch.enable_grad(), backends.use_backend(ctx.backend), torch.autocast(ctx.device_type, dtype, enabled):
             leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
@@ -81,15 +82,18 @@ class _RecomputedInputLinear(torch.autograd.Function):
         if wanted:
             got = iter(torch.autograd.grad(a, wanted, grad_out @ w))
             grads_in = [next(got) if t is not None and t.requires_grad else None for t in leaves]
-        return (None, None, *grads_in, grad_w, grad_b)
+        return (None, None, None, *grads_in, grad_w, grad_b)
 
 
-def recomputed_input_linear(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], weight: Tensor, bias: Tensor | None) -> Tensor:
+def recomputed_input_linear(
+    fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], weight: Tensor, bias: Tensor | None, label: str = "linear"
+) -> Tensor:
     """``F.linear(fn(*inputs), weight, bias)`` saving only ``inputs`` (and the parameters) for backward.
 
     ``fn`` must be deterministic and cheap (a LayerNorm, a GELU, a gather): backward runs it again.
+    ``label`` names the op in activation accounting.
     """
-    return _RecomputedInputLinear.apply(fn, len(inputs), *inputs, weight, bias)
+    return _RecomputedInputLinear.apply(fn, label, len(inputs), *inputs, weight, bias)
 
 
 def linear_reference(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -104,7 +108,7 @@ class _RecomputedOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn: Callable[..., Tensor], *inputs: Tensor | None) -> Tensor:
         ref = next(t for t in inputs if t is not None)
-        ctx.fn, ctx.backend = fn, backends.current_backend()
+        ctx.fn, ctx.backend, ctx.label = fn, backends.current_backend(), "attention, probabilities recomputed"
         ctx.device_type, ctx.autocast = ref.device.type, _autocast_state(ref.device.type)
         ctx.save_for_backward(*inputs)
         return fn(*inputs)
