@@ -35,6 +35,8 @@ CONFIGS = (
     ("fused", "fused", "auto", "recompute-norms-mlp"),
 )
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+# the fields every bench record carries; these records hold their own (step_ms, saved_mb, ...)
+_UNTIMED = dict.fromkeys(("median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "gbps", "max_abs_err", "max_rel_err", "skipped_reason"))
 
 
 def _model(name: str, overrides: dict, backend: str, policy: str, device: torch.device):
@@ -136,11 +138,12 @@ def _record(label, provider, backend, policy, dtype, batch, row, ref_saved, all_
         "dtype": dtype,
         "autocast": dtype != "fp32",
         "batch": batch,
-        "shape": f"B={batch} clips x {label}",
+        "shape": f"B={batch} clips x {label}, save {policy}",
         "stage_label": label,
         "where": device.type,
         "backend": backend,
         "save_policy": policy,
+        **_UNTIMED,
         "saved_mb": saved.total / MIB,
         "saved_vs_reference": saved.total / ref_saved,
         "step_ms": row["best_s"] * 1e3,
@@ -151,6 +154,7 @@ def _record(label, provider, backend, policy, dtype, batch, row, ref_saved, all_
     }
     if row["peak"] is not None:
         rec["peak_mem_mb"] = row["peak"] / MIB
+        rec["clips_per_80gb_by_peak"] = int((BUDGET_BYTES - fixed) // (row["peak"] / batch))
     return rec
 
 
@@ -182,7 +186,8 @@ def _interpreter_records(name, overrides, label, batch, dtypes, device) -> list[
                 "dtype": dtype,
                 "autocast": False,
                 "batch": batch,
-                "shape": f"B={batch} clips x {label}",
+                "shape": f"B={batch} clips x {label}, save recompute-norms-mlp",
+                **_UNTIMED,
                 "stage_label": label,
                 "where": device.type,
                 "backend": "fused",

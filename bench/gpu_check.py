@@ -9,7 +9,9 @@ in the system python, no network). Phases, each timed, in this order:
    refusal, e.g. without the needed driver permissions, is recorded, not fatal).
 4. ``ops``: every op at the four stage shapes, B = 128, bf16, forward and full; providers
    reference / fused / sdpa first, then compile / flex stage by stage while the budget lasts.
-5. ``model``: the whole model, training step and inference, eager and fused, then compiled.
+5. ``model``: the whole model, training step and inference, eager and fused; the memory section
+   (saved-for-backward bytes and peak allocated memory of the training step at B = 128, per save
+   policy, fp32 and bf16); then compiled.
 6. ``static``: the compile report, if time is left.
 
 ``--budget`` seconds bound the whole run: each phase gets at most its nominal time and never the
@@ -277,9 +279,25 @@ class GpuCheck:
     def plan_model(self) -> list[tuple[str, list[str], float]]:
         common = ["--ops", "model", "--dtypes", "bf16", "--skip-model-check"]
         return [
-            ("model_eager", [*common, "--modes", "train,inference", "--providers", "reference,fused"], 45),
+            ("model_eager", [*common, "--modes", "train,inference", "--providers", "reference,fused", "--no-memory"], 45),
+            # saved-for-backward bytes and the step's peak at B = 128 per save policy (bench/activation_memory.py)
+            (
+                "model_memory",
+                [
+                    *common[:2],
+                    "--dtypes",
+                    "fp32,bf16",
+                    "--modes",
+                    "train",
+                    "--providers",
+                    "reference,fused",
+                    "--memory-only",
+                    "--skip-model-check",
+                ],
+                50,
+            ),
             ("model_compiled_inference", [*common, "--modes", "inference", "--providers", "compile,fused+compile"], 60),
-            ("model_compiled_train", [*common, "--modes", "train", "--providers", "compile,fused+compile"], 90),
+            ("model_compiled_train", [*common, "--modes", "train", "--providers", "compile,fused+compile", "--no-memory"], 90),
         ]
 
     def _parts(self, parts, allot: float) -> dict:
@@ -381,7 +399,9 @@ def summary_text(result: dict) -> str:
         f"gpu-check on {meta.get('device')}: {gc.get('elapsed_s')} s of a {gc.get('budget_s')} s budget",
         format_table(["phase", "status", "s", "detail"], rows, right={2}),
     ]
-    model = [r for r in result["records"] if r.get("op") == "model" and not r.get("skipped_reason")]
+    model = [
+        r for r in result["records"] if r.get("op") == "model" and r.get("section") != "memory" and not r.get("skipped_reason")
+    ]
     if model:
         mrows = [
             [
@@ -398,6 +418,11 @@ def summary_text(result: dict) -> str:
             "whole model (bf16):",
             format_table(["mode", "B", "provider", "clips/s", "peak MB"], mrows, right={1, 3, 4}),
         ]
+    memory = [r for r in result["records"] if r.get("section") == "memory"]
+    if memory:
+        from .report import memory_table
+
+        lines += ["", "activation memory of the training step (saved for backward, peak above the model):", memory_table(memory)]
     return "\n".join(lines)
 
 

@@ -265,7 +265,7 @@ def _model_table(records: list[dict], ref: dict) -> str:
     return text
 
 
-def _memory_table(records: list[dict]) -> str:
+def memory_table(records: list[dict]) -> str:
     headers = ["B", "dtype", "provider", "backend", "save policy", "saved MB", "vs ref", "step ms", "vs save all"]
     headers += ["B per 80 GB", "peak MB", "by stage (MB)", "largest ops (MB)"]
     rows = []
@@ -324,7 +324,7 @@ def render_text(result: dict) -> str:
             lines.append(_model_table(recs, ref))
             continue
         if section == "memory":
-            lines.append(_memory_table(recs))
+            lines.append(memory_table(recs))
             continue
         present = {r["op"] for r in recs}
         ordered = [o for o in op_order() if o in present]

@@ -112,6 +112,20 @@ def test_quick_json_has_every_field(quick_run):
     for r in model:
         if r["skipped_reason"] is None:
             assert r["clips_per_s"] > 0
+    # saved-for-backward bytes: in the model table (train) and per configuration in the memory section
+    train = {r["provider"]: r for r in model if r["mode"] == "train" and r["skipped_reason"] is None}
+    assert train["fused"]["saved_mb"] <= 0.6 * train["reference"]["saved_mb"]
+    memory = [r for r in records if r["section"] == "memory"]
+    assert {(r["dtype"], r["save_policy"]) for r in memory} == {
+        (d, p) for d in ("fp32", "bf16") for p in ("all", "recompute-norms", "recompute-norms-mlp")
+    }
+    for r in memory:
+        assert r["saved_bytes"] == sum(r["saved_by_stage"].values()) == sum(r["saved_by_op"].values()) > 0, r
+        assert r["step_ms"] > 0 and r["clips_per_80gb"] > 0
+        if r["provider"] == "reference":
+            assert r["saved_vs_reference"] == 1.0 and r["save_policy"] == "all"
+        if r["save_policy"] == "recompute-norms-mlp":
+            assert r["saved_vs_reference"] <= 0.6, r
 
 
 def test_quick_csv_and_plots(quick_run):
