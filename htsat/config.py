@@ -45,7 +45,7 @@ class HTSATConfig:
     # the original crashes with patch_norm=False or use_checkpoint=True; both work here
     patch_norm: bool = True
     use_checkpoint: bool = False
-    # what a training forward keeps for backward (docs/design.md §10): "all" (as eager PyTorch),
+    # what a training forward keeps for backward (docs/design.md §7.5): "all" (as eager PyTorch),
     # "recompute-norms" (LayerNorm outputs feeding a Linear, the reference attention's probabilities),
     # "recompute-norms-mlp" (also GELU's output). Values and gradients are the same; no state-dict keys.
     save_policy: str = DEFAULT_SAVE_POLICY

@@ -162,7 +162,7 @@ class SwinTransformerBlock(nn.Module):
         # drop path is inactive): each a single pass over the activations on the fused backend
         n1 = self.norm1
         ws, shift = self.window_size, self.shift_size
-        saving = self.save_policy != "all" and torch.is_grad_enabled()
+        saving = recompute.saves_less(self.save_policy)
         if saving:  # the normalised windows are not kept for the qkv projection: backward recomputes them
             qkv_linear = self.attn.qkv
             qkv = recompute.recomputed_input_linear(
@@ -187,7 +187,7 @@ class SwinTransformerBlock(nn.Module):
 
     def _norm2_mlp(self, x: Tensor) -> Tensor:
         mlp, n2 = self.mlp, self.norm2
-        if self.save_policy == "all" or not torch.is_grad_enabled() or (self.training and mlp.drop.p > 0.0):
+        if not recompute.saves_less(self.save_policy) or (self.training and mlp.drop.p > 0.0):
             return mlp(n2(x))
         # fc1 recomputes norm2 of the kept residual x; fc2 recomputes GELU of fc1's output, kept once
         C = x.shape[-1]
@@ -217,7 +217,7 @@ class PatchMerging(nn.Module):
         H, W = self.input_resolution
         B, L, C = x.shape
         norm = self.norm
-        if self.save_policy != "all" and torch.is_grad_enabled():  # backward recomputes the gather + LayerNorm
+        if recompute.saves_less(self.save_policy):  # backward recomputes the gather + LayerNorm
             return recompute.recomputed_input_linear(
                 lambda x_, w_, b_: hk.patch_merge(x_, w_, b_, norm.eps),
                 (x.view(B, H, W, C), norm.weight, norm.bias),

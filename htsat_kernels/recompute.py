@@ -12,7 +12,7 @@ the fused kernel does (which keeps qkv and the log-sum-exp).
 
 Each function's reference is the plain composition (``linear_reference``, or the op itself): the
 values are the same computation, and the gradients are the same formulas (the Linear's in the dtype
-autocast gave its forward). ``SAVE_POLICIES`` names what a model recomputes (docs/design.md §10).
+autocast gave its forward). ``SAVE_POLICIES`` names what a model recomputes (docs/design.md §7.5).
 """
 
 from __future__ import annotations
@@ -30,6 +30,13 @@ from . import backends
 # probabilities are recomputed; "recompute-norms-mlp": GELU's output (fc2's input) too.
 SAVE_POLICIES = ("all", "recompute-norms", "recompute-norms-mlp")
 DEFAULT_SAVE_POLICY = "recompute-norms-mlp"
+
+
+def saves_less(policy: str) -> bool:
+    """Whether a forward under ``policy`` should take the recomputing paths now: not when nothing is
+    saved (grad disabled), and not under torch.compile, whose partitioner chooses what to recompute
+    in the graph it compiles (and traces the plain paths without a graph break)."""
+    return policy != "all" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def check_save_policy(policy: str, where: str = "save_policy") -> str:

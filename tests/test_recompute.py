@@ -202,3 +202,20 @@ def test_fused_attention_step_saves_at_most_0_6x_of_eager(eager_steps):
     assert saved.total <= 0.6 * ref_saved.total, (saved.total / ref_saved.total, saved.by_op)
     assert "attention, probabilities recomputed" not in saved.by_op  # the attention ran fused
     assert any("window_attention" in name for name in saved.by_op), saved.by_op
+
+
+def test_blocks_leave_recomputation_to_torch_compile(monkeypatch):
+    """Under torch.compile the plain paths run (the compiler's partitioner picks what to recompute):
+    a block then saves what save_policy="all" saves."""
+    from htsat.layers import SwinTransformerBlock
+
+    def saved(policy: str) -> int:
+        torch.manual_seed(0)
+        blk = SwinTransformerBlock(16, (8, 8), 2, 4, 2, 4.0, 0.0, 0.0, 0.0, save_policy=policy)
+        x = torch.randn(2, 64, 16, requires_grad=True)
+        return count_saved(blk, lambda: blk(x))[0].total
+
+    eager_all, eager_default = saved("all"), saved("recompute-norms-mlp")
+    assert eager_default < 0.7 * eager_all
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert saved("recompute-norms-mlp") == eager_all
