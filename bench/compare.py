@@ -4,7 +4,8 @@ Records are matched on (section, op, provider, mode, dtype, shape). For each mat
 median ms, the speedup of B over A (A_ms / B_ms: above 1 means B is faster), a REGRESSION flag
 when B is slower than A by more than ``--threshold`` (default 10%), and the error change (ERR+
 when B's max relative error grew past 2x A's and above 1e-6), and for GPU runs the ideal time at the device's
-roofline with each run's percent of it (``ideal_ms``, ``pct_roofline``). Records that ran in one run and were
+roofline with each run's percent of it (``ideal_ms``, ``pct_roofline``); MEM+ when the bytes kept for
+backward (``saved_mb``) grew by more than the threshold. Records that ran in one run and were
 skipped in the other, or exist in only one, are listed. Always exits 0 (a report, not a gate)
 unless ``--fail-on-regression`` is given.
 """
@@ -72,7 +73,14 @@ def compare(a: dict, b: dict, threshold: float = 0.10, only_changes: bool = Fals
     if roof:
         headers[-1:-1] = ["ideal ms", "A %roof", "B %roof"]
     rows = []
-    stats = {"matched": len(order), "regressions": 0, "improvements": 0, "error_increases": 0, "status_changes": 0}
+    stats = {
+        "matched": len(order),
+        "regressions": 0,
+        "improvements": 0,
+        "error_increases": 0,
+        "status_changes": 0,
+        "memory_increases": 0,
+    }
     for k in order:
         x, y = ra[k], rb[k]
         flags = []
@@ -93,6 +101,10 @@ def compare(a: dict, b: dict, threshold: float = 0.10, only_changes: bool = Fals
         if isinstance(ea, (int, float)) and isinstance(eb, (int, float)) and eb > max(2 * ea, 1e-6):
             flags.append("ERR+")
             stats["error_increases"] += 1
+        sa, sb = x.get("saved_mb"), y.get("saved_mb")  # activation memory kept for backward
+        if isinstance(sa, (int, float)) and isinstance(sb, (int, float)) and sb > sa * (1 + threshold):
+            flags.append("MEM+")
+            stats["memory_increases"] += 1
         if only_changes and not flags:
             continue
         shape = str(k[5])
@@ -140,7 +152,8 @@ def compare(a: dict, b: dict, threshold: float = 0.10, only_changes: bool = Fals
     stats["only_a"], stats["only_b"] = len(only_a), len(only_b)
     lines.append(
         f"{stats['matched']} matched records: {stats['regressions']} regressions (> {threshold:.0%} slower), "
-        f"{stats['improvements']} faster, {stats['error_increases']} error increases, {stats['status_changes']} run/skip changes"
+        f"{stats['improvements']} faster, {stats['error_increases']} error increases, {stats['status_changes']} run/skip changes, "
+        f"{stats['memory_increases']} saved-memory increases"
     )
     return "\n".join(lines), stats
 

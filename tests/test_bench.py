@@ -272,6 +272,16 @@ def test_compare_flags_regressions_and_errors(tmp_path, capsys):
     assert "0.50x" in text and "REGRESSION" in text and "ERR+" in text
 
 
+def test_compare_flags_more_saved_memory():
+    from bench.compare import compare
+
+    rec = {"section": "memory", "op": "model", "provider": "fused", "mode": "train", "dtype": "fp32", "shape": "B=2"}
+    a = {"meta": {"device": "X"}, "records": [{**rec, "saved_mb": 100.0}, {**rec, "dtype": "bf16", "saved_mb": 50.0}]}
+    b = {"meta": {"device": "X"}, "records": [{**rec, "saved_mb": 150.0}, {**rec, "dtype": "bf16", "saved_mb": 50.0}]}
+    text, stats = compare(a, b)
+    assert stats["memory_increases"] == 1 and "MEM+" in text
+
+
 def test_readme_shows_latest_gpu_run(quick_run, tmp_path):
     import shutil
 
