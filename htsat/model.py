@@ -89,6 +89,18 @@ class HTSAT(nn.Module):
             raise ValueError(f"unknown backend {name!r}; expected one of {htsat_kernels.BACKENDS}")
         self._backend = name
 
+    @property
+    def save_policy(self) -> str:
+        """What a training forward keeps for backward (``HTSATConfig.save_policy``); settable."""
+        return self.config.save_policy
+
+    @save_policy.setter
+    def save_policy(self, policy: str) -> None:
+        self.config.save_policy = htsat_kernels.recompute.check_save_policy(policy)
+        for m in self.modules():
+            if m is not self and hasattr(m, "save_policy"):
+                m.save_policy = policy
+
     def _backend_scope(self):
         """The one place the model's backend takes effect: the Swin layers (where every op is called)
         run inside ``use_backend(self.backend)``. "auto" pushes nothing, so an enclosing use_backend()

@@ -219,3 +219,14 @@ def test_blocks_leave_recomputation_to_torch_compile(monkeypatch):
     assert eager_default < 0.7 * eager_all
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert saved("recompute-norms-mlp") == eager_all
+
+
+def test_model_save_policy_can_be_changed_in_place():
+    model = htsat.create_model("htsat-audioset", backend="reference", save_policy="all", **htsat.TINY_OVERRIDES)
+    policies = lambda: {m.save_policy for m in model.modules() if m is not model and hasattr(m, "save_policy")}  # noqa: E731
+    assert policies() == {"all"}
+    model.save_policy = "recompute-norms"
+    assert model.config.save_policy == "recompute-norms" and policies() == {"recompute-norms"}
+    with pytest.raises(ValueError, match="save_policy must be one of"):
+        model.save_policy = "everything"
+    assert policies() == {"recompute-norms"}
