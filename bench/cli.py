@@ -350,7 +350,7 @@ def _memory_section(args, device) -> list[dict]:
         spec.label,
         batch=batch,
         dtypes=dtypes,
-        repeats=1 if args.quick else 3,
+        repeats=1 if args.quick else (2 if device.type == "cuda" else 3),  # CUDA: B = 128, within gpu-check's part
         interpreter_batch=None if args.quick else 1,
     )
 
