@@ -8,6 +8,9 @@ Sections (each labelled in the report with what ran where):
 - ``interpreter`` (CPU only): the Triton window attention in the Triton interpreter at reduced
   shapes: numerics only, no timings.
 - ``model``: HTS-AT training step and inference per provider (tiny config in ``--quick``).
+- ``memory``: what the training step saves for backward, exactly (any device), per backend and save
+  policy, fp32 and bf16, per stage and op; the recomputation's cost; B per 80 GB
+  (``bench/activation_memory.py``); on CUDA the step's peak at B = 128.
 
 ``--static`` instead writes the compile report (``bench/compile_report.py``): registers, spills,
 shared memory, occupancy and tensor-core use of every Triton and CUDA kernel for sm_80 and sm_90,
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="refresh bench/results/README.md with the latest GPU run (auto: after a non-quick CUDA run written to bench/results/)",
     )
+    p.add_argument("--no-memory", action="store_true", help="skip the memory section (saved-for-backward bytes per save policy)")
+    p.add_argument("--memory-only", action="store_true", help="of the model, run only the memory section")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument(
         "--skip-model-check", action="store_true", help="do not run the model check that opens the report (gpu-check parts)"
@@ -174,7 +179,7 @@ def plan(args, device):
         cases += ops_mod.build_interpreter_cases(
             dtypes=idt or dtypes[:1], modes=imodes or ["forward"], providers=providers, stages=stages
         )
-    if "model" in ops:
+    if "model" in ops and not args.memory_only:
         m_modes = [m for m in modes if m in model_mod.MODEL_MODES]
         spec = None
         if args.model_config:
@@ -275,6 +280,10 @@ def main(argv=None) -> int:
         ctx.memo.clear()
         ctx.release()
         meta["section_wall_s"][section] = round(time.perf_counter() - t_sec, 1)
+    if "model" in ops_of(args) and "train" in (args.modes or ["train"]) and not args.no_memory and not args.list:
+        t_sec = time.perf_counter()
+        records += _memory_section(args, device)
+        meta["section_wall_s"]["memory"] = round(time.perf_counter() - t_sec, 1)
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
     meta["n_records"] = len(records)
     meta["n_skipped"] = sum(1 for r in records if r.get("skipped_reason"))
@@ -312,6 +321,38 @@ def main(argv=None) -> int:
         if readme:
             print(f"updated {readme}")
     return 0
+
+
+def ops_of(args) -> list[str]:
+    from . import ops as ops_mod
+
+    return [ops_mod.OP_ALIASES.get(o, o) for o in (args.ops or ["model"])]
+
+
+def _memory_section(args, device) -> list[dict]:
+    """Saved-for-backward bytes per configuration (bench/activation_memory.py), on the model section's config."""
+    from . import activation_memory
+    from .model import ModelSpec, build_model_cases
+
+    if args.model_config:
+        spec = ModelSpec(args.model_config, tiny=False, label=Path(args.model_config).stem)
+    else:
+        spec = build_model_cases(device=device, providers=["reference"], dtypes=["fp32"], modes=["train"], quick=args.quick)[
+            0
+        ].spec
+    batch = 2 if args.quick or device.type != "cuda" else 128
+    dtypes = [d for d in (args.dtypes or ["fp32", "bf16"]) if d in activation_memory.DTYPES] or ["fp32"]
+    print(f"bench: memory section ({spec.label}, B={batch}, {', '.join(dtypes)})", file=sys.stderr, flush=True)
+    return activation_memory.measure(
+        device,
+        spec.name,
+        spec.overrides(),
+        spec.label,
+        batch=batch,
+        dtypes=dtypes,
+        repeats=1 if args.quick else (2 if device.type == "cuda" else 3),  # CUDA: B = 128, within gpu-check's part
+        interpreter_batch=None if args.quick else 1,
+    )
 
 
 def _roofline_peaks(device) -> dict:

@@ -6,7 +6,7 @@ when B is slower than A by more than ``--threshold`` (default 10%), and the erro
 when B's max relative error grew past 2x A's and above 1e-6), the FLOPs of one call and B's achieved
 TFLOP/s where the op does arithmetic, and for GPU runs the ideal time at the device's roofline with each
 run's percent of it (``ideal_ms``, ``pct_roofline``; computed from the run's peaks where the record lacks
-them). Records that ran in one run and were
+them); MEM+ when the bytes kept for backward (``saved_mb``) grew by more than the threshold. Records that ran in one run and were
 skipped in the other, or exist in only one, are listed. Always exits 0 (a report, not a gate)
 unless ``--fail-on-regression`` is given.
 """
@@ -96,7 +96,14 @@ def compare(a: dict, b: dict, threshold: float = 0.10, only_changes: bool = Fals
     if roof:
         headers[-1:-1] = ["ideal ms", "A %roof", "B %roof"]
     rows = []
-    stats = {"matched": len(order), "regressions": 0, "improvements": 0, "error_increases": 0, "status_changes": 0}
+    stats = {
+        "matched": len(order),
+        "regressions": 0,
+        "improvements": 0,
+        "error_increases": 0,
+        "status_changes": 0,
+        "memory_increases": 0,
+    }
     for k in order:
         x, y = ra[k], rb[k]
         flags = []
@@ -117,6 +124,10 @@ def compare(a: dict, b: dict, threshold: float = 0.10, only_changes: bool = Fals
         if isinstance(ea, (int, float)) and isinstance(eb, (int, float)) and eb > max(2 * ea, 1e-6):
             flags.append("ERR+")
             stats["error_increases"] += 1
+        sa, sb = x.get("saved_mb"), y.get("saved_mb")  # activation memory kept for backward
+        if isinstance(sa, (int, float)) and isinstance(sb, (int, float)) and sb > sa * (1 + threshold):
+            flags.append("MEM+")
+            stats["memory_increases"] += 1
         if only_changes and not flags:
             continue
         shape = str(k[5])
@@ -168,7 +179,8 @@ def compare(a: dict, b: dict, threshold: float = 0.10, only_changes: bool = Fals
     stats["only_a"], stats["only_b"] = len(only_a), len(only_b)
     lines.append(
         f"{stats['matched']} matched records: {stats['regressions']} regressions (> {threshold:.0%} slower), "
-        f"{stats['improvements']} faster, {stats['error_increases']} error increases, {stats['status_changes']} run/skip changes"
+        f"{stats['improvements']} faster, {stats['error_increases']} error increases, {stats['status_changes']} run/skip changes, "
+        f"{stats['memory_increases']} saved-memory increases"
     )
     return "\n".join(lines), stats
 

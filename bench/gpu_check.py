@@ -11,8 +11,9 @@ in the system python, no network). Phases, each timed, in this order:
    reference / fused / sdpa first, then compile / flex stage by stage while the budget lasts.
 5. ``model``: the whole model, training step and inference, eager (reference and fused), then the
    compiled (torch.compile / Inductor) fused training step: its forward + backward against the
-   fp32 model by the numerics rule (``compiled_train_check``) and its time next to eager; then the
-   compiled inference if time is left.
+   fp32 model by the numerics rule (``compiled_train_check``) and its time next to eager; the memory
+   section (saved-for-backward bytes and peak allocated memory of the training step at B = 128, per
+   save policy, fp32 and bf16); then the compiled inference if time is left.
 6. ``static``: the compile report, if time is left.
 
 ``--budget`` seconds bound the whole run: each phase gets at most its nominal time and never the
@@ -284,11 +285,18 @@ class GpuCheck:
     def plan_model(self) -> list[tuple[str, list[str], float]]:
         """Eager first (the baseline of everything after), then the compiled fused training step (its error
         probe runs forward + backward through the compiled graph; Inductor compiles the train graph for
-        the timing), then the compiled inference."""
+        the timing), the activation memory at B = 128, then the compiled inference."""
         common = ["--ops", "model", "--dtypes", "bf16", "--skip-model-check"]
         return [
-            ("model_eager", [*common, "--modes", "train,inference", "--providers", "reference,fused"], 45),
-            ("model_compiled_train", [*common, "--modes", "train", "--providers", "fused+compile"], 90),
+            ("model_eager", [*common, "--modes", "train,inference", "--providers", "reference,fused", "--no-memory"], 45),
+            ("model_compiled_train", [*common, "--modes", "train", "--providers", "fused+compile", "--no-memory"], 90),
+            # saved-for-backward bytes and the step's peak at B = 128 per save policy (bench/activation_memory.py)
+            (
+                "model_memory",
+                [*common[:2], "--dtypes", "fp32,bf16", "--modes", "train", "--providers", "reference,fused"]
+                + ["--memory-only", "--skip-model-check"],
+                50,
+            ),
             ("model_compiled_inference", [*common, "--modes", "inference", "--providers", "compile,fused+compile"], 60),
         ]
 
@@ -432,7 +440,9 @@ def summary_text(result: dict) -> str:
         f"gpu-check on {meta.get('device')}: {gc.get('elapsed_s')} s of a {gc.get('budget_s')} s budget",
         format_table(["phase", "status", "s", "detail"], rows, right={2}),
     ]
-    model = [r for r in result["records"] if r.get("op") == "model" and not r.get("skipped_reason")]
+    model = [
+        r for r in result["records"] if r.get("op") == "model" and r.get("section") != "memory" and not r.get("skipped_reason")
+    ]
     if model:
         mrows = [
             [
@@ -458,6 +468,11 @@ def summary_text(result: dict) -> str:
             + (f" vs eager fused {eager:.1f} ms ({check['speedup_vs_eager_fused']:.2f}x)" if eager else "")
             + f"; {'ok' if check['ok'] else 'FAILS'}: {check['verdict']}",
         ]
+    memory = [r for r in result["records"] if r.get("section") == "memory"]
+    if memory:
+        from .report import memory_table
+
+        lines += ["", "activation memory of the training step (saved for backward, peak above the model):", memory_table(memory)]
     return "\n".join(lines)
 
 

@@ -16,7 +16,9 @@ loss (train) against the reference model in fp32 without autocast, same weights 
 at the same precision (the fused-versus-reference difference the low dtype alone allows).
 
 ``peak_mem_mb`` (CUDA) counts the parameters plus everything the timed calls allocate (gradients,
-optimizer state, activations, outputs).
+optimizer state, activations, outputs). ``saved_mb`` (train, any device): the bytes the training
+forward keeps for backward, counted exactly (``bench.saved_memory``). The reference providers save
+everything (save policy "all", as eager PyTorch); the fused ones use the model's default policy.
 """
 
 from __future__ import annotations
@@ -66,6 +68,14 @@ def _backend_of(provider: str, device: torch.device) -> str:
     if provider in ("reference", "compile"):
         return "reference"
     return "fused" if device.type == "cuda" else "auto"
+
+
+def _save_policy_of(provider: str) -> str:
+    """The reference providers are eager PyTorch (keep everything for backward); the fused ones use the
+    model's default save policy (htsat_kernels.recompute)."""
+    import htsat
+
+    return "all" if provider in ("reference", "compile") else htsat.HTSATConfig().save_policy
 
 
 def _autocast(device: torch.device, dtype: str):
@@ -141,6 +151,23 @@ def _compare(outs, grads, ref_outs, ref_grads, with_grads: bool):
     return max_abs, max_rel, detail
 
 
+def _saved_mb(model, wave, target, device, dtype: str) -> float:
+    """Bytes the training forward keeps for backward (bench/saved_memory.py), in MiB."""
+    from .saved_memory import MIB, count_saved, htsat_stages
+
+    def forward():
+        with _autocast(device, dtype):
+            out = model(wave)
+        return F.binary_cross_entropy_with_logits(out["clipwise_logits"].float(), target)
+
+    # a compiled model gets no stage hooks: module hooks are guarded on and would recompile it
+    stages = None if hasattr(model, "_orig_mod") else htsat_stages(model)
+    saved, loss = count_saved(model, forward, stages)
+    loss.backward()
+    _base(model).zero_grad(set_to_none=True)
+    return saved.total / MIB
+
+
 @dataclass(frozen=True)
 class ModelCase(Case):
     provider: str
@@ -174,6 +201,7 @@ class ModelCase(Case):
                 else ""
             ),
             "clips_per_s": None,
+            "save_policy": _save_policy_of(self.provider),
         }
 
     def plan_skip(self, ctx: RunContext) -> str | None:
@@ -201,7 +229,12 @@ class ModelCase(Case):
             import htsat
 
             base = _base_state(ctx, self.spec)
-            m = htsat.create_model(self.spec.name, backend=_backend_of(self.provider, ctx.device), **self.spec.overrides())
+            m = htsat.create_model(
+                self.spec.name,
+                backend=_backend_of(self.provider, ctx.device),
+                save_policy=_save_policy_of(self.provider),
+                **self.spec.overrides(),
+            )
             m.to(ctx.device)
             m.load_state_dict(base["state"])
             if hasattr(m, "check_inputs"):
@@ -295,6 +328,11 @@ class ModelCase(Case):
             fn()  # warm-up (compiles where needed)
         except Exception as exc:
             raise Skip(reason_of(exc)) from exc
+        if self.mode == "train":
+            try:
+                fields["saved_mb"] = _saved_mb(model, wave, target, device, self.dtype)
+            except Exception as exc:  # the count is extra: the timing still runs
+                fields["saved_mb_error"] = reason_of(exc)
         return Prepared(fn, None, fields, timed=True, items_per_call=self.batch, baseline_alloc=baseline)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .schema import RECORD_FIELDS, device_slug
 
-SECTION_ORDER = ("ops", "interpreter", "model")
+SECTION_ORDER = ("ops", "interpreter", "model", "memory")
 PROVIDER_ORDER = ("reference", "fused", "compile", "sdpa", "flex", "fused+compile")
 MODE_ORDER = ("forward", "backward", "full", "inference", "train")
 DTYPE_ORDER = ("fp32", "bf16", "fp16")
@@ -148,6 +148,9 @@ def section_title(section: str, meta: dict, records: list[dict]) -> str:
         where = "CUDA: " + dev if meta.get("device_type") == "cuda" else f"CPU (no CUDA device; {dev})"
         labels = sorted({str(r.get("stage_label")) for r in records})
         return f"Whole model ({', '.join(labels)}) on {where}"
+    if section == "memory":
+        labels = sorted({str(r.get("stage_label")) for r in records})
+        return f"Activation memory of the training step ({', '.join(labels)}): saved for backward, exact, on {dev}"
     return section
 
 
@@ -223,6 +226,7 @@ def _model_table(records: list[dict], ref: dict) -> str:
         "clips/s",
         "vs ref",
         "peak MB",
+        "saved MB",
         "max abs err",
         "max rel err",
         "diff vs ref (same dtype)",
@@ -242,20 +246,57 @@ def _model_table(records: list[dict], ref: dict) -> str:
                 fmt(r.get("clips_per_s"), "f1"),
                 fmt(speedup_over_reference(r, ref), "x"),
                 fmt(r.get("peak_mem_mb"), "mb"),
+                fmt(r.get("saved_mb"), "mb"),
                 fmt(r.get("max_abs_err"), "err"),
                 fmt(r.get("max_rel_err"), "err"),
                 fmt(r.get("max_abs_diff_vs_reference"), "err"),
             ]
         )
-    text = format_table(headers, rows, right={1, 4, 5, 6, 7, 8, 9, 10, 11})
+    text = format_table(headers, rows, right={1, 4, 5, 6, 7, 8, 9, 10, 11, 12})
     eb = next((r.get("error_batch") for r in records if r.get("error_batch")), None)
     text += (
         "\n  train = forward + BCE + backward + AdamW step (train mode); inference = eval forward under no_grad."
         f"\n  errors: eval mode at batch {eb}, outputs (inference) or outputs + all parameter gradients (train),"
         "\n  against the reference model in fp32; 'diff vs ref' is against the reference model in the same dtype."
+        "\n  saved MB: bytes the training forward keeps for backward (exact, any device; see the memory section)."
     )
     if notes.reasons:
         text += "\n" + notes.render()
+    return text
+
+
+def memory_table(records: list[dict]) -> str:
+    headers = ["B", "dtype", "provider", "backend", "save policy", "saved MB", "vs ref", "step ms", "vs save all"]
+    headers += ["B per 80 GB", "peak MB", "by stage (MB)", "largest ops (MB)"]
+    rows = []
+    for r in sorted(records, key=lambda r: (_order(r.get("dtype"), DTYPE_ORDER), r.get("batch") or 0)):
+        stages = ", ".join(f"{k.replace('stage ', 's')} {v / 2**20:.1f}" for k, v in (r.get("saved_by_stage") or {}).items())
+        ops = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in list((r.get("saved_by_op") or {}).items())[:4])
+        rows.append(
+            [
+                str(r.get("batch")),
+                r["dtype"] + (" autocast" if r.get("autocast") else ""),
+                r["provider"],
+                str(r.get("backend")),
+                str(r.get("save_policy")),
+                fmt(r.get("saved_mb"), "mb"),
+                fmt(r.get("saved_vs_reference"), "x"),
+                fmt(r.get("step_ms"), "ms"),
+                fmt(r.get("step_vs_save_all"), "x"),
+                fmt(r.get("clips_per_80gb")),
+                fmt(r.get("peak_mem_mb"), "mb"),
+                stages,
+                ops,
+            ]
+        )
+    text = format_table(headers, rows, right={0, 5, 6, 7, 8, 9, 10})
+    text += (
+        "\n  saved MB: every storage autograd keeps for backward after the training forward, counted once"
+        "\n  (saved-tensor hooks; parameters and buffers excluded); vs ref: over the reference (eager, save all) at"
+        "\n  the same B and dtype. step ms: forward + loss + backward, best of the interleaved repeats; vs save all:"
+        "\n  the recomputation's cost against the same backend saving everything. B per 80 GB: (80 GB - params,"
+        "\n  grads, AdamW state) / saved bytes per clip (an upper bound); peak MB (CUDA): the step's peak above the model."
+    )
     return text
 
 
@@ -281,6 +322,9 @@ def render_text(result: dict) -> str:
         lines += ["", "#" * 4 + " " + section_title(section, meta, recs), ""]
         if section == "model":
             lines.append(_model_table(recs, ref))
+            continue
+        if section == "memory":
+            lines.append(memory_table(recs))
             continue
         present = {r["op"] for r in recs}
         ordered = [o for o in op_order() if o in present]

@@ -13,6 +13,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from htsat_kernels.recompute import DEFAULT_SAVE_POLICY, SAVE_POLICIES
+
 
 @dataclass
 class HTSATConfig:
@@ -43,6 +45,10 @@ class HTSATConfig:
     # the original crashes with patch_norm=False or use_checkpoint=True; both work here
     patch_norm: bool = True
     use_checkpoint: bool = False
+    # what a training forward keeps for backward (docs/design.md §7.5): "all" (as eager PyTorch),
+    # "recompute-norms" (LayerNorm outputs feeding a Linear, the reference attention's probabilities),
+    # "recompute-norms-mlp" (also GELU's output). Values and gradients are the same; no state-dict keys.
+    save_policy: str = DEFAULT_SAVE_POLICY
     # long audio: clips longer than one image are cut into windows of clip_seconds every long_hop_seconds
     # fmax above Nyquist is capped (with a warning). The original SCV2 model kept fmax 14000 at
     # 16 kHz (9 empty mel filters): cap_fmax=False reproduces that filterbank, to load its checkpoints.
@@ -114,6 +120,7 @@ class HTSATConfig:
         )
         need(0 < self.long_hop_seconds <= self.clip_seconds, "long_hop_seconds must be in (0, clip_seconds]")
         need(self.clip_fill in ("stretch", "repeatpad"), f"clip_fill must be 'stretch' or 'repeatpad', got {self.clip_fill!r}")
+        need(self.save_policy in SAVE_POLICIES, f"save_policy must be one of {SAVE_POLICIES}, got {self.save_policy!r}")
         need(self.projection_dim >= 0, "projection_dim must be >= 0 (0: no CLAP projection)")
 
     # (de)serialisation ------------------------------------------------------------------------

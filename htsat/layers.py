@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
 import htsat_kernels as hk
+from htsat_kernels import recompute
 from htsat_kernels.reference import relative_position_index, shifted_window_mask
 
 
@@ -79,9 +81,29 @@ class WindowAttention(nn.Module):
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def forward(self, windows: Tensor, mask: Tensor | None, shifted_grid: tuple[int, int, int] | None = None) -> Tensor:
+        return self.attend(self.qkv(windows), mask, shifted_grid)
+
+    def attend(
+        self, qkv: Tensor, mask: Tensor | None, shifted_grid: tuple[int, int, int] | None = None, save_probs: bool = True
+    ) -> Tensor:
+        """Attention and proj from the qkv projection's output. ``save_probs=False``: where the reference
+        attention runs, keep qkv only and recompute the probabilities in backward (the fused kernel
+        keeps qkv + log-sum-exp whatever this says)."""
         dropout_p = self.attn_drop if self.training else 0.0
         table = self.relative_position_bias_table
-        out = hk.window_attention(self.qkv(windows), table, mask, self.num_heads, self.scale, dropout_p, shifted_grid)
+        nh, scale = self.num_heads, self.scale
+        args = (qkv, table, mask, nh, scale, dropout_p, shifted_grid)
+        if (
+            not save_probs
+            and dropout_p == 0.0
+            and torch.is_grad_enabled()
+            and recompute.runs_reference("window_attention", *args)
+        ):
+            out = recompute.attention_saving_qkv(
+                lambda q, t, m: hk.window_attention(q, t, m, nh, scale, 0.0, shifted_grid), qkv, table, mask
+            )
+        else:
+            out = hk.window_attention(*args)
         return self.proj_drop(self.proj(out))
 
 
@@ -110,9 +132,12 @@ class SwinTransformerBlock(nn.Module):
         drop: float,
         attn_drop: float,
         drop_path: float,
+        save_policy: str = "all",
     ):
         super().__init__()
         self.dim, self.input_resolution, self.num_heads = dim, input_resolution, num_heads
+        # what the training forward keeps for backward (htsat_kernels.recompute.SAVE_POLICIES)
+        self.save_policy = recompute.check_save_policy(save_policy)
         if min(input_resolution) <= window_size:  # the whole map is one window: no shift (docs/model.md §2)
             shift_size, window_size = 0, min(input_resolution)
         self.window_size, self.shift_size = window_size, shift_size
@@ -137,33 +162,71 @@ class SwinTransformerBlock(nn.Module):
         # drop path is inactive): each a single pass over the activations on the fused backend
         n1 = self.norm1
         ws, shift = self.window_size, self.shift_size
-        windows = hk.layer_norm_window_partition(x.view(B, H, W, C), n1.weight, n1.bias, n1.eps, ws, shift)
+        saving = recompute.saves_less(self.save_policy)
+        if saving:  # the normalised windows are not kept for the qkv projection: backward recomputes them
+            qkv_linear = self.attn.qkv
+            qkv = recompute.recomputed_input_linear(
+                lambda x_, w_, b_: hk.layer_norm_window_partition(x_, w_, b_, n1.eps, ws, shift),
+                (x.view(B, H, W, C), n1.weight, n1.bias),
+                qkv_linear.weight,
+                qkv_linear.bias,
+                "qkv, norm1 recomputed",
+            )
+        else:
+            qkv = self.attn.qkv(hk.layer_norm_window_partition(x.view(B, H, W, C), n1.weight, n1.bias, n1.eps, ws, shift))
         # the grid's mask (0 and -100) is exact in every float dtype: a .half() / bf16 model keeps its grid
         if self.mask_is_grid:
-            windows = self.attn(windows, None, (H, W, shift))
+            windows = self.attn.attend(qkv, None, (H, W, shift), save_probs=not saving)
         else:
-            windows = self.attn(windows, self.attn_mask)
+            windows = self.attn.attend(qkv, self.attn_mask, save_probs=not saving)
         if self.training and isinstance(self.drop_path, DropPath):
             x = hk.window_merge(windows, H, W, shift).reshape(B, L, C)
             x = shortcut + self.drop_path(x)
         else:
             x = hk.window_merge_add(windows, shortcut, H, W, shift)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self._norm2_mlp(x))
+
+    def _norm2_mlp(self, x: Tensor) -> Tensor:
+        mlp, n2 = self.mlp, self.norm2
+        if not recompute.saves_less(self.save_policy) or (self.training and mlp.drop.p > 0.0):
+            return mlp(n2(x))
+        # fc1 recomputes norm2 of the kept residual x; fc2 recomputes GELU of fc1's output, kept once
+        C = x.shape[-1]
+        h = recompute.recomputed_input_linear(
+            lambda t, w, b: F.layer_norm(t, (C,), w, b, n2.eps),
+            (x, n2.weight, n2.bias),
+            mlp.fc1.weight,
+            mlp.fc1.bias,
+            "fc1, norm2 recomputed",
+        )
+        if self.save_policy == "recompute-norms-mlp":
+            return recompute.recomputed_input_linear(mlp.act, (h,), mlp.fc2.weight, mlp.fc2.bias, "fc2, GELU recomputed")
+        return mlp.fc2(mlp.act(h))
 
 
 class PatchMerging(nn.Module):
     """2x2 neighbourhood gather + LayerNorm(4C) (one op), then Linear(4C, 2C) without bias."""
 
-    def __init__(self, input_resolution: tuple, dim: int):
+    def __init__(self, input_resolution: tuple, dim: int, save_policy: str = "all"):
         super().__init__()
         self.input_resolution, self.dim = input_resolution, dim
+        self.save_policy = recompute.check_save_policy(save_policy)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(4 * dim)
 
     def forward(self, x: Tensor) -> Tensor:
         H, W = self.input_resolution
         B, L, C = x.shape
-        x = hk.patch_merge(x.view(B, H, W, C), self.norm.weight, self.norm.bias, self.norm.eps)
+        norm = self.norm
+        if recompute.saves_less(self.save_policy):  # backward recomputes the gather + LayerNorm
+            return recompute.recomputed_input_linear(
+                lambda x_, w_, b_: hk.patch_merge(x_, w_, b_, norm.eps),
+                (x.view(B, H, W, C), norm.weight, norm.bias),
+                self.reduction.weight,
+                None,
+                "reduction, patch-merge norm recomputed",
+            )
+        x = hk.patch_merge(x.view(B, H, W, C), norm.weight, norm.bias, norm.eps)
         return self.reduction(x)
 
 
@@ -189,6 +252,7 @@ class BasicLayer(nn.Module):
         drop_path: list,
         downsample: bool,
         use_checkpoint: bool,
+        save_policy: str = "all",
     ):
         super().__init__()
         self.use_checkpoint = use_checkpoint
@@ -203,10 +267,11 @@ class BasicLayer(nn.Module):
                 drop,
                 attn_drop,
                 drop_path[i],
+                save_policy,
             )
             for i in range(depth)
         )
-        self.downsample = PatchMerging(input_resolution, dim) if downsample else None
+        self.downsample = PatchMerging(input_resolution, dim, save_policy) if downsample else None
 
     def forward(self, x: Tensor) -> Tensor:
         for blk in self.blocks:

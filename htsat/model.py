@@ -66,6 +66,7 @@ class HTSAT(nn.Module):
                     drop_path=drop_path[start : start + depth],
                     downsample=i < num_stages - 1,
                     use_checkpoint=cfg.use_checkpoint,
+                    save_policy=cfg.save_policy,
                 )
             )
         self.norm = nn.LayerNorm(cfg.num_features)
@@ -87,6 +88,18 @@ class HTSAT(nn.Module):
         if name not in htsat_kernels.BACKENDS:
             raise ValueError(f"unknown backend {name!r}; expected one of {htsat_kernels.BACKENDS}")
         self._backend = name
+
+    @property
+    def save_policy(self) -> str:
+        """What a training forward keeps for backward (``HTSATConfig.save_policy``); settable."""
+        return self.config.save_policy
+
+    @save_policy.setter
+    def save_policy(self, policy: str) -> None:
+        self.config.save_policy = htsat_kernels.recompute.check_save_policy(policy)
+        for m in self.modules():
+            if m is not self and hasattr(m, "save_policy"):
+                m.save_policy = policy
 
     def _backend_scope(self):
         """The one place the model's backend takes effect: the Swin layers (where every op is called)

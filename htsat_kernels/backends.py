@@ -81,6 +81,11 @@ def register_reference(op: str, fn: Callable) -> None:
     _reference[op] = fn
 
 
+def reference_of(op: str) -> Callable:
+    """The reference function registered for ``op`` (compare with ``dispatch``'s choice)."""
+    return _reference[op]
+
+
 def fused_status() -> dict[str, str]:
     """For each op: "available", the reason its fused implementation cannot load, or "available on CPU
     only: <reason>" when it loaded but cannot run on the current GPU."""

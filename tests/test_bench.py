@@ -113,6 +113,20 @@ def test_quick_json_has_every_field(quick_run):
     for r in model:
         if r["skipped_reason"] is None:
             assert r["clips_per_s"] > 0
+    # saved-for-backward bytes: in the model table (train) and per configuration in the memory section
+    train = {r["provider"]: r for r in model if r["mode"] == "train" and r["skipped_reason"] is None}
+    assert train["fused"]["saved_mb"] <= 0.6 * train["reference"]["saved_mb"]
+    memory = [r for r in records if r["section"] == "memory"]
+    assert {(r["dtype"], r["save_policy"]) for r in memory} == {
+        (d, p) for d in ("fp32", "bf16") for p in ("all", "recompute-norms", "recompute-norms-mlp")
+    }
+    for r in memory:
+        assert r["saved_bytes"] == sum(r["saved_by_stage"].values()) == sum(r["saved_by_op"].values()) > 0, r
+        assert r["step_ms"] > 0 and r["clips_per_80gb"] > 0
+        if r["provider"] == "reference":
+            assert r["saved_vs_reference"] == 1.0 and r["save_policy"] == "all"
+        if r["save_policy"] == "recompute-norms-mlp":
+            assert r["saved_vs_reference"] <= 0.6, r
 
 
 def test_quick_csv_and_plots(quick_run):
@@ -288,6 +302,16 @@ def test_compare_shows_flops_and_the_roofline_of_gpu_runs():
     cpu = {"meta": {"device": "C", "device_type": "cpu"}, "records": [{**rec, "flops": 0}]}
     text, _ = compare(cpu, cpu)
     assert "GFLOP" not in text and "%roof" not in text  # no arithmetic, no peaks: no such columns
+
+
+def test_compare_flags_more_saved_memory():
+    from bench.compare import compare
+
+    rec = {"section": "memory", "op": "model", "provider": "fused", "mode": "train", "dtype": "fp32", "shape": "B=2"}
+    a = {"meta": {"device": "X"}, "records": [{**rec, "saved_mb": 100.0}, {**rec, "dtype": "bf16", "saved_mb": 50.0}]}
+    b = {"meta": {"device": "X"}, "records": [{**rec, "saved_mb": 150.0}, {**rec, "dtype": "bf16", "saved_mb": 50.0}]}
+    text, stats = compare(a, b)
+    assert stats["memory_increases"] == 1 and "MEM+" in text
 
 
 def test_readme_shows_latest_gpu_run(quick_run, tmp_path):

@@ -238,3 +238,29 @@ def test_a_compiled_training_step_off_the_rule_fails_the_model_phase(tmp_path, m
     info = check.phase_model(140)
     assert info["status"] == "compiled training step off the numerics rule"
     assert info["compiled_train"]["ok"] is False
+
+
+def test_model_phase_measures_activation_memory_at_b128(tmp_path):
+    """gpu-check runs the memory section alone (fp32 and bf16; the bench picks B = 128 on CUDA) and
+    prints it in the summary; the other model parts skip it."""
+    check, _, _ = make_check(tmp_path, cost=lambda cmd: 10)
+    parts = {name: args for name, args, _ in check.plan_model()}
+    memory = parts["model_memory"]
+    assert "--memory-only" in memory and memory[memory.index("--dtypes") + 1] == "fp32,bf16"
+    assert all("--no-memory" in args for name, args in parts.items() if name != "model_memory" and "train" in args)
+    rec = {
+        "section": "memory",
+        "op": "model",
+        "provider": "fused",
+        "backend": "fused",
+        "save_policy": "recompute-norms-mlp",
+        "dtype": "bf16",
+        "autocast": True,
+        "batch": 128,
+        "saved_mb": 5000.0,
+        "saved_vs_reference": 0.4,
+        "peak_mem_mb": 7000.0,
+        "clips_per_80gb": 2000,
+    }
+    text = gc.summary_text({"meta": {"device": "H100", "gpu_check": {"phases": []}}, "records": [rec]})
+    assert "activation memory of the training step" in text and "recompute-norms-mlp" in text and "7000" in text

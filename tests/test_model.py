@@ -182,8 +182,8 @@ def test_shifted_blocks_pass_their_grid_while_the_buffer_is_its_mask(audioset):
     blk = copy.deepcopy(audioset.layers[1].blocks[1])  # 32x32 map, 16 windows
     assert blk.mask_is_grid and not audioset.layers[1].blocks[0].mask_is_grid
     calls = []
-    forward = blk.attn.forward
-    blk.attn.forward = lambda w, m, g=None: calls.append((m, g)) or forward(w, m, g)
+    attend = blk.attn.attend  # attention + proj from qkv, called by the block
+    blk.attn.attend = lambda q, m, g=None, save_probs=True: calls.append((m, g)) or attend(q, m, g, save_probs)
     x = torch.randn(2, 32 * 32, 192, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         by_grid = blk(x)
