@@ -174,8 +174,9 @@ class SwinTransformerBlock(nn.Module):
             )
         else:
             qkv = self.attn.qkv(hk.layer_norm_window_partition(x.view(B, H, W, C), n1.weight, n1.bias, n1.eps, ws, shift))
-        # the grid's mask (0 and -100) is exact in every float dtype: a .half() / bf16 model keeps its grid
-        if self.mask_is_grid:
+        # the grid's mask (0 and -100) is exact in every float dtype: a .half() / bf16 model keeps its grid;
+        # a mask that requires grad is passed as it is (its gradient is wanted)
+        if self.mask_is_grid and not self.attn_mask.requires_grad:
             windows = self.attn.attend(qkv, None, (H, W, shift), save_probs=not saving)
         else:
             windows = self.attn.attend(qkv, self.attn_mask, save_probs=not saving)

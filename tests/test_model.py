@@ -207,6 +207,18 @@ def test_shifted_blocks_pass_their_grid_while_the_buffer_is_its_mask(audioset):
     assert blk.mask_is_grid
 
 
+def test_a_mask_that_requires_grad_is_passed_and_gets_its_gradient(audioset):
+    """A user who trains the mask (requires_grad on the buffer) gets it passed, so its gradient flows."""
+    import copy
+
+    blk = copy.deepcopy(audioset.layers[1].blocks[1])
+    blk.attn_mask.requires_grad_(True)
+    x = torch.randn(1, 32 * 32, 192, generator=torch.Generator().manual_seed(0))
+    with htsat_kernels.use_backend("reference"):
+        blk(x).square().sum().backward()
+    assert blk.attn_mask.grad is not None and blk.attn_mask.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_half_model_still_passes_its_grid(audioset, dtype):
     """A model cast with .half() / .bfloat16() casts its mask buffer too; the buffer still holds the grid's
@@ -217,8 +229,8 @@ def test_a_half_model_still_passes_its_grid(audioset, dtype):
     blk = copy.deepcopy(audioset.layers[1].blocks[1]).to(dtype)
     assert blk.attn_mask.dtype == dtype and blk.mask_is_grid
     calls = []
-    forward = blk.attn.forward
-    blk.attn.forward = lambda w, m, g=None: calls.append((m, g)) or forward(w, m, g)
+    attend = blk.attn.attend  # attention + proj from qkv, called by the block
+    blk.attn.attend = lambda q, m, g=None, save_probs=True: calls.append((m, g)) or attend(q, m, g, save_probs)
     x = torch.randn(2, 32 * 32, 192, generator=torch.Generator().manual_seed(0)).to(dtype)
     with torch.no_grad(), htsat_kernels.use_backend("reference"):
         by_grid = blk(x)

@@ -57,9 +57,9 @@ def _mask_is_the_grids(block: Any) -> bool:
     """Whether the block's attn_mask buffer holds exactly the shift mask of its grid, so the grid can be
     passed instead; in any float dtype (a .half() model's buffer: 0 and -100 are exact in each). Checked
     once per buffer version (a load_state_dict into the buffer changes it), never while torch.compile
-    traces (the buffer is passed there)."""
+    traces (the buffer is passed there). A mask that requires grad is passed as it is: its gradient is wanted."""
     mask = block.attn_mask
-    if mask is None or not mask.is_floating_point() or mask.is_meta or torch.compiler.is_compiling():
+    if mask is None or not mask.is_floating_point() or mask.requires_grad or mask.is_meta or torch.compiler.is_compiling():
         return False
     key = (mask.data_ptr(), mask._version, mask.device)
     cached = block.__dict__.get("_htsat_kernels_grid_check")
