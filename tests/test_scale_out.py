@@ -152,3 +152,111 @@ def test_resume_in_one_process_keeps_a_stopped_launchs_parts(corpus, single_embe
     got = {r["file"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert all(got[r["file"]]["embedding"] == r["embedding"] for r in marked)  # kept, not recomputed
     assert not os.path.exists(folder)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray Data: the callables alone (no Ray needed), then in a local Ray
+# ------------------------------------------------------------------------------------------------
+
+
+def test_embedder_on_decoded_columns_equals_the_files(corpus, single_embed, tmp_path):
+    """``amplitude`` (channels x samples, any rate) gives what the same audio read from a file gives:
+    the same mix-down and block-wise resampling; a NaN sample is that row's error, the batch goes on."""
+    import soundfile as sf
+
+    from htsat.ray import Embedder
+
+    emb = Embedder(corpus["ckpt"], device="cpu", backend="reference")
+    good = [r for r in single_embed if "error" not in r][:3]
+    amps, rates, paths = [], [], []
+    for r in good:
+        wave, rate = sf.read(r["file"], dtype="float32", always_2d=True)
+        amps.append(wave.T)
+        rates.append(rate)
+        paths.append(r["file"])
+    stereo_44k = np.stack([np.sin(np.arange(44100) / 7.0), np.cos(np.arange(44100) / 5.0)]).astype(np.float32) * 0.2
+    nan = np.full((1, 800), np.nan, np.float32)
+    for name, wave, rate in (("nan.wav", nan, SR), ("stereo44k.wav", stereo_44k, 44100)):
+        paths.append(str(tmp_path / name))
+        sf.write(paths[-1], wave.T, rate, subtype="FLOAT")
+        amps.append(wave)
+        rates.append(rate)
+    column = np.empty(len(amps), dtype=object)
+    column[:] = amps
+    out = emb({"amplitude": column, "sample_rate": np.array(rates), "id": np.arange(5)})
+    assert sorted(out) == ["embedding", "error", "id", "sample_rate"]
+    by_path = emb({"path": np.array(paths)})
+    assert sorted(by_path) == ["embedding", "error", "file"] and list(by_path["file"]) == paths
+    np.testing.assert_array_equal(out["embedding"], by_path["embedding"])  # same windows, same batches
+    assert list(out["error"]) == list(by_path["error"])
+    assert list(out["error"][:3]) == [None] * 3 and "NaN" in out["error"][3] and out["error"][4] is None
+    assert np.isnan(out["embedding"][3]).all() and out["embedding"].shape == (5, len(good[0]["embedding"]))
+    # and the files' rows equal htsat embed's (other batches: float32 rounding only)
+    np.testing.assert_allclose(out["embedding"][:3], np.stack([r["embedding"] for r in good]), atol=1e-5, rtol=0)
+
+
+def test_tagger_needs_path_or_amplitude_columns(corpus):
+    from htsat.ray import Tagger
+
+    tagger = Tagger(corpus["ckpt"], device="cpu", backend="reference", top_k=2)
+    with pytest.raises(ValueError, match="expected a 'path' column"):
+        tagger({"audio": np.array(["x.wav"])})
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
+        Tagger(corpus["ckpt"], device="cpu", top_k=0)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def _readme_ray_example() -> str:
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    start = text.index("```python\nimport os\nimport ray\n") + len("```python\n")
+    return text[start : text.index("```", start)]
+
+
+@needs_ray
+@pytest.mark.slow
+def test_ray_readme_example_equals_htsat_embed_and_predict(corpus, single_embed, local_ray, tmp_path, monkeypatch):
+    """The README's Ray example, as written but for its checkpoint, folder and the ray.init() the
+    fixture did (2 CPUs): Embedder rows equal ``htsat embed`` (the bad file an error row), Tagger rows
+    on read_audio's columns equal ``htsat predict``."""
+    code = _readme_ray_example()
+    assert "ray.init()" in code and '"htsat-audioset"' in code
+    good_dir = tmp_path / "good"
+    good_dir.mkdir()
+    for f in corpus["files"]:
+        if "f05b" not in f:  # ray's own read_audio stops on a file soundfile cannot open: good files only there
+            os.symlink(f, good_dir / os.path.basename(f))
+    code = code.replace("ray.init()", "pass").replace('"htsat-audioset"', repr(corpus["ckpt"]))
+    code = code.replace(
+        'fn_constructor_kwargs={"checkpoint"', 'fn_constructor_kwargs={"backend": "reference", "device": "cpu", "checkpoint"'
+    )
+    code = code.replace('expand_inputs(["archive/"])', f"expand_inputs([{corpus['audio']!r}])")
+    code = code.replace('read_audio("archive/"', f"read_audio({str(good_dir)!r}")
+    code = code.replace("tags.take(3)", "tags.take_all()")
+    # two actors on two CPUs leave none for read_audio's read tasks (a hang): one Tagger actor here
+    code = code.replace('"top_k": 3}, compute=actors', '"top_k": 3}, compute=ray.data.ActorPoolStrategy(size=1)')
+    assert code.count("size=1)") == 1
+    monkeypatch.chdir(tmp_path)
+    printed = []
+    exec(compile(code, "README.md", "exec"), {"print": lambda *a: printed.append(a)})
+    rows = sorted(local_ray.data.read_parquet(str(tmp_path / "embeddings")).take_all(), key=lambda r: r["file"])
+    _same_rows(
+        [{k: v for k, v in r.items() if v is not None} | {"duration": w.get("duration")} for r, w in zip(rows, single_embed)],
+        single_embed,
+    )
+    assert [r["file"] for r in rows if r["error"]] == [os.path.join(corpus["audio"], "f05b.wav")]
+    # Tagger on read_audio columns against htsat predict (top 3)
+    out = tmp_path / "pred.jsonl"
+    _single(corpus, "predict", out, "--top-k", "3")
+    want = {r["file"]: r for r in map(json.loads, out.read_text().splitlines()) if "error" not in r}
+    assert len(printed) == len(want)
+    for file, labels, scores, error in printed:
+        w = want[os.path.join(corpus["audio"], os.path.basename(file))]
+        assert error is None and list(labels) == [t["label"] for t in w["top"]]
+        np.testing.assert_allclose(scores, [t["score"] for t in w["top"]], atol=1e-5)
