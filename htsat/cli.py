@@ -270,7 +270,7 @@ def _progress_bar(total: int, show: bool):
 
 
 def _run_inference(args) -> int:
-    from .inference import expand_inputs
+    from .inference import InputList, expand_inputs
     from .inference_output import check_output
     from .predict import Predictor
 
@@ -290,7 +290,8 @@ def _run_inference(args) -> int:
     shards = Shards.from_env()  # under torchrun: the files split between ranks, rank 0 writes
     if shards is not None and not to_file:
         raise ValueError("under torchrun, -o FILE is needed: the ranks' results are merged into it")
-    inputs = expand_inputs(args.files)
+    # the file list is rank 0's to make (it sends each rank its share): a big archive is listed once
+    inputs = expand_inputs(args.files) if shards is None or shards.main else InputList()
     if to_file and (shards is None or shards.main):
         check_output(fmt, args.output, inputs)  # before the model loads (a download, perhaps)
     predictor = Predictor.from_checkpoint(
