@@ -396,7 +396,7 @@ def _run_inference_files(args, fmt, predicting, framewise, inputs, predictor, sh
             finally:
                 if hasattr(results, "close"):
                     results.close()
-        if (to_file and args.resume) or shards is not None:
+        if to_file:
             remove_parts(args.output)  # all in the output now
     except (KeyboardInterrupt, InferenceError):
         if bar is not None:
