@@ -13,7 +13,8 @@ equals that file's line of their output. Input columns: ``path`` (decoded by hts
 - ``error``: why a row has no result (None when it has one): a bad file never fails the batch.
 
 Needs ``pip install -e ".[ray]"``. Example (README): ``ds.map_batches(Embedder, fn_constructor_kwargs=
-{"checkpoint": ...}, concurrency=2, batch_size=64)``; on a cluster add ``num_gpus=1`` (an actor per GPU).
+{"checkpoint": ...}, compute=ray.data.ActorPoolStrategy(size=2), batch_size=64)``; on a cluster add
+``num_gpus=1`` (an actor per GPU). More: docs/scale-out.md.
 """
 
 from __future__ import annotations

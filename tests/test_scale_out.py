@@ -5,6 +5,7 @@ single-process ``htsat`` run over the same 12 files (one of them unreadable)."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -99,8 +100,12 @@ def test_torchrun_two_ranks_equals_one_process(corpus, single_embed, tmp_path):
 @pytest.mark.slow
 def test_torchrun_predict_jsonl_keeps_the_error_row(corpus, tmp_path):
     single = _single(corpus, "predict", tmp_path / "one.jsonl", "--top-k", "3")
-    proc = _torchrun(corpus, "predict", tmp_path / "two.jsonl", "--top-k", "3")
+    proc = _torchrun(corpus, "predict", tmp_path / "two.jsonl", "--top-k", "3", "--progress")
     assert proc.returncode != 0
+    # one bar, rank 0's, counting the files of both ranks to the end
+    bars = [line for line in re.split(r"[\r\n]", proc.stderr) if "%|" in line]
+    assert bars and all(line.startswith("all ranks") for line in bars), proc.stderr[-3000:]
+    assert "all ranks: 100%" in proc.stderr and "12/12" in proc.stderr
     got = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
     want = [json.loads(line) for line in single.read_text().splitlines()]
     _same_rows(got, want)
