@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="file throughput of htsat predict instead of the report: N (100) files of 10 s, tiny model, batched vs one at a time",
     )
+    p.add_argument(
+        "--processes",
+        type=_csv,
+        default=None,
+        metavar="P1,P2",
+        help="with --inference-files: files/s of htsat embed under torchrun and of htsat.ray.Embedder, with each "
+        "number of processes / Ray actors (e.g. 1,2)",
+    )
     return p
 
 
@@ -214,6 +222,11 @@ def main(argv=None) -> int:
 
         dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         clap.run(args.out, clips=args.clap, device=dev, threads=args.threads)
+        return 0
+    if args.inference_files and args.processes:
+        from . import scale_out
+
+        scale_out.run(args.out, n_files=args.inference_files, processes=[int(p) for p in args.processes])
         return 0
     if args.inference_files:
         from . import inference

@@ -349,19 +349,52 @@ def stream_audio(path: PathLike, sample_rate: int, *, block_seconds: float = 30.
             else:
                 last = data.shape[0] < block
             read += data.shape[0]
-            wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-            if not np.all(np.isfinite(wave)):
-                raise AudioError(path, "contains NaN or infinite samples (corrupt file?)")
+            wave = _block_at_rate(data, stream, last, path, rate, sample_rate)
             if wave.size:
-                check_audio(wave, path, threshold_db=None)
-            if stream is not None:
-                try:
-                    wave = stream.resample_chunk(np.ascontiguousarray(wave, dtype=np.float32), last=last)
-                except Exception as e:
-                    raise AudioError(path, f"cannot resample from {rate} Hz to {sample_rate} Hz ({e})") from e
-            if wave.size:
-                yield np.ascontiguousarray(wave, dtype=np.float32)
+                yield wave
             if last:
                 break
         if read == 0:
             raise AudioError(path, "no audio samples (empty file)")
+
+
+def _block_at_rate(data: np.ndarray, stream, last: bool, path: str, rate: int, sample_rate: int) -> np.ndarray:
+    """A (samples, channels) block mixed down, checked and resampled by ``stream`` (None: same rate)."""
+    wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if not np.all(np.isfinite(wave)):
+        raise AudioError(path, "contains NaN or infinite samples (corrupt file?)")
+    if wave.size:
+        check_audio(wave, path, threshold_db=None)
+    if stream is not None:
+        try:
+            wave = stream.resample_chunk(np.ascontiguousarray(wave, dtype=np.float32), last=last)
+        except Exception as e:
+            raise AudioError(path, f"cannot resample from {rate} Hz to {sample_rate} Hz ({e})") from e
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def stream_array(
+    samples, rate: int, sample_rate: int, *, name: str = "<array>", channels_first: bool = True, block_seconds: float = 30.0
+):
+    """:func:`stream_audio` for samples already decoded (``ray.data.read_audio``'s ``amplitude``: channels x
+    samples, or a 1-D array): the same mix-down, checks and block-wise resampling, so the blocks equal
+    those of the file they were read from."""
+    data = np.asarray(samples, dtype=np.float32)
+    if data.ndim == 1:
+        data = data[:, None]
+    elif data.ndim == 2 and channels_first:
+        data = data.T
+    elif data.ndim != 2:
+        raise AudioError(name, f"expected samples as (channels, samples) or (samples,), got shape {data.shape}")
+    if data.shape[0] == 0:
+        raise AudioError(name, "no audio samples (empty)")
+    rate = int(rate)
+    stream = None
+    if rate != int(sample_rate):
+        stream = _soxr().ResampleStream(rate, int(sample_rate), 1, dtype="float32", quality="HQ")
+    block = max(1, int(block_seconds * rate))
+    for start in range(0, data.shape[0], block):
+        last = start + block >= data.shape[0]
+        wave = _block_at_rate(data[start : start + block], stream, last, name, rate, sample_rate)
+        if wave.size:
+            yield wave

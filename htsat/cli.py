@@ -16,6 +16,7 @@ import threading
 from htsat_kernels import BACKENDS
 
 from .inference_output import EMBED_FORMATS, PREDICT_FORMATS, format_for
+from .sharding import Shards, leftover_parts, parts_folder, remove_parts
 from .training.config import HelpFormatter as TrainHelpFormatter
 from .training.config import add_arguments as add_train_arguments
 
@@ -269,8 +270,8 @@ def _progress_bar(total: int, show: bool):
 
 
 def _run_inference(args) -> int:
-    from .inference import InferenceError, InputList, expand_inputs
-    from .inference_output import check_output, open_writer, read_done
+    from .inference import InputList, expand_inputs
+    from .inference_output import check_output
     from .predict import Predictor
 
     _check_run_args(args)
@@ -280,19 +281,24 @@ def _run_inference(args) -> int:
         framewise = args.framewise or fmt == "tsv"
     else:
         fmt = format_for(args.output, args.format, EMBED_FORMATS, "jsonl")
+        framewise = False
     to_file = bool(args.output) and args.output != "-"
     if not to_file and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="surrogateescape")  # a name that is not UTF-8: its own bytes, as in a file
     if args.resume and not to_file:
         raise ValueError("--resume needs -o FILE: the results to keep are read from it")
-    inputs = expand_inputs(args.files)
-    if to_file:
+    shards = Shards.from_env()  # under torchrun: the files split between ranks, rank 0 writes
+    if shards is not None and not to_file:
+        raise ValueError("under torchrun, -o FILE is needed: the ranks' results are merged into it")
+    # the file list is rank 0's to make (it sends each rank its share): a big archive is listed once
+    inputs = expand_inputs(args.files) if shards is None or shards.main else InputList()
+    if to_file and (shards is None or shards.main):
         check_output(fmt, args.output, inputs)  # before the model loads (a download, perhaps)
     predictor = Predictor.from_checkpoint(
         args.checkpoint,
         name=args.model,
         backend=args.backend,
-        device=args.device,
+        device=args.device if shards is None else shards.device(args.device),
         labels_file=getattr(args, "labels", None),
         short_clips=args.short_clips,
         silence_db=None if args.allow_silent else -80.0,
@@ -302,7 +308,22 @@ def _run_inference(args) -> int:
         worker_stage=args.worker_stage,
     )
     if args.num_workers is None:
-        predictor.num_workers = _default_workers(predictor.device)
+        predictor.num_workers = (shards.default_workers if shards else _default_workers)(predictor.device)
+    if shards is not None:
+        shards.join()
+        try:
+            return _run_inference_files(args, fmt, predicting, framewise, inputs, predictor, shards)
+        finally:
+            shards.leave()
+    return _run_inference_files(args, fmt, predicting, framewise, inputs, predictor, None)
+
+
+def _run_inference_files(args, fmt, predicting, framewise, inputs, predictor, shards) -> int:
+    from .inference import InferenceError, InputList
+    from .inference_output import open_writer, read_done
+
+    to_file = bool(args.output) and args.output != "-"
+    writes = shards is None or shards.main  # one writer: rank 0
     threshold = args.threshold if predicting and framewise else None
     failed = hours = 0
     bar = None
@@ -318,27 +339,43 @@ def _run_inference(args) -> int:
         with (
             _dead_workers_named(),
             _sigterm_stops(),
-            open_writer(fmt, args.output, sys.stdout, threshold=threshold, inputs=inputs) as writer,
+            open_writer(fmt, args.output, sys.stdout, threshold=threshold, inputs=inputs)
+            if writes
+            else contextlib.nullcontext() as writer,
         ):
             # the output is locked (and its temporary made): now the files
-            done = read_done(fmt, args.output) if args.resume else {}
-            todo = InputList()
-            todo.extend(p for p in inputs if p not in done)
-            todo.problems = inputs.problems
-            if done:
-                say(f"htsat: resuming: {len(inputs) - len(todo)} of {len(inputs)} file(s) already in {args.output}")
-            if predicting:
-                results = predictor.iter_files(
-                    todo,
-                    top_k=args.top_k,
-                    framewise=framewise,
-                    threshold=args.threshold,
-                    merge_gap=args.merge_gap,
-                    min_duration=args.min_duration,
-                )
+            todo = None
+            if writes:
+                done = read_done(fmt, args.output) if args.resume else {}
+                if args.resume and to_file:  # what the ranks of a stopped torchrun launch finished
+                    done = {**leftover_parts(args.output), **done}
+                todo = InputList()
+                todo.extend(p for p in inputs if p not in done)
+                todo.problems = inputs.problems
+                if done:
+                    say(f"htsat: resuming: {len(inputs) - len(todo)} of {len(inputs)} file(s) already done")
+
+            def compute(files):
+                if predicting:
+                    return predictor.iter_files(
+                        files,
+                        top_k=args.top_k,
+                        framewise=framewise,
+                        threshold=args.threshold,
+                        merge_gap=args.merge_gap,
+                        min_duration=args.min_duration,
+                    )
+                return predictor.embed_files(files, embedding=args.embedding)
+
+            show = sys.stderr.isatty() if args.progress is None else args.progress
+            if shards is None:
+                results = compute(todo)
             else:
-                results = predictor.embed_files(todo, embedding=args.embedding)
-            bar = _progress_bar(len(inputs), sys.stderr.isatty() if args.progress is None else args.progress)
+                results = shards.run(todo, args.output, args.resume, compute, show)
+                if results is None:  # not rank 0: its results are in its part file
+                    return 0
+                show = False  # rank 0 showed all ranks' files; writing them is quick
+            bar = _progress_bar(len(inputs), show)
             try:
                 for path in inputs:
                     r = done.get(path) or next(results)
@@ -357,13 +394,18 @@ def _run_inference(args) -> int:
                         bar.set_postfix_str(f"{hours:.2f} h audio, {failed} failed", refresh=False)
                         bar.update(1)
             finally:
-                results.close()
+                if hasattr(results, "close"):
+                    results.close()
+        if to_file:
+            remove_parts(args.output)  # all in the output now
     except (KeyboardInterrupt, InferenceError):
         if bar is not None:
             bar.close()
             bar = None
         if to_file and writer is not None and writer.published:
             say(f"htsat: {writer.published} result(s) kept in {args.output}; add --resume to the same command to finish")
+        elif shards is not None and shards.main:
+            say(f"htsat: the ranks' results so far are kept in {parts_folder(args.output)}; add --resume to finish")
         raise
     finally:
         if bar is not None:

@@ -26,9 +26,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from .audio import AudioError, check_audio, fit_length, stream_audio
+from .audio import AudioError, check_audio, fit_length, stream_array, stream_audio
 
-__all__ = ["AUDIO_EXTENSIONS", "InferenceError", "InputList", "expand_inputs", "file_windows", "run_files"]
+__all__ = ["AUDIO_EXTENSIONS", "DecodedAudio", "InferenceError", "InputList", "expand_inputs", "file_windows", "run_files"]
 
 
 class InferenceError(RuntimeError):
@@ -83,6 +83,16 @@ BLOCK_SECONDS = 30.0
 
 def _is_audio(name: str) -> bool:
     return os.path.splitext(name)[1][1:].lower() in AUDIO_EXTENSIONS
+
+
+class DecodedAudio(str):
+    """Samples already decoded, in the place of a path in :func:`run_files` (the str is the name that
+    results and errors show): ``samples`` (channels x samples, or 1-D) at ``rate`` Hz."""
+
+    def __new__(cls, name: str, samples, rate: int):
+        obj = super().__new__(cls, name)
+        obj.samples, obj.rate = samples, int(rate)
+        return obj
 
 
 class InputList(list):
@@ -237,7 +247,12 @@ def file_windows(
     peak = 0.0
     windowed = False
     try:
-        blocks = stream_audio(path, plan["sample_rate"], block_seconds=block_seconds or BLOCK_SECONDS, warn=warnings.append)
+        if isinstance(path, DecodedAudio):
+            blocks = stream_array(
+                path.samples, path.rate, plan["sample_rate"], name=path, block_seconds=block_seconds or BLOCK_SECONDS
+            )
+        else:
+            blocks = stream_audio(path, plan["sample_rate"], block_seconds=block_seconds or BLOCK_SECONDS, warn=warnings.append)
         for block in blocks:
             peak = max(peak, float(np.max(np.abs(block))))
             buf = np.concatenate([buf, block]) if buf.size else block

@@ -347,3 +347,21 @@ def test_inference_files_record(tmp_path):
     assert rec["worker_stage"] == "model"
     assert rec["speedup"] == pytest.approx(rec["best"]["batched"]["files_per_s"] / rec["best"]["loop"]["files_per_s"], abs=0.01)
     assert json.loads(next(tmp_path.glob("inference_cpu_*.json")).read_text())["runs"] == rec["runs"]
+
+
+@pytest.mark.slow
+def test_scale_out_record_without_ray(tmp_path, monkeypatch):
+    """`python -m bench --inference-files N --processes 1`: a torchrun run per process count, files/s
+    recorded; without ray installed it says so and measures torchrun only."""
+    pytest.importorskip("soundfile")
+    pytest.importorskip("soxr")
+    import sys
+
+    from bench import scale_out
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    rec = scale_out.run(tmp_path, n_files=2, processes=[1], seconds=2.0, repeats=1)
+    assert [(r["runner"], r["processes"]) for r in rec["runs"]] == [("torchrun", 1)]
+    assert rec["runs"][0]["files_per_s"] == pytest.approx(2 / rec["runs"][0]["seconds"], abs=0.01)
+    assert rec["runs"][0]["cpu_seconds"] > 0
+    assert json.loads(next(tmp_path.glob("scale_out_cpu_*.json")).read_text())["runs"] == rec["runs"]
