@@ -28,7 +28,7 @@ table are those it would re-emit; an opaque custom op launches its kernel at run
 by the module, so it has eager records only. That same closure function is called to get the source
 (written to a file and imported: Triton reads a kernel's source from its file).
 
-The grid (``grid_stages``): windows N = ws^2 for ws in 7, 8, 9, 12, 16 at head dims 24, 32 and 64
+The grid (``grid_stages``): windows N = ws^2 for ws in 7, 8, 9, 12, 16 at head dims 24 and 64
 (Swin's window sizes), compiled unless ``launch_config`` declines the shape for the arch
 (``resource_reason``): a declined point is a record with ``declined`` set to the reason, not compiled.
 Every record has ``shared_limit_bytes``, the arch's per-block maximum.
@@ -54,7 +54,7 @@ from .static_cuda import find_tool, parse_resource_usage
 ARCHS = ("sm_80", "sm_90")
 GRID_ARCHS = ("sm_80", "sm_86", "sm_90")
 GRID_WINDOWS = (7, 8, 9, 12, 16)  # N = 49, 64, 81, 144, 256
-GRID_HEAD_DIMS = (24, 32, 64)
+GRID_HEAD_DIMS = (24, 64)  # 32 compiles like 24 (both padded to 32)
 PATHS = ("eager", "inductor")
 DTYPES = ("fp16", "bf16", "fp32", "fp64")
 BATCH = 128

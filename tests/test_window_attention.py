@@ -704,3 +704,18 @@ def test_copied_operands_give_the_same_values(monkeypatch):
     want = truth(qkv, table, mask, 2, 8**-0.5, go)
     for name, a, b in zip(("out", "dqkv", "dtable"), got, want):
         assert rel_err(a, b) < 1e-5, name
+
+
+def test_shapes_over_an_arch_limits_are_declined_before_launch(monkeypatch):
+    """On a GPU the capability check knows the arch: a window the kernels cannot run within its
+    limits is declined with a reason ("auto" then runs the reference) instead of failing at launch."""
+    monkeypatch.setattr(wa, "_device_arch", lambda device: 80)
+    qkv = torch.randn(1, 144, 72)
+    table = torch.randn(23 * 23, 1)
+    reason = wa.unsupported_reason(qkv, table, None, 1, 0.2)
+    assert reason and "shared memory" in reason
+    with pytest.raises(RuntimeError, match="shared memory"):
+        wa.fused_window_attention(qkv, table, None, 1, 0.2)
+    assert wa.unsupported_reason(qkv[:, :64].bfloat16(), torch.randn(225, 1), None, 1, 0.2) is None
+    assert "spill" in wa.resource_reason(144, 24, torch.bfloat16, 90)
+    assert "99 KB" in wa.resource_reason(81, 64, torch.bfloat16, 86) and wa.resource_reason(81, 64, torch.bfloat16, 80) is None

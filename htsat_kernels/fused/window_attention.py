@@ -31,24 +31,26 @@ grid, computed in the kernel (no (nW, N, N) tensor is read):
   shared). Its tiles are transposed, keys as rows (S^T = k q^T: P^T and dS^T feed dv and dk from
   registers), and wide heads (d = 64) and fp32 go through the head dim in chunks of DC columns
   (``_bwd_window_chunks``; DC per dtype and arch from ``launch_config``: at most 128 registers
-  for bf16/fp16, clap-large at sm_90 with 8 warps; no spills for fp32). The chunked path adds dS with relaxed atomic adds, each
-  element always by the same thread in window order, so its sums are as deterministic as the
-  load-add-store of the other path. The table gradient is then reduced deterministically in
+  for bf16/fp16, clap-large at sm_90 with 8 warps; K >= 16 for fp32). The chunked path adds every
+  window's dS into a slot the kernel zeroed, with relaxed atomic adds, each element always by the
+  same thread in window order, so its sums are as deterministic as the load-add-store of the other
+  path. The table gradient is then reduced deterministically in
   torch: a gather with a fixed, cached index and one fixed-shape sum, so repeated runs are
   bit-identical. The number of groups follows the blocks per SM that the compiled kernel fits
   (``_resident_blocks``).
 
-Registration: ``htsat_kernels::window_attention_fwd`` and ``htsat_kernels::window_attention_bwd``
-are ``torch.library.triton_op`` s whose kernel launches go through ``torch.library.wrap_triton``
-(so ``torch.compile`` sees the kernels), with the autograd formula attached by
-``torch.library.register_autograd``. Under ``TRITON_INTERPRET=1`` (``triton.jit`` then returns an
-interpreted function, which cannot be traced), the same bodies are registered as opaque
-``torch.library.custom_op`` s with explicit fake implementations instead.
+Registration: ``htsat_kernels::window_attention_fwd`` is a ``torch.library.triton_op`` whose kernel
+launch goes through ``torch.library.wrap_triton`` (so ``torch.compile`` sees the kernel), with the
+autograd formula attached by ``torch.library.register_autograd``; ``window_attention_bwd`` is an
+opaque ``torch.library.custom_op`` (Inductor would re-emit its kernel without ``noinline``, see its
+registration). Under ``TRITON_INTERPRET=1`` (``triton.jit`` then returns an interpreted function,
+which cannot be traced), both are opaque custom ops with explicit fake implementations.
 
 Supported: fp16, bf16, fp32 (fp32 dots on tensor cores as PyTorch's fp32 matmul setting says:
 ``input_precision="tf32"`` where TF32 is allowed, else "tf32x3", about fp32 accuracy) and fp64
 (dots as broadcast-and-sum, meant for gradcheck: ``backend="auto"`` keeps the reference for fp64
-CUDA tensors, only ``backend="fused"`` runs it); N = ws^2 <= 256 tokens; head dim <= 64. The table
+CUDA tensors, only ``backend="fused"`` runs it); N = ws^2 <= 256 tokens; head dim <= 64 (on a GPU, shapes over its
+limits are declined: ``resource_reason``). The table
 and mask may have any floating dtype (they are read and used in the compute precision); the
 table gradient comes back in the table's dtype. The mask gets no gradient (it is a buffer), and
 the backward is not itself differentiable (a second derivative raises; no double backward). No
@@ -298,6 +300,7 @@ def _bwd_window_chunks(
     every warp. S^T and dP^T accumulate over the chunks (first S^T, then dP^T: never both
     accumulating at once); dv, dk, dq are computed and stored chunk by chunk."""
     N = WS * WS
+    NUM_C: tl.constexpr = BLOCK_D // DC  # annotated: Triton 3.6's interpreter makes it a tensor otherwise
     if FP64:
         acc_ty = tl.float64
     else:
@@ -311,7 +314,7 @@ def _bwd_window_chunks(
     row_ok = offs_m < N
     tile = offs_m[None, :] * BLOCK_N + offs_n[:, None]  # (key j, query i): the slot's entry (i, j)
     st = tl.load(slot_ptr + SLOT + tile).to(acc_ty)
-    for c in range(BLOCK_D // DC):
+    for c in range(NUM_C):
         cc = c * DC + offs_c
         c_ok = cc < D
         k = tl.load(
@@ -322,7 +325,7 @@ def _bwd_window_chunks(
     lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
     pt = tl.exp(st - lse.to(acc_ty)[None, :])  # 0 on padded rows and keys (-inf scores)
     dpt = pt * 0.0  # zeros that wait for pt: the compiler cannot start dP^T's dots before the exp
-    for c in range(BLOCK_D // DC):
+    for c in range(NUM_C):
         cc = c * DC + offs_c
         c_ok = cc < D
         v = tl.load(
@@ -340,7 +343,7 @@ def _bwd_window_chunks(
     # order per element: deterministic.
     tl.atomic_add(slot_ptr + tile, dst.to(slot_ptr.dtype.element_ty), sem="relaxed")
     dstb = dst.to(in_ty)
-    for c in range(BLOCK_D // DC):
+    for c in range(NUM_C):
         cc = c * DC + offs_c
         c_ok = cc < D
         kv_mask = key_ok[:, None] & c_ok[None, :]
@@ -400,7 +403,7 @@ def _bwd_window(
     which needs fewer registers than the query-row form. Bias + mask (-inf on padding) are read
     from the program's scratch with the same offsets as the slot."""
     N = WS * WS
-    NUM_RB = BLOCK_N // BLOCK_M
+    NUM_RB: tl.constexpr = BLOCK_N // BLOCK_M  # annotated: Triton 3.6's interpreter makes it a tensor otherwise
     if FP64:
         acc_ty = tl.float64
     else:
@@ -540,38 +543,38 @@ def _window_attention_bwd_kernel(
 
     start = (g // nW) * windows_per_group
     end = tl.minimum(start + windows_per_group, B // nW)
-    # a host-int trip count, the group's tail skipped: Triton 3.6's interpreter rejects range() with
-    # tensor bounds
-    for i in range(0, windows_per_group):
-        j = start + i
-        if j < end:
-            b = (j * nW + w).to(tl.int64)
-            _bwd_window(
-                qkv_ptr + b * s_qb + h * D * s_qc,
-                do_ptr + b * s_db + h * D * s_dc,
-                lse_ptr + (b * H + h) * N,
-                dqkv_ptr + b * s_gb + h * D * s_gc,
-                slot_ptr,
-                s_qn,
-                s_qc,
-                s_dn,
-                s_dc,
-                s_gn,
-                s_gc,
-                C,
-                i == 0,
-                scale_hi,
-                scale_lo,
-                WS,
-                D,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_D,
-                FP64,
-                PREC,
-                SLOT,
-                DC,
-            )
+    # a while loop: Triton 3.6's interpreter rejects range() with runtime bounds (its scalars are
+    # 1-element arrays, which range() cannot take)
+    j = start
+    while j < end:
+        b = (j * nW + w).to(tl.int64)
+        _bwd_window(
+            qkv_ptr + b * s_qb + h * D * s_qc,
+            do_ptr + b * s_db + h * D * s_dc,
+            lse_ptr + (b * H + h) * N,
+            dqkv_ptr + b * s_gb + h * D * s_gc,
+            slot_ptr,
+            s_qn,
+            s_qc,
+            s_dn,
+            s_dc,
+            s_gn,
+            s_gc,
+            C,
+            j == start,
+            scale_hi,
+            scale_lo,
+            WS,
+            D,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            FP64,
+            PREC,
+            SLOT,
+            DC,
+        )
+        j += 1
 
 
 # Under TRITON_INTERPRET=1 triton.jit returns an interpreted function, which torch cannot trace.
@@ -739,7 +742,25 @@ def resource_reason(N: int, d: int, dtype: torch.dtype, arch: int | None) -> str
     compute capability ``arch`` within its limits (shared memory per block, no register spills in
     fp16/bf16), or None. From the compile report's grid (bench/static_triton.py, N in 49..256,
     d in 24..64, sm_80 / sm_86 / sm_90), which its test checks against this rule."""
+    if dtype == torch.float32 and N > 64:
+        return (
+            f"fp32 windows of N = {N} > 64 tokens: the fp32 backward needs 160-460 KB of shared memory per block "
+            "(over the limit of every GPU from N = 144 on) and spills registers at 1 block per SM"
+        )
+    if dtype in (torch.float16, torch.bfloat16):
+        if N > 128:
+            return f"{dtype} windows of N = {N} > 128 tokens: the backward's 256-key tiles spill registers"
+        small_shared = (arch or DEFAULT_ARCH) not in _ARCHS_WITH_BIG_SHARED
+        if N > 64 and d > 32 and small_shared:
+            return (
+                f"{dtype} windows of N = {N} > 64 tokens at head dim {d} > 32 on compute capability {arch} "
+                "(99 KB of shared memory per block): the backward spills registers"
+            )
     return None
+
+
+# compute capabilities with 163 KB or more of shared memory per block (A100, Orin, H100/H200, B200)
+_ARCHS_WITH_BIG_SHARED = (80, 87, 90, 100, 103)
 
 
 def _device_arch(device: torch.device) -> int | None:
