@@ -464,7 +464,7 @@ def write_files(out_dir: Path, report: dict) -> dict:
     return {"json": json_path, "csv": csv_path}
 
 
-def main(out_dir: Path, archs=ARCHS, dtypes=DTYPES, grid: str | None = "quick") -> int:
+def main(out_dir: Path, archs=ARCHS, dtypes=DTYPES, grid: str | None = None) -> int:
     import sys
 
     tty = sys.stderr.isatty()

@@ -151,7 +151,13 @@ def test_fp32_attention_uses_tensor_cores_without_spills(report_wide):
         assert r["config"] == want and want["PREC"] in ("tf32", "tf32x3")  # tensor-core precisions
         assert r["dots"] > 0 and r["dots_on_tensor_cores"] == r["dots"], _ids([r])
         assert r["wgmma" if r["arch"] == "sm_90" else "mma_sync"] > 0, _ids([r])
-    bad = [f"{r['preset']} " + _ids([r])[0] for r in recs if r["spill_bytes"] and not _wide_fp32_bwd_sm80(r)]
+    # fp32 may spill a little in the sm_80 backward (tf32x3 mma.sync operands): Triton 3.8 0 B for
+    # HTS-AT, 88 B for clap-large (strict xfail below); Triton 3.6 (the GPU machine's) 48 B and 144 B
+    bad = [
+        f"{r['preset']} " + _ids([r])[0]
+        for r in recs
+        if r["spill_bytes"] and not (r["arch"] == "sm_80" and r["direction"] == "backward" and r["spill_bytes"] <= 160)
+    ]
     assert not bad, bad
 
 
