@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: bench test lint install build clean gpu-check
+.PHONY: bench test lint install build clean gpu-check compat
 
 bench: $(STAMP)
 	$(VPY) -m bench $(BENCH_ARGS)
@@ -46,5 +46,11 @@ GPU_CHECK_BUDGET ?= 510
 gpu-check:
 	$(PY) -m bench.gpu_check --budget $(GPU_CHECK_BUDGET)
 
+# The versions `make gpu-check` meets on the GPU machine (torch 2.11, Triton 3.6), checked on this one:
+# a second venv (.venv-compat), the extension built against it in a copy of the tree, the compile
+# report (0 errors) and the interpreter and compile-report tests. COMPAT_TORCH / COMPAT_TRITON override.
+compat:
+	PY=$(PY) .ci/compat
+
 clean:
-	rm -rf $(VENV) build htsat_kernels/*.so
+	rm -rf $(VENV) .venv-compat build htsat_kernels/*.so

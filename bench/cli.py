@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtypes may include fp64)",
     )
     p.add_argument(
+        "--static-grid",
+        choices=("none", "quick", "full"),
+        default="none",
+        help="--static: also the window / head-dim grid (N 49..256, d 24 and 64 at sm_80, sm_86, sm_90): quick (bf16, "
+        "fp32, unmasked), full (also fp16 and the mask tensor), none (default: keeps --static within minutes)",
+    )
+    p.add_argument(
         "--archs", type=_csv, default=None, help="--static: comma list of sm_80, sm_86, sm_89, sm_90 (default: sm_80,sm_90)"
     )
     p.add_argument(
@@ -392,4 +399,5 @@ def _static(args) -> int:
     _check(archs, list(gpu_limits.ARCH_LIMITS), "arch")
     dtypes = args.dtypes or list(compile_report.DTYPES)
     _check(dtypes, list(compile_report.DTYPES), "dtype")
-    return compile_report.main(args.out, archs=tuple(archs), dtypes=tuple(dtypes))
+    grid = None if args.static_grid == "none" else args.static_grid
+    return compile_report.main(args.out, archs=tuple(archs), dtypes=tuple(dtypes), grid=grid)

@@ -26,10 +26,14 @@ from .static_triton import (
     ARCHS,
     BATCH,
     DTYPES,
+    GRID_ARCHS,
+    PATHS,
     TRITON_KERNELS,
     StageShape,
     _compile_group,
     _worker_init,
+    grid_stages,
+    inductor_traced_kernels,
     preset_stages,
     triton_jobs,
 )
@@ -139,18 +143,42 @@ def build_report(
     workers: int | None = None,
     include_cuda: bool = True,
     progress=None,
+    paths=PATHS,
+    grid: str | None = None,
 ) -> dict:
-    """Compile everything and return {"meta": ..., "records": [...], "roofline": [...]}."""
+    """Compile everything and return {"meta": ..., "records": [...], "roofline": [...]}.
+
+    ``paths``: "eager" and/or "inductor" (the source torch.compile emits, for the kernels the
+    compiled training step re-emits; fp16, bf16, fp32). ``grid``: None, "quick" (bf16 and fp32 at
+    sm_80, sm_86, sm_90, unmasked) or "full" (with fp16 and the mask-tensor variants) over
+    ``grid_stages()``."""
     t0 = time.perf_counter()
     stages = stages if stages is not None else preset_stages()
-    jobs, records = triton_jobs(stages, archs, dtypes)
-    workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
+    jobs, records = triton_jobs(stages, archs, dtypes) if "eager" in paths else ([], [])
+    if grid:
+        grid_dtypes = ("bf16", "fp32") if grid == "quick" else ("fp16", "bf16", "fp32")
+        grid_jobs, _ = triton_jobs(grid_stages(), GRID_ARCHS, grid_dtypes)
+        jobs += [j for j in grid_jobs if grid == "full" or not j["has_mask"]]
+    workers = workers or max(1, min(len(jobs) + 1, os.cpu_count() or 1))
     group_s = []
-    results: list = [None] * len(jobs)
-    if jobs:
+    inductor_kernels: list[str] = []
+    results: list = []
+    if jobs or "inductor" in paths:
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+            traced = pool.submit(inductor_traced_kernels) if "inductor" in paths else None
             futures = {pool.submit(_compile_group, job): i for i, job in enumerate(jobs)}
+            if traced is not None:
+                try:
+                    inductor_kernels = traced.result()
+                except Exception as exc:  # the trace itself failed: one error record, no inductor path
+                    records.append({"kind": "static", "backend": "triton", "path": "inductor", "kernel": None, "op": None,
+                                    "direction": None, "dtype": None, "stage": None, "arch": None,
+                                    "error": f"tracing the ops for Inductor failed: {type(exc).__name__}: {exc}"[:400]})  # fmt: skip
+                more, _ = triton_jobs(stages, archs, [d for d in dtypes if d != "fp64"], "inductor", inductor_kernels)
+                futures.update({pool.submit(_compile_group, job): len(jobs) + i for i, job in enumerate(more)})
+                jobs += more
+            results: list = [None] * len(jobs)
             cuda_recs, cuda_note = cuda_records() if include_cuda else ([], "CUDA kernels not requested")
             for fut in cf.as_completed(futures):
                 i = futures[fut]
@@ -166,7 +194,7 @@ def build_report(
         cuda_recs, cuda_note = cuda_records() if include_cuda else ([], "CUDA kernels not requested")
     for job, res in zip(jobs, results):
         op, direction, _ = TRITON_KERNELS[job["kernel"]]
-        for r in res:
+        for r in res or []:
             if "group_s" in r:
                 group_s.append(r["group_s"])
                 continue
@@ -182,6 +210,7 @@ def build_report(
                 "preset": st.preset,
                 "arch": job["arch"],
                 "has_mask": job["has_mask"],
+                "path": job["path"],
                 "shape": f"B={BATCH} H={st.H} W={st.W} C={st.C} h={st.heads} ws={st.window}",
             }
             rec.update(r)
@@ -241,7 +270,7 @@ def _stage_span(labels: list[str]) -> str:
 def _triton_rows(records: list[dict]) -> list[list[str]]:
     """One row per distinct compiled kernel (stages and presets with identical results collapse)."""
     order = {"fp16": 0, "bf16": 1, "fp32": 2, "fp64": 3}
-    records = sorted(records, key=lambda r: (order.get(r["dtype"], 9), r["has_mask"], r["arch"]))
+    records = sorted(records, key=lambda r: (order.get(r["dtype"], 9), r["has_mask"], r["arch"], r.get("path", "eager")))
     groups: dict = {}
     keys = (
         "registers",
@@ -255,26 +284,29 @@ def _triton_rows(records: list[dict]) -> list[list[str]]:
         "dots",
         "dots_on_tensor_cores",
         "error",
+        "declined",
     )
     for r in records:
-        g = (r["kernel"], r["direction"], r["dtype"], r["has_mask"], r["arch"]) + tuple(str(r.get(k)) for k in keys)
+        g = (r["kernel"], r["direction"], r["dtype"], r["has_mask"], r["arch"], r.get("path", "eager")) + tuple(
+            str(r.get(k)) for k in keys
+        )
         groups.setdefault(g, []).append(r)
     rows = []
     for recs in groups.values():
         r = recs[0]
         stages = _stage_span([x["stage"] for x in recs])
         presets = sorted({x["preset"] for x in recs})
+        head = [r["direction"], r.get("path", "eager"), r["dtype"], "yes" if r["has_mask"] else "no"]
         if r.get("error"):
-            rows.append(
-                [r["direction"], r["dtype"], "yes" if r["has_mask"] else "no", stages, r["arch"], "ERROR: " + r["error"][:90]]
-            )
+            rows.append(head + [stages, r["arch"], "ERROR: " + r["error"][:90]])
+            continue
+        if r.get("declined"):
+            rows.append(head + [stages + f" ({presets[0]})", r["arch"], "declined: " + r["declined"][:90]])
             continue
         tc = f"{r['wgmma']} wgmma" if r.get("wgmma") else (f"{r['mma_sync']} mma" if r.get("mma_sync") else "none (FMA)")
         rows.append(
-            [
-                r["direction"],
-                r["dtype"],
-                "yes" if r["has_mask"] else "no",
+            head
+            + [
                 stages + ("" if len(presets) > 1 else f" ({presets[0]})"),
                 r["arch"],
                 str(r["registers"]),
@@ -285,6 +317,32 @@ def _triton_rows(records: list[dict]) -> list[list[str]]:
                 tc,
                 f"{r['dots_on_tensor_cores']}/{r['dots']}",
             ]
+        )
+    return rows
+
+
+def _is_grid(r: dict) -> bool:
+    return str(r.get("preset") or "").startswith("grid-")
+
+
+_GRID_HDR = ["dir", "dtype", "arch", "mask", "N", "d", "regs", "spill B", "smem KB", "limit KB", "blocks/SM or reason"]
+
+
+def _grid_rows(records: list[dict]) -> list[list[str]]:
+    order = {"fp16": 0, "bf16": 1, "fp32": 2}
+    recs = sorted(records, key=lambda r: (r["direction"], order.get(r["dtype"], 9), r["arch"], r["has_mask"], r["preset"]))
+    rows = []
+    for r in recs:
+        ws, d = (int(x[2:]) if x.startswith("ws") else int(x[1:]) for x in r["preset"].split("-")[1:])
+        head = [r["direction"], r["dtype"], r["arch"], "yes" if r["has_mask"] else "no", str(ws * ws), str(d)]
+        if r.get("error") or r.get("declined"):
+            what = ("ERROR: " + r["error"]) if r.get("error") else ("declined: " + r["declined"])
+            rows.append(head + ["-", "-", "-", _kb(r.get("shared_limit_bytes")), what[:100]])
+            continue
+        rows.append(
+            head
+            + [str(r["registers"]), str(r["spill_bytes"]), _kb(r["shared_bytes"]), _kb(r["shared_limit_bytes"])]
+            + [str(r["blocks_per_sm"])]
         )
     return rows
 
@@ -300,9 +358,10 @@ def render_text(report: dict) -> str:
         f"extension {meta['extension'] or 'not built'}",
         "=" * 100,
     ]
-    tri = [r for r in records if r.get("backend") == "triton"]
+    tri = [r for r in records if r.get("backend") == "triton" and not _is_grid(r)]
     hdr = [
         "dir",
+        "path",
         "dtype",
         "mask",
         "stages",
@@ -327,7 +386,11 @@ def render_text(report: dict) -> str:
         lines += ["", f"#### {title}: batch {BATCH}, every stage of every preset (identical rows merged)"]
         for kernel, recs in by_kernel.items():
             rows = _triton_rows(recs)
-            lines += ["", f"-- {kernel}", format_table(hdr[: max(len(x) for x in rows)], rows, right={5, 6, 7, 8})]
+            lines += ["", f"-- {kernel}", format_table(hdr[: max(len(x) for x in rows)], rows, right={6, 7, 8, 9})]
+    grid = [r for r in records if r.get("backend") == "triton" and _is_grid(r)]
+    if grid:
+        lines += ["", "#### Window / head-dim grid (4 heads, 8x8 shifted windows, no mask tensor): compiled or declined"]
+        lines.append(format_table(_GRID_HDR, _grid_rows(grid), right={4, 5, 6, 7, 8, 9}))
     cu = [r for r in records if r.get("backend") == "cuda"]
     lines += ["", "#### CUDA kernels of the extension (block = the launch bound the host launches with; static shared memory)"]
     if not cu:
@@ -416,7 +479,7 @@ def write_files(out_dir: Path, report: dict) -> dict:
     return {"json": json_path, "csv": csv_path}
 
 
-def main(out_dir: Path, archs=ARCHS, dtypes=DTYPES) -> int:
+def main(out_dir: Path, archs=ARCHS, dtypes=DTYPES, grid: str | None = None) -> int:
     import sys
 
     tty = sys.stderr.isatty()
@@ -432,7 +495,7 @@ def main(out_dir: Path, archs=ARCHS, dtypes=DTYPES) -> int:
         elif done == total or done % 8 == 0:  # a log file gets a few plain lines
             print(f"compile report: {done}/{total} kernel groups compiled", file=sys.stderr, flush=True)
 
-    report = build_report(archs=archs, dtypes=dtypes, progress=progress)
+    report = build_report(archs=archs, dtypes=dtypes, progress=progress, grid=grid)
     print(render_text(report))
     paths = write_files(out_dir, report)
     print(f"\nresults: {paths['json']}\n         {paths['csv']}")

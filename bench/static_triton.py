@@ -15,6 +15,23 @@ Per compiled kernel: registers and stack/local (spill) bytes per thread from
 blocks and warps per SM that fit (``bench.gpu_limits``), tensor-core instructions in the PTX
 (``wgmma.mma_async`` on sm_90, ``mma.sync`` on sm_80), and how many TTGIR dots have a
 tensor-core (``#mma``) result layout.
+
+Two paths per kernel: ``"eager"`` compiles the kernel as the module defines it (what an eager
+launch runs); ``"inductor"`` compiles the source that ``torch.compile`` emits for it. Inductor
+re-emits every user Triton kernel launched through ``wrap_triton`` (a ``triton_op``'s body) from
+source, with the transitive closure of the JIT functions it calls, each under a plain
+``@triton.jit`` (``torch._inductor.codegen.wrapper.user_defined_triton_kernel_transitive_closure_source_code``):
+decorator options such as ``noinline=True`` are lost. Which kernels the compiled training step
+re-emits is found without a GPU: the module's ops are traced with ``make_fx`` on fake CUDA tensors
+(device queries answered for the target arch) and the kernels that land in Inductor's kernel side
+table are those it would re-emit; an opaque custom op launches its kernel at run time as compiled
+by the module, so it has eager records only. That same closure function is called to get the source
+(written to a file and imported: Triton reads a kernel's source from its file).
+
+The grid (``grid_stages``): windows N = ws^2 for ws in 7, 8, 9, 12, 16 at head dims 24 and 64
+(Swin's window sizes), compiled unless ``launch_config`` declines the shape for the arch
+(``resource_reason``): a declined point is a record with ``declined`` set to the reason, not compiled.
+Every record has ``shared_limit_bytes``, the arch's per-block maximum.
 """
 
 from __future__ import annotations
@@ -35,6 +52,10 @@ from . import gpu_limits
 from .static_cuda import find_tool, parse_resource_usage
 
 ARCHS = ("sm_80", "sm_90")
+GRID_ARCHS = ("sm_80", "sm_86", "sm_90")
+GRID_WINDOWS = (7, 8, 9, 12, 16)  # N = 49, 64, 81, 144, 256
+GRID_HEAD_DIMS = (24, 64)  # 32 compiles like 24 (both padded to 32)
+PATHS = ("eager", "inductor")
 DTYPES = ("fp16", "bf16", "fp32", "fp64")
 BATCH = 128
 KERNEL_MODULES = ("htsat_kernels.fused.window_attention",)
@@ -80,6 +101,11 @@ def preset_stages() -> list[StageShape]:
                 ws, shifted = min(H, W), False
             out.append(StageShape(name, i + 1, H, W, cfg.embed_dim * 2**i, heads, ws, shifted))
     return out
+
+
+def grid_stages(windows=GRID_WINDOWS, head_dims=GRID_HEAD_DIMS) -> list[StageShape]:
+    """Synthetic stages of the window / head-dim grid: 4 heads, 8 x 8 shifted windows."""
+    return [StageShape(f"grid-ws{ws}-d{d}", 1, 8 * ws, 8 * ws, 4 * d, 4, ws, True) for ws in windows for d in head_dims]
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,6 +193,64 @@ TRITON_KERNELS = {
 def _worker_init() -> None:
     # the kernels must be real JIT functions, not the interpreter's: set before htsat_kernels loads
     os.environ["TRITON_INTERPRET"] = "0"
+
+
+def inductor_traced_kernels(module: str = KERNEL_MODULES[0], arch: int = 90) -> list[str]:
+    """Names of the module's kernels that ``torch.compile`` re-emits from source for a training step
+    (forward and backward op), found by tracing the ops on fake CUDA tensors (worker process: the
+    kernels must be compiled JIT functions)."""
+    _worker_init()
+    import contextlib
+    import types
+    from unittest import mock
+
+    import torch
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    mod = importlib.import_module(module)
+    ops = torch.ops.htsat_kernels
+    before = set(kernel_side_table.id_to_kernel)
+
+    def step(qkv, table, go, lse):
+        out = ops.window_attention_fwd(qkv, table, None, 4, 24**-0.5, 64, 64, 4)
+        grads = ops.window_attention_bwd(go, qkv, table, None, lse, 4, 24**-0.5, 64, 64, 4)
+        return out, grads
+
+    props = types.SimpleNamespace(multi_processor_count=132 if arch >= 90 else 108)
+    with (
+        mock.patch.object(mod, "_device_arch", lambda device: arch),
+        mock.patch.object(mod, "_device_guard", lambda t: contextlib.nullcontext()),
+        mock.patch.object(torch.cuda, "get_device_properties", lambda device=None: props),
+        FakeTensorMode(),
+    ):
+        qkv = torch.empty(128, 64, 288, device="cuda", dtype=torch.bfloat16)
+        table = torch.empty(225, 4, device="cuda")
+        go = torch.empty(128, 64, 96, device="cuda", dtype=torch.bfloat16)
+        lse = torch.empty(128, 4, 64, device="cuda")
+        make_fx(step, tracing_mode="fake")(qkv, table, go, lse)
+    added = [k for i, k in kernel_side_table.id_to_kernel.items() if i not in before]
+    return sorted({getattr(k, "fn", k).__name__ for k in added})
+
+
+_INDUCTOR_DIR: list = []
+
+
+def inductor_kernel(fn):
+    """The kernel ``fn`` as torch.compile re-emits it: Inductor's own closure source, imported."""
+    from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
+
+    src = user_defined_triton_kernel_transitive_closure_source_code(fn)
+    src = "import triton\nimport triton.language as tl\n\n\n@triton.jit\n" + src
+    if not _INDUCTOR_DIR:
+        _INDUCTOR_DIR.append(tempfile.mkdtemp(prefix="htsat_inductor_"))
+    path = Path(_INDUCTOR_DIR[0]) / f"inductor_{fn.__name__}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"_inductor_{fn.__name__}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return getattr(mod, fn.__name__)
 
 
 _COMPILED: dict = {}  # specialisation key -> metrics (per process)
@@ -273,6 +357,8 @@ def _compile_group(job: dict) -> list[dict]:
         fn = getattr(mod, job["kernel"])
         if not isinstance(fn, triton.runtime.jit.JITFunction):
             raise RuntimeError(f"{job['kernel']} is not a compiled JIT function (TRITON_INTERPRET was on at import)")
+        if job.get("path", "eager") == "inductor":
+            fn = inductor_kernel(fn)
         cc = int(job["arch"].split("_")[1])
         target = GPUTarget("cuda", cc, 32)
         backend = make_backend(target)
@@ -282,14 +368,20 @@ def _compile_group(job: dict) -> list[dict]:
         return [{"stage_index": i, "error": f"{type(exc).__name__}: {exc}"} for i in range(len(job["stages"]))]
     dtype = _torch_dtype(job["dtype"])
     for i, st in enumerate(job["stages"]):
-        rec: dict = {"stage_index": i}
+        rec: dict = {"stage_index": i, "shared_limit_bytes": gpu_limits.ARCH_LIMITS[job["arch"]].smem_per_block}
         try:
+            reason = mod.resource_reason(st.window**2, st.C // st.heads, dtype, cc)
+            if reason:
+                rec.update(declined=reason, error=None)
+                results.append(rec)
+                continue
             config = mod.launch_config(direction, st.window**2, st.C // st.heads, dtype, job["has_mask"], cc)
             args = build_args(direction, st, job["dtype"], job["has_mask"], sms)
             sig, constexprs, attrs, options = _specialise(fn, backend, args, config)
             key = (
                 job["module"],
                 job["kernel"],
+                job.get("path", "eager"),
                 job["arch"],
                 repr(sorted(sig.items())),
                 repr(sorted(constexprs.items())),
@@ -300,6 +392,8 @@ def _compile_group(job: dict) -> list[dict]:
                 t = time.perf_counter()
                 kernel = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target, options=options)
                 _COMPILED[key] = dict(_kernel_metrics(kernel, job["arch"]), compile_s=round(time.perf_counter() - t, 2))
+                if job.get("keep_ttgir"):  # tests read the IR
+                    _COMPILED[key]["ttgir"] = kernel.asm.get("ttgir", "")
             rec.update(_COMPILED[key])
             rec["config"] = {k: v for k, v in config.items()}
             rec["error"] = None
@@ -311,12 +405,17 @@ def _compile_group(job: dict) -> list[dict]:
     return results
 
 
-def triton_jobs(stages: list[StageShape], archs=ARCHS, dtypes=DTYPES) -> tuple[list[dict], list[dict]]:
-    """(compile jobs, error records for *_kernel functions the report cannot launch)."""
+def triton_jobs(
+    stages: list[StageShape], archs=ARCHS, dtypes=DTYPES, path: str = "eager", kernels=None
+) -> tuple[list[dict], list[dict]]:
+    """(compile jobs, error records for *_kernel functions the report cannot launch); ``kernels``:
+    only these (the inductor path: the kernels Inductor re-emits)."""
     jobs, errors = [], []
     for module in KERNEL_MODULES:
         names = _kernel_names(module)
         for name in names:
+            if kernels is not None and name not in kernels:
+                continue
             if name not in TRITON_KERNELS:
                 errors.append(
                     {
@@ -339,9 +438,8 @@ def triton_jobs(stages: list[StageShape], archs=ARCHS, dtypes=DTYPES) -> tuple[l
                         if dt == "fp64":  # gradcheck only, never at batch 128: the first stage of each preset
                             sel = [s for s in sel if s.stage == min(x.stage for x in sel)]
                         if sel:
-                            jobs.append(
-                                {"module": module, "kernel": name, "arch": arch, "dtype": dt, "has_mask": has_mask, "stages": sel}
-                            )
+                            job = {"module": module, "kernel": name, "arch": arch, "dtype": dt, "has_mask": has_mask}
+                            jobs.append(dict(job, stages=sel, path=path))
     # longest first (backward, fp64, fp32, sm_90 compile slowest): a shorter makespan on few cores
     cost = {"fp64": 3, "fp32": 2}
     jobs.sort(

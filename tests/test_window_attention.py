@@ -126,7 +126,7 @@ def test_matches_reference_fp32(ws, heads, d, nW, B, masked):
     [
         (24, torch.float32, 32),  # HTS-AT: the head dim in one chunk
         (24, torch.float32, 16),  # fp32 on either arch
-        (64, torch.float32, 8),  # clap-large fp32
+        (64, torch.float32, 16),  # clap-large fp32 (K >= 16: Triton 3.6 rejects 32-bit dots with K = 8)
         (64, torch.bfloat16, 16),  # clap-large bf16 on sm_80
         (64, torch.bfloat16, 32),  # clap-large bf16 on sm_90
         (40, torch.float32, 16),  # d padded to 64: a chunk of padding only
@@ -668,3 +668,54 @@ def test_table_gradient_index_is_cached_and_matches_a_direct_sum():
             want[r] += dbias[:, :, i, j].double().sum(0)
     assert got.shape == want.shape and got.is_contiguous()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_table_gradient_index_is_capture_safe(monkeypatch):
+    """While a CUDA graph is captured the index is built on the device and not cached (a host copy
+    cannot be captured, and a cached tensor made in the capture would never be filled outside it);
+    outside a capture it is built on the host and copied synchronously, complete for every stream."""
+    wa._GATHER_INDEX.clear()
+    monkeypatch.setattr(wa, "_capturing", lambda device: True)
+    captured = wa._table_gather_index(4, 2, 16, torch.device("cpu"))
+    assert not wa._GATHER_INDEX
+    monkeypatch.setattr(wa, "_capturing", lambda device: False)
+    cached = wa._table_gather_index(4, 2, 16, torch.device("cpu"))
+    assert wa._GATHER_INDEX and torch.equal(captured, cached)
+
+
+def test_strides_past_int32_are_copied():
+    """The kernels form element offsets within a window in int32: a tensor whose strides reach
+    past 2**31 there is copied (contiguous) before launch; the window dim's offsets are int64."""
+    big = torch.empty_strided((4, 64, 288), (1, 2**26, 2**20), device="meta")
+    assert wa._int32_addressable(big).is_contiguous()
+    windows_far_apart = torch.empty_strided((4, 64, 288), (2**40, 288, 1), device="meta")
+    assert wa._int32_addressable(windows_far_apart) is windows_far_apart
+    table = torch.empty_strided((225, 4), (2**24, 1), device="meta")
+    assert wa._int32_addressable(table, 0).is_contiguous()
+
+
+def test_copied_operands_give_the_same_values(monkeypatch):
+    """The copy path end to end: with the int32 bound lowered, strided inputs are copied in the
+    forward and the backward and the results are unchanged."""
+    monkeypatch.setattr(wa, "_INT32_MAX", 100)
+    qkv, table, mask = make_inputs(2, 2, 4, 2, 8, torch.float32, True, noncontig=True)
+    go = grad_out_like(qkv, 2)
+    got = run(wa.fused_window_attention, qkv, table, mask, 2, 8**-0.5, go)
+    want = truth(qkv, table, mask, 2, 8**-0.5, go)
+    for name, a, b in zip(("out", "dqkv", "dtable"), got, want):
+        assert rel_err(a, b) < 1e-5, name
+
+
+def test_shapes_over_an_arch_limits_are_declined_before_launch(monkeypatch):
+    """On a GPU the capability check knows the arch: a window the kernels cannot run within its
+    limits is declined with a reason ("auto" then runs the reference) instead of failing at launch."""
+    monkeypatch.setattr(wa, "_device_arch", lambda device: 80)
+    qkv = torch.randn(1, 144, 72)
+    table = torch.randn(23 * 23, 1)
+    reason = wa.unsupported_reason(qkv, table, None, 1, 0.2)
+    assert reason and "shared memory" in reason
+    with pytest.raises(RuntimeError, match="shared memory"):
+        wa.fused_window_attention(qkv, table, None, 1, 0.2)
+    assert wa.unsupported_reason(qkv[:, :64].bfloat16(), torch.randn(225, 1), None, 1, 0.2) is None
+    assert "spill" in wa.resource_reason(144, 24, torch.bfloat16, 90)
+    assert "99 KB" in wa.resource_reason(81, 64, torch.bfloat16, 86) and wa.resource_reason(81, 64, torch.bfloat16, 80) is None
