@@ -9,6 +9,9 @@ Sections (each labelled in the report with what ran where):
   shapes: numerics only, no timings.
 - ``model``: HTS-AT training step and inference per provider (tiny config in ``--quick``).
 
+``--coverage`` instead reports which calls of each op ran fused in each precision / compile / mode
+configuration, and why the others did not (``bench/coverage.py``).
+
 ``--static`` instead writes the compile report (``bench/compile_report.py``): registers, spills,
 shared memory, occupancy and tensor-core use of every Triton and CUDA kernel for sm_80 and sm_90,
 compiled ahead of time on any machine (no GPU needed), and the ideal time of each op at batch 128.
@@ -101,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--archs", type=_csv, default=None, help="--static: comma list of sm_80, sm_86, sm_89, sm_90 (default: sm_80,sm_90)"
+    )
+    p.add_argument(
+        "--coverage",
+        action="store_true",
+        help="coverage report instead of timings: per configuration (dtype, eager/compile, train/inference) each op's "
+        "calls that ran fused and that ran the reference, with the reasons; on a CPU also the CUDA picture derived "
+        "from autocast's dtype flow (bench/coverage.py)",
     )
     p.add_argument(
         "--clap",
@@ -204,6 +214,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.static:
         return _static(args)
+    if args.coverage:
+        from . import coverage
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return coverage.main(args.out, device=args.device, model_name=args.model_config)
     if args.clap:
         from . import clap
 
