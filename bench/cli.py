@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="coverage report instead of timings: per configuration (dtype, eager/compile, train/inference) each op's "
         "calls that ran fused and that ran the reference, with the reasons; on a CPU also the CUDA picture derived "
-        "from autocast's dtype flow (bench/coverage.py)",
+        "from autocast's dtype flow (bench/coverage.py); with --quick eager only; --dtypes and --model-config apply",
     )
     p.add_argument(
         "--clap",
@@ -219,7 +219,11 @@ def main(argv=None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        return coverage.main(args.out, device=args.device, model_name=args.model_config)
+        if args.dtypes:
+            _check(args.dtypes, list(coverage.DTYPES), "dtype")
+        return coverage.main(
+            args.out, device=args.device, model_name=args.model_config, compiled=not args.quick, dtypes=args.dtypes
+        )
     if args.clap:
         from . import clap
 

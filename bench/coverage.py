@@ -72,16 +72,19 @@ def autocast_dtypes(device_type: str) -> list[str]:
     return out
 
 
-def configs(device_type: str, *, compiled: bool = True, derived: bool = True) -> list[Config]:
-    """Every configuration of one run: the device's, and the derived CUDA ones on a machine without a GPU."""
+def configs(device_type: str, *, compiled: bool = True, derived: bool = True, dtypes=None) -> list[Config]:
+    """Every configuration of one run: the device's, and the derived CUDA ones on a machine without a GPU
+    (``dtypes``: a subset of DTYPES' keys; ``compiled=False``: eager only)."""
+    keep = set(dtypes or DTYPES)
     out = [
         Config(device_type, dt, c, mode)
         for dt in autocast_dtypes(device_type)
+        if dt in keep
         for c in ((False, True) if compiled else (False,))
         for mode in MODES
     ]
     if derived and device_type != "cuda":
-        out += [Config(DERIVED, dt, False, mode) for dt in DTYPES for mode in MODES]
+        out += [Config(DERIVED, dt, False, mode) for dt in DTYPES if dt in keep for mode in MODES]
     return out
 
 
@@ -232,7 +235,13 @@ def records_of(cfg: Config, decisions: list) -> list[dict]:
 
 
 def collect(
-    device_type: str, *, model_name: str = "htsat-audioset", tiny: bool | None = None, compiled: bool = True, derived: bool = True
+    device_type: str,
+    *,
+    model_name: str = "htsat-audioset",
+    tiny: bool | None = None,
+    compiled: bool = True,
+    derived: bool = True,
+    dtypes=None,
 ) -> list[dict]:
     """The coverage records of every configuration (tiny model config on a CPU unless ``tiny`` says otherwise)."""
     from tqdm import tqdm
@@ -241,7 +250,7 @@ def collect(
         tiny = device_type != "cuda"
     model = build_model(model_name, tiny=tiny)
     records = []
-    cfgs = configs(device_type, compiled=compiled, derived=derived)
+    cfgs = configs(device_type, compiled=compiled, derived=derived, dtypes=dtypes)
     for cfg in tqdm(cfgs, desc="coverage", file=sys.stderr):
         if cfg.device == DERIVED:
             decisions = run_derived(model, cfg)
@@ -279,11 +288,11 @@ def render(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(out_dir: Path, *, device: str | None = None, model_name: str | None = None, compiled: bool = True) -> int:
+def main(out_dir: Path, *, device: str | None = None, model_name: str | None = None, compiled: bool = True, dtypes=None) -> int:
     device_type = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     tiny = None if model_name is None else False
-    records = collect(device_type, model_name=model_name or "htsat-audioset", tiny=tiny, compiled=compiled)
+    records = collect(device_type, model_name=model_name or "htsat-audioset", tiny=tiny, compiled=compiled, dtypes=dtypes)
     text = render(records)
     print(text)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,9 @@ in the system python, no network). Phases, each timed, in this order:
    refusal, e.g. without the needed driver permissions, is recorded, not fatal).
 4. ``ops``: every op at the four stage shapes, B = 128, bf16, forward and full; providers
    reference / fused / sdpa first, then compile / flex stage by stage while the budget lasts.
-5. ``model``: the whole model, training step and inference, eager and fused, then compiled.
+5. ``model``: the whole model, training step and inference, eager and fused, then compiled; then the
+   coverage report (``python -m bench --coverage``: which calls of each op ran fused, per dtype, eager
+   and compiled, train and inference), eager first, the compiled bf16 configurations while time lasts.
 6. ``static``: the compile report, if time is left.
 
 ``--budget`` seconds bound the whole run: each phase gets at most its nominal time and never the
@@ -53,7 +55,7 @@ PHASES = (
     Phase("tests", 75, 30),
     Phase("sanitizer", 45, 20),
     Phase("ops", 150, 45),
-    Phase("model", 100, 40),
+    Phase("model", 130, 40),
     Phase("static", 40, 30),
 )
 
@@ -278,8 +280,10 @@ class GpuCheck:
         common = ["--ops", "model", "--dtypes", "bf16", "--skip-model-check"]
         return [
             ("model_eager", [*common, "--modes", "train,inference", "--providers", "reference,fused"], 45),
+            ("coverage_eager", ["--coverage", "--quick"], 30),
             ("model_compiled_inference", [*common, "--modes", "inference", "--providers", "compile,fused+compile"], 60),
             ("model_compiled_train", [*common, "--modes", "train", "--providers", "compile,fused+compile"], 90),
+            ("coverage_compiled_bf16", ["--coverage", "--dtypes", "bf16"], 90),
         ]
 
     def _parts(self, parts, allot: float) -> dict:
