@@ -265,19 +265,20 @@ def render(records: list[dict]) -> str:
     from htsat_kernels.ops import OPS
 
     ops = list(OPS)
+    short = {op: (OPS[op].aliases[0] if OPS[op].aliases else op) for op in ops}
     by_cfg: dict[str, dict[str, dict]] = {}
     for r in records:
         by_cfg.setdefault(r["config"], {})[r["op"]] = r
     width = max(len(c) for c in by_cfg) if by_cfg else 10
     lines = ["coverage: fused calls / calls per op (backend 'auto', batch 1; a call = one forward call)"]
-    lines.append(f"{'configuration':{width}s}  " + "  ".join(f"{op:>27s}" for op in ops))
+    lines.append(f"{'configuration':{width}s}  " + "  ".join(f"{short[op]:>12s}" for op in ops))
     reasons: dict[tuple[str, str], set[str]] = {}
     for cfg, per_op in by_cfg.items():
         cells = []
         for op in ops:
             r = per_op.get(op)
             n = (r["fused_calls"] + r["reference_calls"]) if r else 0
-            cells.append(f"{(str(r['fused_calls']) + '/' + str(n)) if n else '-':>27s}")
+            cells.append(f"{(str(r['fused_calls']) + '/' + str(n)) if n else '-':>12s}")
             for reason in (r or {}).get("reasons", {}):
                 reasons.setdefault((op, reason), set()).add(cfg)
         lines.append(f"{cfg:{width}s}  " + "  ".join(cells))
