@@ -12,6 +12,9 @@ Sections (each labelled in the report with what ran where):
   policy, fp32 and bf16, per stage and op; the recomputation's cost; B per 80 GB
   (``bench/activation_memory.py``); on CUDA the step's peak at B = 128.
 
+``--coverage`` instead reports which calls of each op ran fused in each precision / compile / mode
+configuration, and why the others did not (``bench/coverage.py``).
+
 ``--static`` instead writes the compile report (``bench/compile_report.py``): registers, spills,
 shared memory, occupancy and tensor-core use of every Triton and CUDA kernel for sm_80 and sm_90,
 compiled ahead of time on any machine (no GPU needed), and the ideal time of each op at batch 128.
@@ -113,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--archs", type=_csv, default=None, help="--static: comma list of sm_80, sm_86, sm_89, sm_90 (default: sm_80,sm_90)"
+    )
+    p.add_argument(
+        "--coverage",
+        action="store_true",
+        help="coverage report instead of timings: per configuration (dtype, eager/compile, train/inference) each op's "
+        "calls that ran fused and that ran the reference, with the reasons; on a CPU also the CUDA picture derived "
+        "from autocast's dtype flow (bench/coverage.py); with --quick eager only; --dtypes and --model-config apply",
     )
     p.add_argument(
         "--clap",
@@ -224,6 +234,16 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.static:
         return _static(args)
+    if args.coverage:
+        from . import coverage
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.dtypes:
+            _check(args.dtypes, list(coverage.DTYPES), "dtype")
+        return coverage.main(
+            args.out, device=args.device, model_name=args.model_config, compiled=not args.quick, dtypes=args.dtypes
+        )
     if args.clap:
         from . import clap
 

@@ -11,9 +11,11 @@ in the system python, no network). Phases, each timed, in this order:
    reference / fused / sdpa first, then compile / flex stage by stage while the budget lasts.
 5. ``model``: the whole model, training step and inference, eager (reference and fused), then the
    compiled (torch.compile / Inductor) fused training step: its forward + backward against the
-   fp32 model by the numerics rule (``compiled_train_check``) and its time next to eager; the memory
-   section (saved-for-backward bytes and peak allocated memory of the training step at B = 128, per
-   save policy, fp32 and bf16); then the compiled inference if time is left.
+   fp32 model by the numerics rule (``compiled_train_check``) and its time next to eager; the coverage
+   report (``python -m bench --coverage``: which calls of each op ran fused, per dtype, train and
+   inference); the memory section (saved-for-backward bytes and peak allocated memory of the training
+   step at B = 128, per save policy, fp32 and bf16); then the compiled inference and the compiled
+   bf16 coverage configurations while time lasts.
 6. ``static``: the compile report, if time is left.
 
 ``--budget`` seconds bound the whole run: each phase gets at most its nominal time and never the
@@ -52,13 +54,13 @@ class Phase:
 
 # Nominal times (estimates for an H100 with 16 cores) sum to the 510 s that `make gpu-check` gives (a test
 # holds them to it); the allotment trims the later phases when an earlier one overruns. The model phase's nominal
-# covers its first two parts (eager, then the compiled training step).
+# covers its first four parts (eager, the compiled training step, the eager coverage report, the activation memory).
 PHASES = (
     Phase("build", 120, 60),
-    Phase("tests", 60, 30),
-    Phase("sanitizer", 40, 20),
-    Phase("ops", 110, 45),
-    Phase("model", 140, 40),
+    Phase("tests", 50, 30),
+    Phase("sanitizer", 30, 20),
+    Phase("ops", 100, 45),
+    Phase("model", 180, 40),
     Phase("static", 40, 30),
 )
 # the numerics rule (docs/design.md section 6) for a low-precision whole model: error against the fp32
@@ -285,19 +287,22 @@ class GpuCheck:
     def plan_model(self) -> list[tuple[str, list[str], float]]:
         """Eager first (the baseline of everything after), then the compiled fused training step (its error
         probe runs forward + backward through the compiled graph; Inductor compiles the train graph for
-        the timing), the activation memory at B = 128, then the compiled inference."""
+        the timing), the eager coverage report, the activation memory at B = 128, then the compiled inference
+        and the compiled coverage configurations while time lasts."""
         common = ["--ops", "model", "--dtypes", "bf16", "--skip-model-check"]
         return [
             ("model_eager", [*common, "--modes", "train,inference", "--providers", "reference,fused", "--no-memory"], 45),
-            ("model_compiled_train", [*common, "--modes", "train", "--providers", "fused+compile", "--no-memory"], 90),
+            ("model_compiled_train", [*common, "--modes", "train", "--providers", "fused+compile", "--no-memory"], 70),
+            ("coverage_eager", ["--coverage", "--quick"], 25),
             # saved-for-backward bytes and the step's peak at B = 128 per save policy (bench/activation_memory.py)
             (
                 "model_memory",
                 [*common[:2], "--dtypes", "fp32,bf16", "--modes", "train", "--providers", "reference,fused"]
                 + ["--memory-only", "--skip-model-check"],
-                50,
+                40,
             ),
             ("model_compiled_inference", [*common, "--modes", "inference", "--providers", "compile,fused+compile"], 60),
+            ("coverage_compiled_bf16", ["--coverage", "--dtypes", "bf16"], 90),
         ]
 
     def _parts(self, parts, allot: float) -> dict:

@@ -131,6 +131,25 @@ def _eval_outputs_and_grads(model, wave, target, device, dtype: str):
     return outs, grads
 
 
+def _norm_rel(outs, grads, ref_outs, ref_grads, with_grads: bool) -> float:
+    """The largest norm-relative error ||a - r|| / ||r|| over the outputs (and every parameter gradient)."""
+    pairs = [(v, ref_outs[k]) for k, v in outs.items() if k in ref_outs]
+    if with_grads:
+        pairs += [(g, ref_grads[n]) for n, g in grads.items() if n in ref_grads]
+    errs = [((a.double() - r.double()).norm() / r.double().norm().clamp_min(1e-30)).item() for a, r in pairs]
+    return max(errs) if errs else float("nan")
+
+
+def _coverage(decisions) -> dict:
+    """Calls of the measured forward that ran fused, all calls, and why the others ran the reference."""
+    reasons: dict[str, int] = {}
+    for d in decisions:
+        if not d.fused:
+            key = f"{d.op}: {d.reason}"
+            reasons[key] = reasons.get(key, 0) + 1
+    return {"fused_calls": sum(1 for d in decisions if d.fused), "calls": len(decisions), "declines": reasons}
+
+
 def _compare(outs, grads, ref_outs, ref_grads, with_grads: bool):
     pairs = {k: (v, ref_outs[k]) for k, v in outs.items() if k in ref_outs}
     max_abs, max_rel, detail = combine_errors(pairs)
@@ -260,14 +279,22 @@ class ModelCase(Case):
             return ctx.memoize(("model_gold", self.spec, self.error_batch, dtype), build)
 
         def measure():
+            import htsat_kernels as hk
+
             _base(model).load_state_dict(base["state"])
-            outs, grads = _eval_outputs_and_grads(model, wave, target, ctx.device, self.dtype)
+            with hk.record_dispatch() as decisions:
+                outs, grads = _eval_outputs_and_grads(model, wave, target, ctx.device, self.dtype)
             g32_o, g32_g = golden("fp32")
-            res = {"fp32": {}, "same": {}}
+            res: dict = {"fp32": {}, "same": {}, "norm_rel": {}, "coverage": _coverage(decisions)}
             for with_grads, mode in ((False, "inference"), (True, "train")):
                 res["fp32"][mode] = _compare(outs, grads, g32_o, g32_g, with_grads)
                 lo_o, lo_g = golden(self.dtype) if self.dtype != "fp32" else (g32_o, g32_g)
                 res["same"][mode] = _compare(outs, grads, lo_o, lo_g, with_grads)
+                # the model 2x rule (docs/design.md, numerics): against fp32, at most twice the reference's
+                # own norm-relative error in this dtype plus 1e-3
+                mine = _norm_rel(outs, grads, g32_o, g32_g, with_grads)
+                theirs = _norm_rel(lo_o, lo_g, g32_o, g32_g, with_grads)
+                res["norm_rel"][mode] = {"fused": mine, "reference": theirs, "ok": bool(mine <= 2 * theirs + 1e-3)}
             return res
 
         return ctx.memoize(("model_err", self.provider, self.spec, self.dtype), measure)
@@ -300,6 +327,12 @@ class ModelCase(Case):
             "errors": detail,
             "max_abs_diff_vs_reference": same_abs,
             "max_rel_diff_vs_reference": same_rel,
+            "norm_rel_err": errs["norm_rel"][self.mode]["fused"],
+            "reference_norm_rel_err": errs["norm_rel"][self.mode]["reference"],
+            "numerics_ok": errs["norm_rel"][self.mode]["ok"],
+            "fused_calls": errs["coverage"]["fused_calls"],
+            "calls": errs["coverage"]["calls"],
+            "declines": errs["coverage"]["declines"],
             "error_batch": self.error_batch,
             "params": base["params"],
             "samples_per_clip": base["samples"],

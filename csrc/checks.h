@@ -43,6 +43,11 @@
                   (x).scalar_type() == at::kBFloat16 || (x).scalar_type() == at::kDouble,                \
               #x " must be float32, float16, bfloat16 or float64, got ", (x).scalar_type())
 
+// A parameter of dtype x's, or float32 next to float16 / bfloat16 x (autocast's mix: mixed_operand_ok).
+#define CHECK_PARAM_DTYPE(p, x)                                                                             \
+  TORCH_CHECK(::htsat::mixed_operand_ok((x).scalar_type(), (p).scalar_type()), #p " must have dtype ",     \
+              (x).scalar_type(), " (that of " #x ") or Float with Half / BFloat16 " #x ", got ", (p).scalar_type())
+
 #define CHECK_DIM(x, n) TORCH_CHECK((x).dim() == (n), #x " must have ", (n), " dimensions, got shape ", (x).sizes())
 
 #define CHECK_SHAPE(x, ...)                                                                    \
@@ -141,12 +146,13 @@ inline std::vector<int64_t> windowed_shape(const WindowGeometry& g) {
 
 inline std::vector<int64_t> image_shape(const WindowGeometry& g) { return {g.batch, g.H, g.W, g.channels}; }
 
-// Window merge fused with the residual add: out = shortcut + window_merge(windows), shortcut (B, H, W, C).
+// Window merge fused with the residual add: out = shortcut + window_merge(windows), shortcut (B, H, W, C) of
+// windows' dtype or float32 (the output's dtype is the shortcut's, as torch's type promotion gives).
 inline WindowGeometry window_merge_add_geometry(const at::Tensor& windows, const at::Tensor& shortcut, int64_t shift) {
   CHECK_DIM(shortcut, 4);
   CHECK_CONTIGUOUS(shortcut);
   CHECK_DEVICE(shortcut, windows.device());
-  CHECK_DTYPE(shortcut, windows.scalar_type());
+  CHECK_PARAM_DTYPE(shortcut, windows);  // float32 shortcut with float16 / bfloat16 windows: autocast's residual
   const WindowGeometry g = window_merge_geometry(windows, shortcut.size(1), shortcut.size(2), shift);
   CHECK_SHAPE(shortcut, g.batch, g.H, g.W, g.channels);
   return g;
@@ -154,12 +160,13 @@ inline WindowGeometry window_merge_add_geometry(const at::Tensor& windows, const
 
 // ---- gathered LayerNorm ----
 
-// LayerNorm weight and bias: (n,), same dtype and device as x, contiguous.
+// LayerNorm weight and bias: (n,), on x's device, of one dtype (x's, or float32 with float16 / bfloat16 x),
+// contiguous.
 inline void check_layer_norm_affine(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t n) {
   CHECK_DEVICE(weight, x.device());
   CHECK_DEVICE(bias, x.device());
-  CHECK_DTYPE(weight, x.scalar_type());
-  CHECK_DTYPE(bias, x.scalar_type());
+  CHECK_PARAM_DTYPE(weight, x);
+  CHECK_DTYPE(bias, weight.scalar_type());
   CHECK_SHAPE(weight, n);
   CHECK_SHAPE(bias, n);
   CHECK_CONTIGUOUS(weight);
@@ -176,7 +183,7 @@ inline void check_layer_norm_backward(const at::Tensor& grad_out, const at::Tens
   CHECK_DEVICE(mean, x.device());
   CHECK_DEVICE(rstd, x.device());
   CHECK_DTYPE(grad_out, x.scalar_type());
-  CHECK_DTYPE(weight, x.scalar_type());
+  CHECK_PARAM_DTYPE(weight, x);
   CHECK_DTYPE(mean, acc_dtype(x.scalar_type()));
   CHECK_DTYPE(rstd, acc_dtype(x.scalar_type()));
   TORCH_CHECK(grad_out.sizes() == out_shape, "grad_out must have shape ", out_shape, ", got ", grad_out.sizes());

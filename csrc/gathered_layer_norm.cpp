@@ -24,7 +24,7 @@ TensorTriple gathered_forward(const at::Tensor& x, const at::Tensor& weight, con
     const c10::OptionalDeviceGuard guard(launch_device(x));
     const GatheredLayerNormForward<Rows> args{x.const_data_ptr(),    weight.const_data_ptr(), bias.const_data_ptr(),
                                               out.mutable_data_ptr(), mean.mutable_data_ptr(), rstd.mutable_data_ptr(),
-                                              x.scalar_type(),        eps,                     src,
+                                              x.scalar_type(),        weight.scalar_type(),    eps, src,
                                               rows,                   C,
                                               gathered_layer_norm_int32_index(rows, out.size(-1))};
     HTSAT_LAUNCH(x, gathered_layer_norm_forward, args);
@@ -55,7 +55,7 @@ TensorTriple gathered_backward(const at::Tensor& grad_out, const at::Tensor& x, 
                                              rstd.const_data_ptr(),        grad_x.mutable_data_ptr(),
                                              grad_weight.mutable_data_ptr(), grad_bias.mutable_data_ptr(),
                                              partials.mutable_data_ptr(),  x.scalar_type(),
-                                             src,                          rows,
+                                             weight.scalar_type(),         src,                          rows,
                                              C,                            per_chunk,
                                              n_chunks,                     gathered_layer_norm_int32_index(rows, n)};
   HTSAT_LAUNCH(x, gathered_layer_norm_backward, args);

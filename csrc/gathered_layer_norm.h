@@ -58,8 +58,9 @@ inline int gathered_layer_norm_reduce_lanes(int64_t n_chunks) {
 // overshoot covers the last block's threads past the end). CUDA kernels and CPU twins take the same path.
 inline bool gathered_layer_norm_int32_index(int64_t rows, int64_t n) { return fits_int32_index(rows * n, n + 1024); }
 
-// x (pixels, C) of `dtype`; weight, bias (n = kSegments * C,); out (rows, n); mean, rstd (rows,) in the
-// accumulation type.
+// x (pixels, C) of `dtype`; weight, bias (n = kSegments * C,) of `param_dtype` (dtype, or float32 for
+// float16 / bfloat16 x: mixed_operand_ok); out (rows, n) of `dtype`; mean, rstd (rows,) in the accumulation
+// type.
 template <typename Rows>
 struct GatheredLayerNormForward {
   const void* x;
@@ -69,13 +70,14 @@ struct GatheredLayerNormForward {
   void* mean;
   void* rstd;
   c10::ScalarType dtype;
+  c10::ScalarType param_dtype;
   double eps;
   Rows src;
   int64_t rows, C;
   bool int32_index;  // gathered_layer_norm_int32_index(rows, n)
 };
 
-// grad_out (rows, n); grad_x like x; grad_weight, grad_bias (n,); partials (2, n_chunks, n) accumulation-type
+// grad_out (rows, n) and grad_x of x's `dtype`; weight, grad_weight, grad_bias (n,) of `param_dtype`; partials (2, n_chunks, n) accumulation-type
 // scratch for the per-chunk weight/bias sums (dy * xhat, then dy), chunks of per_chunk rows.
 template <typename Rows>
 struct GatheredLayerNormBackward {
@@ -89,6 +91,7 @@ struct GatheredLayerNormBackward {
   void* grad_bias;
   void* partials;
   c10::ScalarType dtype;
+  c10::ScalarType param_dtype;
   Rows src;
   int64_t rows, C, per_chunk, n_chunks;
   bool int32_index;  // gathered_layer_norm_int32_index(rows, n)

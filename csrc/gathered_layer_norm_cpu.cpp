@@ -181,14 +181,14 @@ void layer_norm_backward_chunks_baseline(const BackwardChunks<Rows, scalar_t, ac
   layer_norm_backward_chunks(a, cbegin, cend, xh, gv, sub);
 }
 
-// Columns [begin, end) of grad_weight / grad_bias in the CUDA reduction's order
+// Columns [begin, end) of grad_weight / grad_bias (of the parameters' dtype out_t) in the CUDA reduction's order
 // (gathered_layer_norm_reduce_lanes): `lanes` lane sums over the partial rows l, l + lanes, ... in order,
 // then added pairwise. lw, lb: lanes * (end - begin) scratch each.
-template <typename scalar_t, typename acc_t>
+template <typename out_t, typename acc_t>
 HTSAT_INLINE void reduce_chunk_partials(const acc_t* __restrict__ part_w, const acc_t* __restrict__ part_b,
                                         int64_t n_chunks, int64_t n, int lanes, int64_t begin, int64_t end,
-                                        acc_t* __restrict__ lw, acc_t* __restrict__ lb, scalar_t* __restrict__ dw,
-                                        scalar_t* __restrict__ db) {
+                                        acc_t* __restrict__ lw, acc_t* __restrict__ lb, out_t* __restrict__ dw,
+                                        out_t* __restrict__ db) {
   const int64_t m = end - begin;
   std::fill(lw, lw + lanes * m, acc_t(0));
   std::fill(lb, lb + lanes * m, acc_t(0));
@@ -215,14 +215,14 @@ HTSAT_INLINE void reduce_chunk_partials(const acc_t* __restrict__ part_w, const 
     }
   }
   for (int64_t i = 0; i < m; ++i) {
-    dw[begin + i] = Convert<scalar_t, acc_t>::store(lw[i]);
-    db[begin + i] = Convert<scalar_t, acc_t>::store(lb[i]);
+    dw[begin + i] = Convert<out_t, acc_t>::store(lw[i]);
+    db[begin + i] = Convert<out_t, acc_t>::store(lb[i]);
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename out_t, typename acc_t>
 void reduce_chunk_partials_baseline(const acc_t* part_w, const acc_t* part_b, int64_t n_chunks, int64_t n, int lanes,
-                                    int64_t begin, int64_t end, acc_t* lw, acc_t* lb, scalar_t* dw, scalar_t* db) {
+                                    int64_t begin, int64_t end, acc_t* lw, acc_t* lb, out_t* dw, out_t* db) {
   reduce_chunk_partials(part_w, part_b, n_chunks, n, lanes, begin, end, lw, lb, dw, db);
 }
 
@@ -239,19 +239,20 @@ HTSAT_TARGET_AVX2 void layer_norm_backward_chunks_avx2(const BackwardChunks<Rows
   layer_norm_backward_chunks(a, cbegin, cend, xh, gv, sub);
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename out_t, typename acc_t>
 HTSAT_TARGET_AVX2 void reduce_chunk_partials_avx2(const acc_t* part_w, const acc_t* part_b, int64_t n_chunks,
                                                   int64_t n, int lanes, int64_t begin, int64_t end, acc_t* lw,
-                                                  acc_t* lb, scalar_t* dw, scalar_t* db) {
+                                                  acc_t* lb, out_t* dw, out_t* db) {
   reduce_chunk_partials(part_w, part_b, n_chunks, n, lanes, begin, end, lw, lb, dw, db);
 }
 #endif
 
-// weight / bias in the accumulation type: the tensor's own data when the types agree, else a converted copy.
-template <typename scalar_t, typename acc_t>
+// weight / bias (param_t: x's dtype or float32) in the accumulation type: the tensor's own data when the
+// types agree, else a converted copy.
+template <typename param_t, typename acc_t>
 const acc_t* affine_in_acc(const void* data, int64_t n, std::vector<acc_t>& storage) {
-  const scalar_t* p = static_cast<const scalar_t*>(data);
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+  const param_t* p = static_cast<const param_t*>(data);
+  if constexpr (std::is_same_v<param_t, acc_t>) {
     return p;
   } else {
     storage.resize(n);
@@ -265,13 +266,14 @@ const acc_t* affine_in_acc(const void* data, int64_t n, std::vector<acc_t>& stor
 template <typename Rows>
 void gathered_layer_norm_forward_cpu(const GatheredLayerNormForward<Rows>& a) {
   const int64_t n = Rows::kSegments * a.C;
-  dispatch_floating(a.dtype, "gathered_layer_norm_forward_cpu", [&](auto tag) {
+  dispatch_floating_pair(a.dtype, a.param_dtype, "gathered_layer_norm_forward_cpu", [&](auto tag, auto ptag) {
     using scalar_t = decltype(tag);
+    using param_t = decltype(ptag);
     using acc_t = acc_type<scalar_t>;
     std::vector<acc_t> w_store, b_store;
     const ForwardRows<Rows, scalar_t, acc_t> args{static_cast<const scalar_t*>(a.x),
-                                                  affine_in_acc<scalar_t, acc_t>(a.weight, n, w_store),
-                                                  affine_in_acc<scalar_t, acc_t>(a.bias, n, b_store),
+                                                  affine_in_acc<param_t, acc_t>(a.weight, n, w_store),
+                                                  affine_in_acc<param_t, acc_t>(a.bias, n, b_store),
                                                   static_cast<scalar_t*>(a.out),
                                                   static_cast<acc_t*>(a.mean),
                                                   static_cast<acc_t*>(a.rstd),
@@ -292,15 +294,16 @@ void gathered_layer_norm_forward_cpu(const GatheredLayerNormForward<Rows>& a) {
 template <typename Rows>
 void gathered_layer_norm_backward_cpu(const GatheredLayerNormBackward<Rows>& a) {
   const int64_t n = Rows::kSegments * a.C, n_chunks = a.n_chunks;
-  dispatch_floating(a.dtype, "gathered_layer_norm_backward_cpu", [&](auto tag) {
+  dispatch_floating_pair(a.dtype, a.param_dtype, "gathered_layer_norm_backward_cpu", [&](auto tag, auto ptag) {
     using scalar_t = decltype(tag);
+    using param_t = decltype(ptag);
     using acc_t = acc_type<scalar_t>;
     std::vector<acc_t> w_store;
     acc_t* part_w = static_cast<acc_t*>(a.partials);
     acc_t* part_b = part_w + n_chunks * n;
     const BackwardChunks<Rows, scalar_t, acc_t> args{static_cast<const scalar_t*>(a.grad_out),
                                                      static_cast<const scalar_t*>(a.x),
-                                                     affine_in_acc<scalar_t, acc_t>(a.weight, n, w_store),
+                                                     affine_in_acc<param_t, acc_t>(a.weight, n, w_store),
                                                      static_cast<const acc_t*>(a.mean),
                                                      static_cast<const acc_t*>(a.rstd),
                                                      static_cast<scalar_t*>(a.grad_x),
@@ -319,8 +322,8 @@ void gathered_layer_norm_backward_cpu(const GatheredLayerNormBackward<Rows>& a) 
                      scratch.data() + 2 * n);
     });
     // Pass 2: sum the partials of each column in the fixed order of gathered_layer_norm_reduce_lanes.
-    scalar_t* dwp = static_cast<scalar_t*>(a.grad_weight);
-    scalar_t* dbp = static_cast<scalar_t*>(a.grad_bias);
+    param_t* dwp = static_cast<param_t*>(a.grad_weight);  // the parameters' own dtype
+    param_t* dbp = static_cast<param_t*>(a.grad_bias);
     const int lanes = gathered_layer_norm_reduce_lanes(n_chunks);
     const int64_t col_grain = std::max<int64_t>(64, 32768 / n_chunks);
     at::parallel_for(0, n, col_grain, [&](int64_t begin, int64_t end) {

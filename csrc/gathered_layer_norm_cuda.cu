@@ -60,10 +60,12 @@ struct WarpRow {
   }
 };
 
-template <typename Rows, typename scalar_t, typename acc_t, typename index_t>
+// param_t: the dtype of weight and bias (scalar_t, or float for float16 / bfloat16 x: autocast's mix);
+// every kernel below computes in acc_t whatever the pair.
+template <typename Rows, typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kRowThreads)
-    gathered_layer_norm_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
-                                       const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
+    gathered_layer_norm_forward_kernel(const scalar_t* __restrict__ x, const param_t* __restrict__ weight,
+                                       const param_t* __restrict__ bias, scalar_t* __restrict__ out,
                                        acc_t* __restrict__ mean_out, acc_t* __restrict__ rstd_out, Rows src,
                                        index_t rows, index_t C, acc_t eps) {
   WarpRow<Rows, index_t> w;
@@ -107,15 +109,22 @@ struct alignas(16) Vec16 {
   scalar_t v[kSize];
 };
 
+// The weight / bias elements of one Vec16 of the row: 16 bytes when param_t is the activations' dtype, 32
+// (two 16-byte loads) for float parameters next to 2-byte activations.
+template <typename param_t, int kSize>
+struct alignas(16) ParamVec {
+  param_t v[kSize];
+};
+
 // Forward with each row read once, in 16-byte vectors held in registers: lane l holds vectors l + 32 j
 // (j < kPerLane) of every segment, reduces the mean and then the centred variance from registers, and
 // writes the output in 16-byte vectors. The host launches it only when C is a multiple of the vector,
 // every pointer is 16-byte aligned (so is every row: offsets are multiples of C), the segment fits in
 // kPerLane vectors per lane and the indices fit int32; the element-wise formula is the scalar kernel's.
-template <typename Rows, typename scalar_t, typename acc_t, int kPerLane>
+template <typename Rows, typename scalar_t, typename param_t, typename acc_t, int kPerLane>
 __global__ void __launch_bounds__(kRowThreads)
-    gathered_layer_norm_forward_vec_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
-                                           const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
+    gathered_layer_norm_forward_vec_kernel(const scalar_t* __restrict__ x, const param_t* __restrict__ weight,
+                                           const param_t* __restrict__ bias, scalar_t* __restrict__ out,
                                            acc_t* __restrict__ mean_out, acc_t* __restrict__ rstd_out, Rows src,
                                            int32_t rows, int32_t C, acc_t eps) {
   using V = Vec16<scalar_t>;
@@ -156,9 +165,10 @@ __global__ void __launch_bounds__(kRowThreads)
       }
   const acc_t rstd = inv_sqrt(warp_sum(sq) / static_cast<acc_t>(n) + eps);
 
+  using PV = ParamVec<param_t, V::kSize>;
   V* y = reinterpret_cast<V*>(out + w.row * n);
-  const V* wv = reinterpret_cast<const V*>(weight);
-  const V* bv = reinterpret_cast<const V*>(bias);
+  const PV* wv = reinterpret_cast<const PV*>(weight);
+  const PV* bv = reinterpret_cast<const PV*>(bias);
 #pragma unroll
   for (int k = 0; k < kSeg; ++k)
 #pragma unroll
@@ -166,7 +176,7 @@ __global__ void __launch_bounds__(kRowThreads)
       const int32_t q = j * kWarpSize + w.lane;
       if (q < seg_vecs) {
         const int32_t i = k * seg_vecs + q;  // vector i of the output row, of weight and of bias
-        const V wi = wv[i], bi = bv[i];
+        const PV wi = wv[i], bi = bv[i];
         V o;
 #pragma unroll
         for (int e = 0; e < V::kSize; ++e) {
@@ -213,10 +223,10 @@ __device__ __forceinline__ void write_chunk_partials(acc_t* __restrict__ part, i
 // shared slice for the columns [col_begin, col_begin + cols) (the whole row unless n is too wide for
 // shared memory; the host then relaunches per column window, rewriting the same dx). Each column is owned
 // by one lane of the warp, so the slices need no synchronisation until the block combines them.
-template <typename Rows, typename scalar_t, typename acc_t, typename index_t>
+template <typename Rows, typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kRowThreads)
     gathered_layer_norm_backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
-                                        const scalar_t* __restrict__ weight, const acc_t* __restrict__ mean,
+                                        const param_t* __restrict__ weight, const acc_t* __restrict__ mean,
                                         const acc_t* __restrict__ rstd, scalar_t* __restrict__ grad_x,
                                         acc_t* __restrict__ partials, Rows src, index_t rows, index_t C,
                                         index_t per_chunk, index_t n_chunks, index_t col_begin, index_t cols) {
@@ -288,10 +298,10 @@ struct alignas(16) AccVec {
 template <typename acc_t, int kHeld>
 constexpr int kBackwardVecMinBlocks = sizeof(acc_t) == 4 && kHeld <= 4 ? 4 : 1;
 
-template <typename Rows, typename scalar_t, typename acc_t, int kPerLane>
+template <typename Rows, typename scalar_t, typename param_t, typename acc_t, int kPerLane>
 __global__ void __launch_bounds__(kRowThreads, kBackwardVecMinBlocks<acc_t, Rows::kSegments * kPerLane>)
     gathered_layer_norm_backward_vec_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
-                                            const scalar_t* __restrict__ weight, const acc_t* __restrict__ mean,
+                                            const param_t* __restrict__ weight, const acc_t* __restrict__ mean,
                                             const acc_t* __restrict__ rstd, scalar_t* __restrict__ grad_x,
                                             acc_t* __restrict__ partials, Rows src, int32_t rows, int32_t C,
                                             int32_t per_chunk, int32_t n_chunks) {
@@ -306,7 +316,8 @@ __global__ void __launch_bounds__(kRowThreads, kBackwardVecMinBlocks<acc_t, Rows
   __syncwarp();
   A* acc_w = reinterpret_cast<A*>(acc);  // n is a multiple of the vector: both halves stay 16-byte aligned
   A* acc_b = reinterpret_cast<A*>(acc + n);
-  const V* wv = reinterpret_cast<const V*>(weight);
+  using PV = ParamVec<param_t, V::kSize>;
+  const PV* wv = reinterpret_cast<const PV*>(weight);
 
   const int32_t chunk = blockIdx.x;
   const int32_t r_begin = chunk * per_chunk;
@@ -339,7 +350,7 @@ __global__ void __launch_bounds__(kRowThreads, kBackwardVecMinBlocks<acc_t, Rows
         const int32_t q = j * kWarpSize + lane;
         if (q < seg_vecs) {
           const int32_t i = k * seg_vecs + q;  // vector i of the row, of weight and of the accumulators
-          const V wi = wv[i];
+          const PV wi = wv[i];
           A aw = acc_w[i], ab = acc_b[i];
 #pragma unroll
           for (int e = 0; e < V::kSize; ++e) {
@@ -364,7 +375,7 @@ __global__ void __launch_bounds__(kRowThreads, kBackwardVecMinBlocks<acc_t, Rows
       for (int j = 0; j < kPerLane; ++j) {
         const int32_t q = j * kWarpSize + lane;
         if (q < seg_vecs) {
-          const V wi = wv[k * seg_vecs + q];
+          const PV wi = wv[k * seg_vecs + q];
           V o;
 #pragma unroll
           for (int e = 0; e < V::kSize; ++e) {
@@ -390,10 +401,10 @@ constexpr int kMaxReduceLanes = 64;  // gathered_layer_norm_reduce_lanes
 // 4 rows unrolled (8 loads in flight per thread: 16 KB per block in fp32), and blocks of 8 columns (one
 // 32-byte sector per partial row) so that even n = 96 spreads over 12 SMs; before, one thread per column
 // looped over every chunk.
-template <typename scalar_t, typename acc_t>
+template <typename param_t, typename acc_t>
 __global__ void __launch_bounds__(kReduceCols* kMaxReduceLanes)
     param_reduce_kernel(const acc_t* __restrict__ part_w, const acc_t* __restrict__ part_b,
-                        scalar_t* __restrict__ grad_weight, scalar_t* __restrict__ grad_bias, int64_t n_chunks,
+                        param_t* __restrict__ grad_weight, param_t* __restrict__ grad_bias, int64_t n_chunks,
                         int64_t n) {
   __shared__ acc_t sw[kMaxReduceLanes][kReduceCols], sb[kMaxReduceLanes][kReduceCols];
   const int cx = threadIdx.x, y = threadIdx.y, lanes = blockDim.y;
@@ -417,8 +428,8 @@ __global__ void __launch_bounds__(kReduceCols* kMaxReduceLanes)
     __syncthreads();
   }
   if (y == 0 && col < n) {
-    grad_weight[col] = static_cast<scalar_t>(sw[0][cx]);
-    grad_bias[col] = static_cast<scalar_t>(sb[0][cx]);
+    grad_weight[col] = static_cast<param_t>(sw[0][cx]);
+    grad_bias[col] = static_cast<param_t>(sb[0][cx]);
   }
 }
 
@@ -445,12 +456,13 @@ template <typename Rows>
 void gathered_layer_norm_forward_cuda(const GatheredLayerNormForward<Rows>& a) {
   const unsigned blocks = blocks_for(a.rows, kWarpsPerBlock);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_floating(a.dtype, "gathered_layer_norm_forward_cuda", [&](auto tag) {
+  dispatch_floating_pair(a.dtype, a.param_dtype, "gathered_layer_norm_forward_cuda", [&](auto tag, auto ptag) {
     using scalar_t = decltype(tag);
+    using param_t = decltype(ptag);
     using acc_t = acc_type<scalar_t>;
     const scalar_t* x = static_cast<const scalar_t*>(a.x);
-    const scalar_t* weight = static_cast<const scalar_t*>(a.weight);
-    const scalar_t* bias = static_cast<const scalar_t*>(a.bias);
+    const param_t* weight = static_cast<const param_t*>(a.weight);
+    const param_t* bias = static_cast<const param_t*>(a.bias);
     scalar_t* out = static_cast<scalar_t*>(a.out);
     // the vector kernel: 1, 2 or 4 vectors of each segment per lane
     constexpr int64_t kVec = Vec16<scalar_t>::kSize;
@@ -465,19 +477,18 @@ void gathered_layer_norm_forward_cuda(const GatheredLayerNormForward<Rows>& a) {
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (per_lane <= 1) {
-        launch(gathered_layer_norm_forward_vec_kernel<Rows, scalar_t, acc_t, 1>);
+        launch(gathered_layer_norm_forward_vec_kernel<Rows, scalar_t, param_t, acc_t, 1>);
       } else if (per_lane <= 2) {
-        launch(gathered_layer_norm_forward_vec_kernel<Rows, scalar_t, acc_t, 2>);
+        launch(gathered_layer_norm_forward_vec_kernel<Rows, scalar_t, param_t, acc_t, 2>);
       } else {
-        launch(gathered_layer_norm_forward_vec_kernel<Rows, scalar_t, acc_t, 4>);
+        launch(gathered_layer_norm_forward_vec_kernel<Rows, scalar_t, param_t, acc_t, 4>);
       }
       return;
     }
     dispatch_index(a.int32_index, [&](auto itag) {
       using index_t = decltype(itag);
-      gathered_layer_norm_forward_kernel<Rows, scalar_t, acc_t, index_t><<<blocks, kRowThreads, 0, stream>>>(
-          static_cast<const scalar_t*>(a.x), static_cast<const scalar_t*>(a.weight),
-          static_cast<const scalar_t*>(a.bias), static_cast<scalar_t*>(a.out), static_cast<acc_t*>(a.mean),
+      gathered_layer_norm_forward_kernel<Rows, scalar_t, param_t, acc_t, index_t><<<blocks, kRowThreads, 0, stream>>>(
+          x, weight, bias, out, static_cast<acc_t*>(a.mean),
           static_cast<acc_t*>(a.rstd), a.src, static_cast<index_t>(a.rows), static_cast<index_t>(a.C),
           static_cast<acc_t>(a.eps));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -503,12 +514,13 @@ void gathered_layer_norm_backward_cuda(const GatheredLayerNormBackward<Rows>& a)
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_floating(a.dtype, "gathered_layer_norm_backward_cuda", [&](auto tag) {
+  dispatch_floating_pair(a.dtype, a.param_dtype, "gathered_layer_norm_backward_cuda", [&](auto tag, auto ptag) {
     using scalar_t = decltype(tag);
+    using param_t = decltype(ptag);
     using acc_t = acc_type<scalar_t>;
     const scalar_t* grad_out = static_cast<const scalar_t*>(a.grad_out);
     const scalar_t* x = static_cast<const scalar_t*>(a.x);
-    const scalar_t* weight = static_cast<const scalar_t*>(a.weight);
+    const param_t* weight = static_cast<const param_t*>(a.weight);
     const acc_t* mean = static_cast<const acc_t*>(a.mean);
     const acc_t* rstd = static_cast<const acc_t*>(a.rstd);
     scalar_t* grad_x = static_cast<scalar_t*>(a.grad_x);
@@ -531,13 +543,13 @@ void gathered_layer_norm_backward_cuda(const GatheredLayerNormBackward<Rows>& a)
                            static_cast<int32_t>(a.n_chunks));
       };
       if (per_lane <= 1) {
-        launch(gathered_layer_norm_backward_vec_kernel<Rows, scalar_t, acc_t, 1>);
+        launch(gathered_layer_norm_backward_vec_kernel<Rows, scalar_t, param_t, acc_t, 1>);
       } else if (per_lane <= 2) {
-        launch(gathered_layer_norm_backward_vec_kernel<Rows, scalar_t, acc_t, 2>);
+        launch(gathered_layer_norm_backward_vec_kernel<Rows, scalar_t, param_t, acc_t, 2>);
       } else if constexpr (kMaxPerLane == 4) {
-        launch(gathered_layer_norm_backward_vec_kernel<Rows, scalar_t, acc_t, 4>);
+        launch(gathered_layer_norm_backward_vec_kernel<Rows, scalar_t, param_t, acc_t, 4>);
       } else {
-        launch(gathered_layer_norm_backward_vec_kernel<Rows, scalar_t, acc_t, 3>);
+        launch(gathered_layer_norm_backward_vec_kernel<Rows, scalar_t, param_t, acc_t, 3>);
       }
     } else {
       // Column windows of at most shared_optin / kSliceBytes accumulators: one launch unless n is very wide.
@@ -547,7 +559,7 @@ void gathered_layer_norm_backward_cuda(const GatheredLayerNormBackward<Rows>& a)
         using index_t = decltype(itag);
         for (int64_t col_begin = 0; col_begin < n; col_begin += window) {
           const int64_t cols = std::min(window, n - col_begin);
-          launch_with_shared(gathered_layer_norm_backward_kernel<Rows, scalar_t, acc_t, index_t>, chunks,
+          launch_with_shared(gathered_layer_norm_backward_kernel<Rows, scalar_t, param_t, acc_t, index_t>, chunks,
                              static_cast<size_t>(cols) * kSliceBytes, stream, grad_out, x, weight, mean, rstd, grad_x,
                              part, a.src, static_cast<index_t>(a.rows), static_cast<index_t>(a.C),
                              static_cast<index_t>(a.per_chunk), static_cast<index_t>(a.n_chunks),
@@ -557,8 +569,8 @@ void gathered_layer_norm_backward_cuda(const GatheredLayerNormBackward<Rows>& a)
     }
     // Pass 2: the partial rows summed per column in a fixed order.
     const int lanes = gathered_layer_norm_reduce_lanes(a.n_chunks);
-    param_reduce_kernel<scalar_t, acc_t><<<blocks_for(n, kReduceCols), dim3(kReduceCols, lanes), 0, stream>>>(
-        part, part + a.n_chunks * n, static_cast<scalar_t*>(a.grad_weight), static_cast<scalar_t*>(a.grad_bias),
+    param_reduce_kernel<param_t, acc_t><<<blocks_for(n, kReduceCols), dim3(kReduceCols, lanes), 0, stream>>>(
+        part, part + a.n_chunks * n, static_cast<param_t*>(a.grad_weight), static_cast<param_t*>(a.grad_bias),
         a.n_chunks, n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

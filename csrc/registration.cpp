@@ -40,9 +40,23 @@ void register_kernels(torch::Library& m) {
   m.impl("window_merge_add", &htsat::window_merge_add);
 }
 
+// Autocast passes every op through unchanged (its inputs are not cast, its output is not touched): the
+// kernels take autocast's dtype mix as it comes (float16 / bfloat16 activations with float32 LayerNorm
+// parameters or a float32 shortcut, floating_types.h) and compute in float32, so a cast here would only
+// add passes over the activations (docs/design.md, numerics). Spelled out per op so that a later autocast
+// default for custom ops cannot change it.
+void register_autocast_fallthrough(torch::Library& m) {
+  for (const char* op : {"window_partition", "window_merge", "patch_merge_forward", "patch_merge_backward",
+                         "layer_norm_window_partition", "layer_norm_window_partition_backward", "window_merge_add"}) {
+    m.impl(op, torch::CppFunction::makeFallthrough());
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(htsat_kernels, CPU, m) { register_kernels(m); }
+TORCH_LIBRARY_IMPL(htsat_kernels, AutocastCPU, m) { register_autocast_fallthrough(m); }
+TORCH_LIBRARY_IMPL(htsat_kernels, AutocastCUDA, m) { register_autocast_fallthrough(m); }
 
 #if HTSAT_WITH_CUDA
 TORCH_LIBRARY_IMPL(htsat_kernels, CUDA, m) { register_kernels(m); }

@@ -41,7 +41,7 @@ at::Tensor window_merge_add(const at::Tensor& windows, const at::Tensor& shortcu
   if (out.numel() == 0) return out;
   const c10::OptionalDeviceGuard guard(launch_device(windows));
   const WindowMergeAdd add{windows.const_data_ptr(), shortcut.const_data_ptr(), out.mutable_data_ptr(),
-                           windows.scalar_type(), g};
+                           windows.scalar_type(), shortcut.scalar_type(), g};
   HTSAT_LAUNCH(windows, window_merge_add, add);
   return out;
 }

@@ -24,11 +24,14 @@ struct WindowCopy {
 };
 
 // out[pixel] = shortcut[pixel] + windows[token] as torch's add (in the accumulation type, rounded once).
+// windows of `dtype`; shortcut and out of `out_dtype`: dtype, or float32 for float16 / bfloat16 windows
+// (autocast's fp32 residual stream; mixed_operand_ok), as torch's type promotion gives.
 struct WindowMergeAdd {
   const void* windows;
   const void* shortcut;
   void* out;
   c10::ScalarType dtype;
+  c10::ScalarType out_dtype;
   WindowGeometry g;
 };
 

@@ -33,22 +33,25 @@ void for_each_window_row_run(const WindowGeometry& g, int64_t grain_elems, const
   });
 }
 
-// out[p] = shortcut[p] + windows[t] for `count` consecutive elements, as torch's add: in opmath, rounded once.
-template <typename scalar_t>
-HTSAT_INLINE void add_rows(const scalar_t* __restrict__ w, const scalar_t* __restrict__ s, scalar_t* __restrict__ o,
+// out[p] = shortcut[p] + windows[t] for `count` consecutive elements, as torch's add: in opmath, rounded once
+// (out_t: windows' dtype, or float32 for a float32 shortcut next to float16 / bfloat16 windows).
+template <typename scalar_t, typename out_t>
+HTSAT_INLINE void add_rows(const scalar_t* __restrict__ w, const out_t* __restrict__ s, out_t* __restrict__ o,
                            int64_t count) {
-  using Cvt = Convert<scalar_t, acc_type<scalar_t>>;
-  for (int64_t c = 0; c < count; ++c) o[c] = Cvt::store(Cvt::load(s[c]) + Cvt::load(w[c]));
+  using acc_t = acc_type<out_t>;
+  using CvtW = Convert<scalar_t, acc_t>;
+  using CvtO = Convert<out_t, acc_t>;
+  for (int64_t c = 0; c < count; ++c) o[c] = CvtO::store(CvtO::load(s[c]) + CvtW::load(w[c]));
 }
 
-template <typename scalar_t>
-void add_rows_baseline(const scalar_t* w, const scalar_t* s, scalar_t* o, int64_t count) {
+template <typename scalar_t, typename out_t>
+void add_rows_baseline(const scalar_t* w, const out_t* s, out_t* o, int64_t count) {
   add_rows(w, s, o, count);
 }
 
 #if HTSAT_CPU_DISPATCH
-template <typename scalar_t>
-HTSAT_TARGET_AVX2 void add_rows_avx2(const scalar_t* w, const scalar_t* s, scalar_t* o, int64_t count) {
+template <typename scalar_t, typename out_t>
+HTSAT_TARGET_AVX2 void add_rows_avx2(const scalar_t* w, const out_t* s, out_t* o, int64_t count) {
   add_rows(w, s, o, count);
 }
 #endif
@@ -70,11 +73,12 @@ void window_copy_cpu(const WindowCopy& a) {
 }
 
 void window_merge_add_cpu(const WindowMergeAdd& a) {
-  dispatch_floating(a.dtype, "window_merge_add", [&](auto tag) {
+  dispatch_floating_pair(a.dtype, a.out_dtype, "window_merge_add", [&](auto tag, auto otag) {
     using scalar_t = decltype(tag);
+    using out_t = decltype(otag);
     const scalar_t* wp = static_cast<const scalar_t*>(a.windows);
-    const scalar_t* sp = static_cast<const scalar_t*>(a.shortcut);
-    scalar_t* op = static_cast<scalar_t*>(a.out);
+    const out_t* sp = static_cast<const out_t*>(a.shortcut);
+    out_t* op = static_cast<out_t*>(a.out);
     const int64_t C = a.g.channels;
     for_each_window_row_run(a.g, 16384, [&](int64_t token, int64_t pixel, int64_t count) {
       HTSAT_CPU_CALL(add_rows, wp + token * C, sp + pixel * C, op + pixel * C, count * C);

@@ -91,13 +91,15 @@ struct alignas(sizeof(scalar_t) * kVec) Pack {
   scalar_t v[kVec];
 };
 
-template <typename scalar_t, int kVec, typename index_t>
+// out_t: the shortcut's and the output's dtype (scalar_t, or float for autocast's fp32 residual stream).
+template <typename scalar_t, typename out_t, int kVec, typename index_t>
 __global__ void __launch_bounds__(kThreads)
-    window_merge_add_kernel(const scalar_t* __restrict__ windows, const scalar_t* __restrict__ shortcut,
-                            scalar_t* __restrict__ out, WindowRows map, index_t row_packs,
+    window_merge_add_kernel(const scalar_t* __restrict__ windows, const out_t* __restrict__ shortcut,
+                            out_t* __restrict__ out, WindowRows map, index_t row_packs,
                             FastDivisor row_packs_div, index_t total) {
   using P = Pack<scalar_t, kVec>;
-  using acc_t = acc_type<scalar_t>;  // as torch's add: a + b in opmath, rounded once
+  using PO = Pack<out_t, kVec>;
+  using acc_t = acc_type<out_t>;  // as torch's add: a + b in opmath, rounded once
   const index_t idx = static_cast<index_t>(blockIdx.x) * static_cast<index_t>(kThreads) +
                       static_cast<index_t>(threadIdx.x);
   if (idx >= total) return;
@@ -105,29 +107,29 @@ __global__ void __launch_bounds__(kThreads)
   const index_t v = idx - token * row_packs;
   const int64_t pixel_offset = static_cast<int64_t>(map.base(token)) * static_cast<int64_t>(row_packs) + v;
   const P w = reinterpret_cast<const P*>(windows)[idx];
-  const P s = reinterpret_cast<const P*>(shortcut)[pixel_offset];
-  P o;
+  const PO s = reinterpret_cast<const PO*>(shortcut)[pixel_offset];
+  PO o;
 #pragma unroll
-  for (int i = 0; i < kVec; ++i) o.v[i] = static_cast<scalar_t>(static_cast<acc_t>(s.v[i]) + static_cast<acc_t>(w.v[i]));
-  reinterpret_cast<P*>(out)[pixel_offset] = o;
+  for (int i = 0; i < kVec; ++i) o.v[i] = static_cast<out_t>(static_cast<acc_t>(s.v[i]) + static_cast<acc_t>(w.v[i]));
+  reinterpret_cast<PO*>(out)[pixel_offset] = o;
 }
 
-template <typename scalar_t, int kVec>
+template <typename scalar_t, typename out_t, int kVec>
 void launch_window_merge_add(const WindowMergeAdd& a) {
   const int64_t row_packs = a.g.channels / kVec;
   const int64_t total = a.g.batch * a.g.H * a.g.W * row_packs;
   const auto blocks = static_cast<unsigned>(grid_blocks(total, "window_merge_add"));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const scalar_t* w = static_cast<const scalar_t*>(a.windows);
-  const scalar_t* s = static_cast<const scalar_t*>(a.shortcut);
-  scalar_t* o = static_cast<scalar_t*>(a.out);
+  const out_t* s = static_cast<const out_t*>(a.shortcut);
+  out_t* o = static_cast<out_t*>(a.out);
   const WindowRows map(a.g);
   const FastDivisor row_packs_div(row_packs);
   if (fits_int32(total)) {
-    window_merge_add_kernel<scalar_t, kVec, int32_t><<<blocks, kThreads, 0, stream>>>(
+    window_merge_add_kernel<scalar_t, out_t, kVec, int32_t><<<blocks, kThreads, 0, stream>>>(
         w, s, o, map, static_cast<int32_t>(row_packs), row_packs_div, static_cast<int32_t>(total));
   } else {
-    window_merge_add_kernel<scalar_t, kVec, int64_t>
+    window_merge_add_kernel<scalar_t, out_t, kVec, int64_t>
         <<<blocks, kThreads, 0, stream>>>(w, s, o, map, row_packs, row_packs_div, total);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -144,15 +146,16 @@ void window_copy_cuda(const WindowCopy& a) {
 }
 
 void window_merge_add_cuda(const WindowMergeAdd& a) {
-  dispatch_floating(a.dtype, "window_merge_add_cuda", [&](auto tag) {
+  dispatch_floating_pair(a.dtype, a.out_dtype, "window_merge_add_cuda", [&](auto tag, auto otag) {
     using scalar_t = decltype(tag);
-    constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
+    using out_t = decltype(otag);
+    constexpr int kVec = 16 / static_cast<int>(sizeof(out_t));  // 16-byte shortcut / out packs
     const uintptr_t addr = reinterpret_cast<uintptr_t>(a.windows) | reinterpret_cast<uintptr_t>(a.shortcut) |
                            reinterpret_cast<uintptr_t>(a.out);
     if (a.g.channels % kVec == 0 && addr % 16 == 0) {
-      launch_window_merge_add<scalar_t, kVec>(a);
+      launch_window_merge_add<scalar_t, out_t, kVec>(a);
     } else {
-      launch_window_merge_add<scalar_t, 1>(a);
+      launch_window_merge_add<scalar_t, out_t, 1>(a);
     }
   });
 }

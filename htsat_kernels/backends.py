@@ -15,6 +15,8 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
+
 logger = logging.getLogger("htsat_kernels")
 
 BACKENDS = ("auto", "reference", "fused")
@@ -67,6 +69,40 @@ class FusedImpl:
     device_reason: Callable[[], str | None] | None = None
 
 
+@dataclass(frozen=True)
+class Decision:
+    """One dispatch decision: ``op`` ran fused (``reason`` None) or ran the reference (``reason`` says why:
+    the capability check's reason, "auto"'s preference, or the backend asked for)."""
+
+    op: str
+    fused: bool
+    reason: str | None
+
+
+# The lists that record_dispatch() blocks are filling (innermost last).
+_recorders: list[list[Decision]] = []
+
+
+@contextlib.contextmanager
+def record_dispatch() -> Iterator[list[Decision]]:
+    """Record every dispatch decision made inside the block, in call order (the coverage report, tests).
+
+    A call counts once, in the forward: the backward of a fused call is the fused backward. Under
+    ``torch.compile`` the decisions are made while Dynamo traces and the recording is replayed by each
+    run of the compiled code (a side effect Dynamo keeps), so a compiled step records its calls too."""
+    decisions: list[Decision] = []
+    _recorders.append(decisions)
+    try:
+        yield decisions
+    finally:
+        _recorders.remove(decisions)
+
+
+def _record(op: str, fused: bool, reason: str | None) -> None:
+    for decisions in _recorders:
+        decisions.append(Decision(op, fused, reason))
+
+
 # op name -> FusedImpl, or the reason the implementation could not be loaded at all.
 _fused: dict[str, FusedImpl | str] = {}
 # op name -> the reference implementation (filled from the op table, htsat_kernels.ops)
@@ -106,9 +142,13 @@ def dispatch(op: str, args: tuple, backend: str | None) -> Callable:
     if ref is None:
         raise ValueError(f"unknown op {op!r}; registered: {sorted(_reference)}")
     if choice == "reference":
+        if _recorders:
+            _record(op, False, "backend 'reference' was asked for")
         return ref
     impl = _fused.get(op, f"no fused implementation of {op} is registered")
     if isinstance(impl, str):
+        if _recorders:
+            _record(op, False, impl)
         return _unavailable(op, choice, impl, ref)
     reason = impl.unsupported(*args)
     if reason is None and choice == "auto":
@@ -116,6 +156,8 @@ def dispatch(op: str, args: tuple, backend: str | None) -> Callable:
             reason = "auto does not pick this kernel for CPU tensors (use backend='fused' to force it)"
         elif impl.auto_declines is not None:
             reason = impl.auto_declines(*args)
+    if _recorders:
+        _record(op, reason is None, reason)
     if reason is None:
         return impl.run
     return _unavailable(op, choice, reason, ref)
@@ -125,5 +167,6 @@ def _unavailable(op: str, choice: str, reason: str, ref: Callable) -> Callable:
     """The fused kernel cannot (or, under "auto", should not) run: raise for "fused", else the reference."""
     if choice == "fused":
         raise BackendUnavailable(f"backend 'fused' was requested for {op} but cannot run: {reason}")
-    logger.debug("%s: fused declined (%s); running the reference", op, reason)
+    if not torch.compiler.is_compiling():  # a logging call would split the compiled graph at every decline
+        logger.debug("%s: fused declined (%s); running the reference", op, reason)
     return ref

@@ -365,3 +365,20 @@ def test_scale_out_record_without_ray(tmp_path, monkeypatch):
     assert rec["runs"][0]["files_per_s"] == pytest.approx(2 / rec["runs"][0]["seconds"], abs=0.01)
     assert rec["runs"][0]["cpu_seconds"] > 0
     assert json.loads(next(tmp_path.glob("scale_out_cpu_*.json")).read_text())["runs"] == rec["runs"]
+
+
+def test_model_table_shows_coverage_and_the_numerics_verdict():
+    """The whole-model rows say how many op calls ran fused (and why the others did not) and judge the error
+    by the model 2x rule instead of a per-element maximum."""
+    from bench.report import _model_table
+
+    base = {"section": "model", "op": "model", "mode": "train", "batch": 2, "dtype": "bf16", "autocast": True}
+    ref = {**base, "provider": "reference", "median_ms": 10.0, "fused_calls": 0, "calls": 27}
+    ref.update(declines={"patch_merge: backend 'reference' was asked for": 3}, norm_rel_err=0.5, numerics_ok=True)
+    fused = {**base, "provider": "fused", "median_ms": 5.0, "fused_calls": 26, "calls": 27, "norm_rel_err": 0.06}
+    fused.update(declines={"window_attention: qkv is a CPU tensor": 1}, numerics_ok=True, max_abs_diff_vs_reference=1e-4)
+    bad = {**fused, "provider": "fused+compile", "numerics_ok": False, "reference_norm_rel_err": 0.01, "declines": {}}
+    text = _model_table([ref, fused, bad], {})
+    assert "26/27 [2]" in text and "0/27 [1]" in text
+    assert "[2] reference ran: window_attention: qkv is a CPU tensor (1x)" in text
+    assert "FAIL (ref 1.00e-02)" in text and "max rel err" not in text

@@ -98,14 +98,16 @@ def test_all_phases_run_in_order_within_the_budget(tmp_path, monkeypatch):
     assert build[2]["HTSAT_KERNELS_CUDA_ARCHS"] == "9.0" and build[2]["TORCH_CUDA_ARCH_LIST"] == "9.0"
     tests_cmd = next(c[0] for c in calls if "pytest" in c[0])
     assert "tests/test_window_attention.py" in tests_cmd and "tests/test_train.py" not in tests_cmd  # CUDA test files only
-    bench_args = [c[0] for c in calls if "bench" in c[0] and "--static" not in c[0]]
+    bench_args = [c[0] for c in calls if "bench" in c[0] and "--static" not in c[0] and "--coverage" not in c[0]]
+    coverage_args = [c[0] for c in calls if "--coverage" in c[0]]
+    assert [a[a.index("--coverage") + 1 : a.index("--out")] for a in coverage_args] == [["--quick"], ["--dtypes", "bf16"]]
     first = bench_args[0]
     assert first[first.index("--batches") + 1] == "128" and first[first.index("--dtypes") + 1] == "bf16"
     assert first[first.index("--modes") + 1] == "forward,full"
     providers = {p for a in bench_args for p in a[a.index("--providers") + 1].split(",")}
     assert {"reference", "fused", "compile", "sdpa", "flex", "fused+compile"} <= providers
     data = json.loads(check.stem.with_suffix(".json").read_text())
-    assert len(data["records"]) == len(bench_args)  # every part's records merged
+    assert len(data["records"]) == len(bench_args) + len(coverage_args)  # every part's records merged
     assert {p["phase"]: p["status"] for p in data["meta"]["gpu_check"]["phases"]}["sanitizer"] == "refused"
     assert check.stem.with_suffix(".csv").exists()
 

@@ -118,6 +118,17 @@ def tensor_reason(name: str, t, ndim: int) -> str | None:
     return f"{name} is on device {t.device.type!r}; the compiled kernels run on CPU and CUDA only"
 
 
+# LayerNorm weight / bias dtypes the compiled kernels take for activations of each dtype: the activations'
+# own, or float32 for float16 / bfloat16 activations (autocast's mix: fp32 parameters, low-precision
+# activations); the kernels compute in float32 either way (docs/design.md, numerics).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def mixed_operand_ok(activation: torch.dtype, param: torch.dtype) -> bool:
+    """True when the compiled kernels take a float tensor of dtype ``param`` next to ``activation`` ones."""
+    return param == activation or (param == torch.float32 and activation in HALF_DTYPES)
+
+
 def layer_norm_affine_reason(x: Tensor, weight, bias, n: int) -> str | None:
     """Why the compiled LayerNorm kernels cannot take this (weight, bias) of LayerNorm(n) with x, or None."""
     for name, t in (("weight", weight), ("bias", bias)):
@@ -125,10 +136,13 @@ def layer_norm_affine_reason(x: Tensor, weight, bias, n: int) -> str | None:
             return f"{name} must be a tensor (LayerNorm with elementwise affine), got {type(t).__name__}"
         if tuple(t.shape) != (n,):
             return f"{name} must have shape ({n},) for C={x.shape[-1]}, got {tuple(t.shape)}"
-        if t.dtype != x.dtype:
-            return f"{name} has dtype {t.dtype} but x has {x.dtype}; the compiled kernel needs them equal"
+        if not mixed_operand_ok(x.dtype, t.dtype):
+            return (
+                f"{name} has dtype {t.dtype} but x has {x.dtype}; the compiled kernel needs x's dtype, "
+                "or float32 with float16 / bfloat16 x"
+            )
         if t.device != x.device:
             return f"{name} is on {t.device} but x is on {x.device}"
-    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
-        return "autocast is on: the reference runs LayerNorm in float32 under autocast (output dtype differs)"
+    if weight.dtype != bias.dtype:
+        return f"weight has dtype {weight.dtype} but bias has {bias.dtype}; the compiled kernel needs them equal"
     return None

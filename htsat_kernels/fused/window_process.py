@@ -16,6 +16,11 @@ unfused ops; their unfused equivalents are in ``htsat_kernels.reference``):
       second derivative: double backward raises);
   ``htsat_kernels::window_merge_add(windows, shortcut, shift)``: shortcut + window_merge(windows),
       the merge + unshift + residual add in one pass (bit-exact against the unfused ops).
+
+Mixed precision (autocast's dtypes, docs/design.md numerics): the LayerNorm takes float32 weight / bias
+with float16 / bfloat16 x, computes in float32 and returns windows in x's dtype (weight / bias
+gradients in float32); window_merge_add takes float16 / bfloat16 windows with a float32 shortcut and
+returns float32 (torch's promotion), windows' gradient in their own dtype.
 """
 
 from __future__ import annotations
@@ -201,11 +206,15 @@ def _merge_add_setup_context(ctx, inputs, output) -> None:
     windows, shortcut, shift = inputs
     ctx.window_size = math.isqrt(int(windows.shape[1]))
     ctx.shift = shift
+    ctx.windows_dtype = windows.dtype
 
 
 def _merge_add_backward(ctx, grad: Tensor):
     grad = grad.contiguous()
-    return _ops.window_partition(grad, ctx.window_size, ctx.shift), grad, None
+    # each input's gradient in its own dtype: a float32 shortcut's is the float32 grad, float16 / bfloat16
+    # windows get it rounded once (as the backward of torch's promoting add gives)
+    grad_windows = _ops.window_partition(grad.to(ctx.windows_dtype), ctx.window_size, ctx.shift)
+    return grad_windows, grad, None
 
 
 torch.library.register_autograd(
@@ -219,8 +228,11 @@ def fused_layer_norm_window_partition(
 ) -> Tensor:
     """x (B, H, W, C) -> windows (B*nW, ws*ws, C) of LayerNorm(C)(x) after the -shift cyclic roll."""
     if _is_reshape(x.shape[1], x.shape[2], window_size, shift):
-        # the partition is a view: ATen's LayerNorm then a reshape is already one pass (and faster)
-        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps).reshape(-1, window_size * window_size, x.shape[3])
+        # the partition is a view: ATen's LayerNorm then a reshape is already one pass (and faster). Float32
+        # parameters with low-precision x: in float32 (CUDA's LayerNorm takes no mixed pair); the output in x's
+        # dtype like the kernel's (docs/design.md, numerics)
+        out = F.layer_norm(x if weight.dtype == x.dtype else x.float(), (x.shape[-1],), weight, bias, eps)
+        return out.to(x.dtype).reshape(-1, window_size * window_size, x.shape[3])
     windows, _, _ = _ops.layer_norm_window_partition(
         x.contiguous(), weight.contiguous(), bias.contiguous(), float(eps), int(window_size), int(shift)
     )
@@ -258,8 +270,11 @@ def merge_add_unsupported_reason(windows: Tensor, shortcut: Tensor, H: int, W: i
     n_img, C = windows.shape[0] // ((H // ws) * (W // ws)), windows.shape[-1]
     if tuple(shortcut.shape) not in ((n_img, H * W, C), (n_img, H, W, C)):
         return f"shortcut must have shape ({n_img}, {H * W}, {C}) or ({n_img}, {H}, {W}, {C}), got {tuple(shortcut.shape)}"
-    if shortcut.dtype != windows.dtype:
-        return f"shortcut has dtype {shortcut.dtype} but windows has {windows.dtype}; the compiled kernel needs them equal"
+    if not extension.mixed_operand_ok(windows.dtype, shortcut.dtype):
+        return (
+            f"shortcut has dtype {shortcut.dtype} but windows has {windows.dtype}; the compiled kernel needs "
+            "windows' dtype, or a float32 shortcut with float16 / bfloat16 windows"
+        )
     if shortcut.device != windows.device:
         return f"shortcut is on {shortcut.device} but windows is on {windows.device}"
     return None
