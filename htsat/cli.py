@@ -88,8 +88,8 @@ def _add_input_arguments(q) -> None:
     q.add_argument("files", nargs="+", help="audio files, folders (searched recursively), glob patterns or @list.txt files")
     q.add_argument(
         "--checkpoint",
-        required=True,
-        help="our checkpoint (from htsat train), an original HTS-AT .ckpt, a CLAP one, or a name of `htsat models`",
+        help="our checkpoint (from htsat train), an original HTS-AT .ckpt, a CLAP one, or a name of `htsat models` "
+        "(required unless --onnx is given)",
     )
     q.add_argument(
         "--model",
@@ -124,6 +124,15 @@ def _add_run_arguments(q) -> None:
     q.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     q.add_argument("--backend", default="auto", choices=BACKENDS)
     q.add_argument(
+        "--runtime",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="torch (the fastest on CPU too: python -m bench --cpu-runtimes), or onnxruntime (CPU; the model exported "
+        "to ONNX into the cache on first use, or --onnx FILE; needs the onnx extra)",
+    )
+    q.add_argument("--onnx", help="an ONNX file from `htsat export` to run (implies --runtime onnxruntime)")
+    q.add_argument("--quantize", choices=("int8",), help="onnxruntime: the export dynamically quantized to int8")
+    q.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16", "fp16"),
         default="auto",
@@ -140,17 +149,24 @@ def _add_run_arguments(q) -> None:
 def _add_protocol_parsers(sub) -> None:
     """htsat average / htsat evaluate (issue 15), htsat models / htsat download (issue 16): their parsers live
     with their code."""
-    from . import average, evaluate, pretrained
+    from . import average, evaluate, export, pretrained
 
     average.add_parser(sub)
     evaluate.add_parser(sub)
     pretrained.add_parsers(sub)
+    export.add_parser(sub)
 
 
 def _run_protocol(args) -> int:
-    from . import average, evaluate, pretrained
+    from . import average, evaluate, export, pretrained
 
-    runners = {"average": average.run, "evaluate": evaluate.run, "models": pretrained.run, "download": pretrained.run}
+    runners = {
+        "average": average.run,
+        "evaluate": evaluate.run,
+        "models": pretrained.run,
+        "download": pretrained.run,
+        "export": export.run,
+    }
     return runners[args.command](args)
 
 
@@ -229,10 +245,7 @@ def _run_inference(args) -> int:
     else:
         fmt = format_for(args.output, args.format, EMBED_FORMATS, "jsonl")
     inputs = expand_inputs(args.files)
-    predictor = Predictor.from_checkpoint(
-        args.checkpoint,
-        name=args.model,
-        backend=args.backend,
+    common = dict(
         device=args.device,
         labels_file=getattr(args, "labels", None),
         short_clips=args.short_clips,
@@ -242,6 +255,21 @@ def _run_inference(args) -> int:
         num_workers=0 if args.num_workers is None else args.num_workers,
         worker_stage=args.worker_stage,
     )
+    if args.onnx and not args.checkpoint:
+        predictor = Predictor.from_onnx(args.onnx, **common)
+    elif not args.checkpoint:
+        raise ValueError("--checkpoint is required (or --onnx FILE from htsat export)")
+    else:
+        runtime = "onnxruntime" if args.onnx or args.quantize else args.runtime
+        predictor = Predictor.from_checkpoint(
+            args.checkpoint,
+            name=args.model,
+            backend=args.backend,
+            runtime=runtime,
+            onnx=args.onnx,
+            quantize=args.quantize,
+            **common,
+        )
     if args.num_workers is None:
         predictor.num_workers = _default_workers(predictor.device)
     if predicting:
@@ -300,11 +328,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from .audio import AudioError
     from .data import ManifestError
+    from .export import MissingExtraError
     from .training import TrainingError
 
-    known = (AudioError, ManifestError, OSError, ValueError, BackendUnavailable, TrainingError)  # OSError messages name the file
+    known = (
+        AudioError,
+        ManifestError,
+        OSError,
+        ValueError,
+        BackendUnavailable,
+        TrainingError,
+        MissingExtraError,
+    )  # OSError messages name the file
     try:
-        if args.command in ("average", "evaluate", "models", "download"):
+        if args.command in ("average", "evaluate", "models", "download", "export"):
             return _run_protocol(args)
         if args.command == "train":
             return _run_train(args)
