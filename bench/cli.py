@@ -121,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="file throughput of htsat predict instead of the report: N (100) files of 10 s, tiny model, batched vs one at a time",
     )
+    p.add_argument(
+        "--cpu-runtimes",
+        action="store_true",
+        help="CPU clips/s instead of the report: eager reference, auto, torch.compile, ONNX Runtime (fp32, int8) and "
+        "OpenVINO if installed, interleaved; batch 1 and 8, 1 and all threads; htsat-audioset and clap-htsat-base "
+        "(--quick: htsat-audioset, batch 1, no compile)",
+    )
+    p.add_argument("--repeats", type=int, default=None, help="--cpu-runtimes: timed repeats per runtime (default 3)")
     return p
 
 
@@ -209,6 +217,22 @@ def main(argv=None) -> int:
 
         dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         clap.run(args.out, clips=args.clap, device=dev, threads=args.threads)
+        return 0
+    if args.cpu_runtimes:
+        from . import cpu_runtimes
+
+        if args.quick:
+            runtimes = tuple(r for r in cpu_runtimes.RUNTIMES if r != "compile")
+            cpu_runtimes.run(
+                args.out,
+                models=("htsat-audioset",),
+                batches=(1,),
+                threads=args.threads,
+                runtimes=runtimes,
+                repeats=args.repeats or 2,
+            )
+        else:
+            cpu_runtimes.run(args.out, threads=args.threads, repeats=args.repeats or 3)
         return 0
     if args.inference_files:
         from . import inference
