@@ -52,7 +52,7 @@ def _runners(model, runtimes, threads: int, compiled: dict, sessions: dict) -> d
             out[rt] = compiled["reference"]
         elif rt == "auto":
             out[rt] = model
-        elif rt == "compile":
+        elif rt == "compile" and "compile" in compiled:
             out[rt] = compiled["compile"]
         elif rt in ("onnxruntime", "onnxruntime+fft", "onnxruntime-int8"):
             om = OnnxModel(sessions[rt], threads=threads)
@@ -74,6 +74,8 @@ def run(
     threads=None,
     runtimes=RUNTIMES,
     repeats: int = 3,
+    compile_models=MODELS,
+    compile_batches=(1, 8),
 ) -> dict:
     import torch
 
@@ -101,7 +103,7 @@ def run(
             sessions["onnxruntime-int8"] = cached_export(model, input="mel", quantize="int8")
         notes[f"{name} export_s"] = round(time.perf_counter() - t0, 1)
         compiled = {"reference": ref}
-        if "compile" in runtimes:
+        if "compile" in runtimes and name in compile_models:
             compiled["compile"] = torch.compile(model)
         for th in thread_counts:
             torch.set_num_threads(th)
@@ -109,15 +111,16 @@ def run(
             for B in batches:
                 x = 0.1 * torch.randn(B, n, generator=torch.Generator().manual_seed(B))
                 best = {}
+                batch_runners = {rt: fn for rt, fn in runners.items() if rt != "compile" or B in compile_batches}
                 with torch.inference_mode():
-                    for rt, fn in runners.items():  # warm-up (compile: the compilation for this shape)
+                    for rt, fn in batch_runners.items():  # warm-up (compile: the compilation for this shape)
                         t0 = time.perf_counter()
                         fn(x)
                         if rt == "compile":
                             notes[f"{name} compile_s B={B} threads={th}"] = round(time.perf_counter() - t0, 1)
                         best[rt] = float("inf")
                     for _ in range(repeats):
-                        for rt, fn in runners.items():
+                        for rt, fn in batch_runners.items():
                             t0 = time.perf_counter()
                             fn(x)
                             best[rt] = min(best[rt], time.perf_counter() - t0)
@@ -143,6 +146,9 @@ def run(
         "load_average_before": [round(v, 2) for v in load_before],
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
         "cpu_count": os.cpu_count(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "compiled_models": list(compile_models),
+        "compiled_batches": list(compile_batches),
         "torch": torch.__version__,
         "onnxruntime": _version("onnxruntime"),
         "openvino": _version("openvino"),

@@ -285,9 +285,25 @@ def test_inference_files_record(tmp_path):
     pytest.importorskip("soxr")
     from bench import inference
 
-    rec = inference.run(tmp_path, n_files=3, seconds=6.0, batch_size=4, num_workers=1, threads=1, repeats=1)
+    rec = inference.run(tmp_path, n_files=3, seconds=6.0, batch_size=4, num_workers=1, threads=1, repeats=1, runtimes=("torch",))
     assert {(r["path"], r["torch_threads"]) for r in rec["runs"]} == {("loop", 1), ("batched", 1)}
     assert all(r["files_per_s"] > 0 for r in rec["runs"])
     assert rec["worker_stage"] == "model"
     assert rec["speedup"] == pytest.approx(rec["best"]["batched"]["files_per_s"] / rec["best"]["loop"]["files_per_s"], abs=0.01)
     assert json.loads(next(tmp_path.glob("inference_cpu_*.json")).read_text())["runs"] == rec["runs"]
+
+
+@pytest.mark.slow
+def test_inference_files_runtime_axis(tmp_path, monkeypatch):
+    """--inference-files with onnxruntime installed: the batched path on each runtime (one export, into $HTSAT_HOME)."""
+    pytest.importorskip("soundfile")
+    pytest.importorskip("soxr")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from bench import inference
+
+    monkeypatch.setenv("HTSAT_HOME", str(tmp_path / "home"))
+    rec = inference.run(tmp_path, n_files=2, seconds=6.0, batch_size=4, num_workers=1, threads=1, repeats=1)
+    assert {r["path"] for r in rec["runs"]} == {"loop", "batched", "batched-onnxruntime"}
+    assert all(r["files_per_s"] > 0 for r in rec["runs"])
+    assert len(list((tmp_path / "home" / "onnx").glob("*.onnx"))) == 1
