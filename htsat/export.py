@@ -501,15 +501,19 @@ def add_parser(sub) -> None:
         "by the runtime (htsat predict --runtime onnxruntime --onnx FILE).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("source", help="our checkpoint, an original HTS-AT / CLAP one, a name of `htsat models`, or a preset")
+    p.add_argument(
+        "source",
+        help="our checkpoint, an original HTS-AT / CLAP one, a name of `htsat models` (its weights, downloaded into the "
+        "cache), or a preset or JSON config that is not one (random weights)",
+    )
     p.add_argument("-o", "--output", required=True, help="the ONNX file to write")
     p.add_argument("--model", help="preset or JSON config for checkpoints without a saved config")
-    p.add_argument("--labels", help="class names file stored in the metadata (default: the checkpoint's, or AudioSet's)")
+    p.add_argument("--labels", help="class names file stored in the metadata (default: the checkpoint's, else AudioSet's)")
     p.add_argument(
         "--input", choices=INPUTS, default="waveform", help="waveform (B, samples) or mel (B, 1, frames, mel_bins: before bn0)"
     )
     p.add_argument("--quantize", choices=QUANTIZE, help="int8: ONNX Runtime dynamic quantization of the MatMul/Gemm weights")
-    p.add_argument("--no-check", dest="check", action="store_false", help="skip the comparison with PyTorch")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the comparison with PyTorch (default: check)")
 
 
 def _load_for_export(args):
@@ -519,7 +523,7 @@ def _load_for_export(args):
     from .pretrained import REGISTRY
 
     src = args.source
-    if os.path.exists(src) and not src.endswith(".json") or (src in REGISTRY and src not in PRESETS):
+    if os.path.exists(src) and not src.endswith(".json") or src in REGISTRY:  # a name of both: its weights
         pred = Predictor.from_checkpoint(src, name=args.model, backend="reference", device="cpu", labels_file=args.labels)
         return pred.model, pred.labels, False
     if src in PRESETS or src.endswith(".json"):
