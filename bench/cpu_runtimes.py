@@ -183,3 +183,27 @@ def _version(module: str) -> str | None:
         return version(module)
     except Exception:
         return None
+
+
+def markdown_table(records: list[dict]) -> str:
+    """Clips/s per runtime (rows) and setting (columns), the fastest of each column in bold."""
+    settings = sorted(
+        {(r["model"], r["batch"], r["threads"]) for r in records},
+        key=lambda k: (MODELS.index(k[0]) if k[0] in MODELS else 9, k[1], k[2]),
+    )
+    runtimes = [rt for rt in RUNTIMES if any(r["runtime"] == rt for r in records)]
+    head = (
+        "| runtime | "
+        + " | ".join(f"{m.replace('htsat-', '').replace('clap-', 'clap ')} B={b} t={t}" for m, b, t in settings)
+        + " |"
+    )
+    lines = [head, "|---" * (len(settings) + 1) + "|"]
+    cell = {(r["runtime"], r["model"], r["batch"], r["threads"]): r["clips_per_s"] for r in records}
+    best = {s: max(v for (rt, *k), v in cell.items() if tuple(k) == s) for s in settings}
+    for rt in runtimes:
+        row = []
+        for s in settings:
+            v = cell.get((rt, *s))
+            row.append("-" if v is None else (f"**{v:.2f}**" if v == best[s] else f"{v:.2f}"))
+        lines.append(f"| `{rt}` | " + " | ".join(row) + " |")
+    return "\n".join(lines)
