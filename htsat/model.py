@@ -109,7 +109,7 @@ class HTSAT(nn.Module):
         """(B, samples) -> (B, 1, frames, mel_bins) log-mel before bn0, in float32 (float64 for a double
         model), also under autocast or in a model cast to half (a full-scale tone overflows fp16 in the
         power spectrum): what ``front_end()`` computes. On CPU, except on the reference backend, the DFT
-        runs by FFT (``front_end(stft="fft")``: the same values within 5e-7 of the outputs, a tenth of the
+        runs by FFT (``front_end(stft="fft")``: the same values within 1e-6 of the outputs, a tenth of the
         conv's time there, where the conv is a tenth of the model's)."""
         if waveform.device.type == "cpu" and self._backend != "reference":
             dtype = self._front_dtype()
