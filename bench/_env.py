@@ -11,7 +11,9 @@ import os
 
 
 def prepare_process() -> bool:
-    """Turn on the Triton interpreter when no CUDA device is usable; returns True when it is on."""
+    """Turn on the Triton interpreter when no CUDA device is usable; returns True when it is on. Also
+    OpenMP's passive waiting, as ``import htsat`` sets it (before torch loads)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     if not torch.cuda.is_available():

@@ -151,6 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --inference-files: files/s of htsat embed under torchrun and of htsat.ray.Embedder, with each "
         "number of processes / Ray actors (e.g. 1,2)",
     )
+    p.add_argument(
+        "--cpu-runtimes",
+        action="store_true",
+        help="CPU clips/s instead of the report: eager reference, auto, torch.compile, ONNX Runtime (fp32, int8) and "
+        "OpenVINO if installed, interleaved; batch 1 and 8, 1 and all threads; htsat-audioset and clap-htsat-base "
+        "(--quick: htsat-audioset, batch 1, no compile)",
+    )
+    p.add_argument("--repeats", type=int, default=None, help="--cpu-runtimes: timed repeats per runtime (default 3)")
+    p.add_argument(
+        "--int8-quality",
+        action="store_true",
+        help="int8 against fp32 instead of the report: cosine of the embeddings, top-1/top-5 tag agreement on speech "
+        "(espeak-ng), tones and noise made here; htsat-audioset and clap-htsat-base (--quick: htsat-audioset)",
+    )
     return p
 
 
@@ -254,6 +268,34 @@ def main(argv=None) -> int:
         from . import scale_out
 
         scale_out.run(args.out, n_files=args.inference_files, processes=[int(p) for p in args.processes])
+        return 0
+    if args.int8_quality:
+        from . import int8_quality
+
+        int8_quality.run(args.out, models=("htsat-audioset",) if args.quick else ("htsat-audioset", "clap-htsat-base"))
+        return 0
+    if args.cpu_runtimes:
+        from . import cpu_runtimes
+
+        if args.quick:
+            runtimes = tuple(r for r in cpu_runtimes.RUNTIMES if r != "compile")
+            cpu_runtimes.run(
+                args.out,
+                models=("htsat-audioset",),
+                batches=(1,),
+                threads=args.threads,
+                runtimes=runtimes,
+                repeats=args.repeats or 2,
+            )
+        else:
+            # torch.compile takes many minutes per model and batch shape on a shared 2-core box: audioset, batch 1
+            cpu_runtimes.run(
+                args.out,
+                threads=args.threads,
+                repeats=args.repeats or 3,
+                compile_models=("htsat-audioset",),
+                compile_batches=(1,),
+            )
         return 0
     if args.inference_files:
         from . import inference

@@ -5,7 +5,8 @@ of a loop that reads each file and calls the model on it alone (what ``htsat pre
 against the batched path as ``htsat predict`` runs it (``Predictor.iter_files``: windows of many
 files per forward; on CPU one DataLoader worker per core, each decoding, resampling, computing the
 log-mel by FFT and running the model on its own files; on GPU the workers decode and resample while
-the model runs). Files are 44.1 kHz mono PCM, so both paths resample to the model's 16 kHz. Each
+the model runs), on each runtime (torch; onnxruntime when installed, CPU only: ``batched-onnxruntime``).
+Files are 44.1 kHz mono PCM, so both paths resample to the model's 16 kHz. Each
 path runs at every torch thread count from 1 to the default (all cores); the speedup is best
 batched / best loop, each at the setting that suits it on this machine. On a compute-bound CPU,
 batching across files barely pays; one process per core (a small model's ops are too small for
@@ -16,6 +17,7 @@ work) do.
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import tempfile
@@ -49,6 +51,7 @@ def run(
     threads=None,
     device: str = "cpu",
     repeats: int = 3,
+    runtimes=("torch", "onnxruntime"),
 ) -> dict:
     import torch
 
@@ -66,30 +69,44 @@ def run(
     sr = model.config.sample_rate
     with tempfile.TemporaryDirectory() as tmp:
         paths = _write_files(tmp, n_files, seconds, 44100)
-        pred = Predictor(model, htsat.audioset_labels(), torch.device(device), batch_size=batch_size, num_workers=num_workers)
+        if device != "cpu" or importlib.util.find_spec("onnxruntime") is None:
+            runtimes = ("torch",)
+        preds = {
+            rt: Predictor(
+                model, htsat.audioset_labels(), torch.device(device), batch_size=batch_size, num_workers=num_workers, runtime=rt
+            )
+            for rt in runtimes
+        }
 
         def loop():
             with torch.inference_mode():
                 for p in paths:
                     model(torch.from_numpy(load_audio(p, sr))[None].to(device))
 
-        def batched():
-            for r in pred.iter_files(paths):
-                assert "error" not in r, r
+        def batched(pred):
+            def go():
+                for r in pred.iter_files(paths):
+                    assert "error" not in r, r
+
+            return go
+
+        # "batched": htsat predict's path on the torch runtime; "batched-onnxruntime": --runtime onnxruntime
+        fns = {"loop": loop, **{"batched" + ("" if rt == "torch" else f"-{rt}"): batched(p) for rt, p in preds.items()}}
 
         runs = []
         for th in thread_counts:
             torch.set_num_threads(th)
             loop()  # warm-up
-            list(pred.iter_files(paths[: min(8, n_files)]))
-            best = {"loop": float("inf"), "batched": float("inf")}
-            for _ in range(repeats):  # interleaved, best of each: drifts of the machine hit both paths alike
-                for name, fn in (("loop", loop), ("batched", batched)):
+            for p in preds.values():
+                list(p.iter_files(paths[: min(8, n_files)]))
+            best = {name: float("inf") for name in fns}
+            for _ in range(repeats):  # interleaved, best of each: drifts of the machine hit every path alike
+                for name, fn in fns.items():
                     best[name] = min(best[name], _timed(fn))
             for name, t in best.items():
                 runs.append({"path": name, "torch_threads": th, "files_per_s": round(n_files / t, 2)})
         torch.set_num_threads(default_threads)
-    best = {name: max((r for r in runs if r["path"] == name), key=lambda r: r["files_per_s"]) for name in ("loop", "batched")}
+    best = {name: max((r for r in runs if r["path"] == name), key=lambda r: r["files_per_s"]) for name in fns}
     rec = {
         "case": "inference_files",
         "device": device,
@@ -120,6 +137,9 @@ def run(
         f"inference: batched (batch {batch_size}, {num_workers} worker(s), {b['torch_threads']} thread(s)) "
         f"{b['files_per_s']} files/s vs loop ({lp['torch_threads']} thread(s)) {lp['files_per_s']} files/s: x{rec['speedup']}"
     )
+    for name in best:
+        if name.startswith("batched-"):
+            print(f"inference: {name} {best[name]['files_per_s']} files/s ({best[name]['torch_threads']} thread(s))")
     print(f"results: {path}")
     return rec
 

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from htsat_kernels.fused.cpu_attention import sdpa_window_attention
 from htsat_kernels.ops import ALIASES as OP_ALIASES
 from htsat_kernels.ops import OPS as OP_SPECS
 from htsat_kernels.shapes import STAGES, WINDOW, Stage
@@ -97,36 +97,7 @@ def shape_str(op: str, st: Stage, B: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Peers for window attention
-
-
-def sdpa_window_attention(qkv, table, mask, num_heads: int, scale: float, dropout_p: float = 0.0, shifted_grid=None):
-    """Window attention through F.scaled_dot_product_attention with a dense bias+mask tensor
-    (the op's signature; the benchmark runs without attention dropout; a ``shifted_grid`` becomes
-    its mask tensor, cached).
-
-    Windows and heads are folded into one axis, (B, nW*h, N, d), so the (nW*h, N, N) bias+mask
-    broadcasts over the clips as a 4-D attn_mask (the layout SDPA's fused kernels accept).
-    """
-    import htsat_kernels as hk
-
-    B_, N, C3 = qkv.shape
-    C = C3 // 3
-    d = C // num_heads
-    if shifted_grid is not None:
-        mask = hk.reference.grid_mask(shifted_grid, hk.reference.window_size_of(N), qkv.device)
-    nW = mask.shape[0] if mask is not None else 1
-    B = B_ // nW
-    parts = qkv.view(B, nW, N, 3, num_heads, d).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, d)
-    q, k, v = (p.reshape(B, nW * num_heads, N, d) for p in parts.unbind(0))
-    index = hk.reference.relative_position_index(hk.reference.window_size_of(N), qkv.device)
-    bias = table[index.view(-1)].view(N, N, num_heads).permute(2, 0, 1)  # (h, N, N)
-    if mask is not None:
-        dense = (bias.unsqueeze(0) + mask.unsqueeze(1)).reshape(1, nW * num_heads, N, N)
-    else:
-        dense = bias.unsqueeze(0)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense.to(q.dtype), scale=scale)
-    return out.view(B, nW, num_heads, N, d).permute(0, 1, 3, 2, 4).reshape(B_, N, C)
+# Peers for window attention (sdpa: the CPU path of auto, device-agnostic itself)
 
 
 def flex_window_attention(qkv, table, mask, num_heads: int, scale: float, index):

@@ -92,8 +92,8 @@ def _add_input_arguments(q) -> None:
     q.add_argument("files", nargs="+", help="audio files, folders (searched recursively), glob patterns or @list.txt files")
     q.add_argument(
         "--checkpoint",
-        required=True,
-        help="our checkpoint (from htsat train), an original HTS-AT .ckpt, a CLAP one, or a name of `htsat models`",
+        help="our checkpoint (from htsat train), an original HTS-AT .ckpt, a CLAP one, or a name of `htsat models` "
+        "(required unless --onnx is given)",
     )
     q.add_argument(
         "--model",
@@ -128,6 +128,15 @@ def _add_run_arguments(q) -> None:
     q.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     q.add_argument("--backend", default="auto", choices=BACKENDS)
     q.add_argument(
+        "--runtime",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="torch (the fastest on CPU too: python -m bench --cpu-runtimes), or onnxruntime (CPU; the model exported "
+        "to ONNX into the cache on first use, or --onnx FILE; needs the onnx extra)",
+    )
+    q.add_argument("--onnx", help="an ONNX file from `htsat export` to run (implies --runtime onnxruntime)")
+    q.add_argument("--quantize", choices=("int8",), help="onnxruntime: the export dynamically quantized to int8")
+    q.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16", "fp16"),
         default="auto",
@@ -150,17 +159,24 @@ def _add_run_arguments(q) -> None:
 def _add_protocol_parsers(sub) -> None:
     """htsat average / htsat evaluate (issue 15), htsat models / htsat download (issue 16): their parsers live
     with their code."""
-    from . import average, evaluate, pretrained
+    from . import average, evaluate, export, pretrained
 
     average.add_parser(sub)
     evaluate.add_parser(sub)
     pretrained.add_parsers(sub)
+    export.add_parser(sub)
 
 
 def _run_protocol(args) -> int:
-    from . import average, evaluate, pretrained
+    from . import average, evaluate, export, pretrained
 
-    runners = {"average": average.run, "evaluate": evaluate.run, "models": pretrained.run, "download": pretrained.run}
+    runners = {
+        "average": average.run,
+        "evaluate": evaluate.run,
+        "models": pretrained.run,
+        "download": pretrained.run,
+        "export": export.run,
+    }
     return runners[args.command](args)
 
 
@@ -282,6 +298,8 @@ def _run_inference(args) -> int:
     else:
         fmt = format_for(args.output, args.format, EMBED_FORMATS, "jsonl")
         framewise = False
+    if not args.checkpoint and not args.onnx:
+        raise ValueError("--checkpoint is required (or --onnx FILE from htsat export)")
     to_file = bool(args.output) and args.output != "-"
     if not to_file and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="surrogateescape")  # a name that is not UTF-8: its own bytes, as in a file
@@ -294,10 +312,7 @@ def _run_inference(args) -> int:
     inputs = expand_inputs(args.files) if shards is None or shards.main else InputList()
     if to_file and (shards is None or shards.main):
         check_output(fmt, args.output, inputs)  # before the model loads (a download, perhaps)
-    predictor = Predictor.from_checkpoint(
-        args.checkpoint,
-        name=args.model,
-        backend=args.backend,
+    common = dict(
         device=args.device if shards is None else shards.device(args.device),
         labels_file=getattr(args, "labels", None),
         short_clips=args.short_clips,
@@ -307,6 +322,19 @@ def _run_inference(args) -> int:
         num_workers=0 if args.num_workers is None else args.num_workers,
         worker_stage=args.worker_stage,
     )
+    if args.onnx and not args.checkpoint:
+        predictor = Predictor.from_onnx(args.onnx, **common)
+    else:
+        runtime = "onnxruntime" if args.onnx or args.quantize else args.runtime
+        predictor = Predictor.from_checkpoint(
+            args.checkpoint,
+            name=args.model,
+            backend=args.backend,
+            runtime=runtime,
+            onnx=args.onnx,
+            quantize=args.quantize,
+            **common,
+        )
     if args.num_workers is None:
         predictor.num_workers = (shards.default_workers if shards else _default_workers)(predictor.device)
     if shards is not None:
@@ -422,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .audio import AudioError
     from .data import ManifestError
+    from .export import MissingExtraError
     from .inference import InferenceError
     from .training import TrainingError
 
@@ -433,9 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         BackendUnavailable,
         TrainingError,
         InferenceError,
+        MissingExtraError,
     )  # OSError messages name the file
     try:
-        if args.command in ("average", "evaluate", "models", "download"):
+        if args.command in ("average", "evaluate", "models", "download", "export"):
             return _run_protocol(args)
         if args.command == "train":
             return _run_train(args)

@@ -646,7 +646,7 @@ def run_files(
     if stage == "model" and predictor.device.type != "cpu":
         raise ValueError(f"worker_stage 'model' runs the model in CPU worker processes; the model is on {predictor.device}")
     front = rows = None
-    if num_workers > 0 and stage in ("mel", "model"):
+    if num_workers > 0 and stage in ("mel", "model") and getattr(model, "accepts_mel", True):
         # the original's DFT by FFT (FrontEnd): on CPU the frozen-conv STFT is a third of the tiny model's work
         front = copy.deepcopy(model.front_end(stft="fft")).cpu().eval()
     if num_workers > 0 and stage == "model":

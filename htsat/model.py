@@ -77,6 +77,7 @@ class HTSAT(nn.Module):
         # CLAP's joint-embedding projection (htsat/clap.py): None for the classification presets
         self.audio_projection = audio_projection(cfg.num_features, cfg.projection_dim) if cfg.projection_dim else None
         self.backend = backend
+        self._fft_fronts: dict[torch.dtype, FrontEnd] = {}  # mel_features on CPU, per front-end dtype
 
     # backend ----------------------------------------------------------------------------------
     @property
@@ -120,7 +121,15 @@ class HTSAT(nn.Module):
     def mel_features(self, waveform: Tensor) -> Tensor:
         """(B, samples) -> (B, 1, frames, mel_bins) log-mel before bn0, in float32 (float64 for a double
         model), also under autocast or in a model cast to half (a full-scale tone overflows fp16 in the
-        power spectrum): what ``front_end()`` computes."""
+        power spectrum): what ``front_end()`` computes. On CPU, except on the reference backend, the DFT
+        runs by FFT (``front_end(stft="fft")``: the same values within 1e-6 of the outputs, a tenth of the
+        conv's time there, where the conv is a tenth of the model's)."""
+        if waveform.device.type == "cpu" and self._backend != "reference":
+            dtype = self._front_dtype()
+            front = self._fft_fronts.get(dtype)
+            if front is None:  # a plain dict entry, not a submodule: state_dict keys stay the original's
+                front = self._fft_fronts[dtype] = self.front_end(stft="fft")
+            return front(waveform)
         with torch.autocast(device_type=waveform.device.type, enabled=False):
             return self.logmel_extractor(self.spectrogram_extractor(waveform.to(self._front_dtype())))
 

@@ -159,6 +159,17 @@ class Predictor:
     batch_size: int = 16  # windows of clip_seconds per forward, across files
     num_workers: int = 0  # DataLoader workers decoding and resampling
     worker_stage: str | None = None  # what the workers do: audio / mel / model (default: model on CPU, else audio)
+    runtime: str = "torch"  # "onnxruntime": the model exported to ONNX and run by ONNX Runtime (htsat.export)
+    onnx: str | None = None  # an exported file for the onnxruntime runtime (default: exported into the cache)
+    quantize: str | None = None  # "int8": the cached export dynamically quantized (onnxruntime runtime)
+
+    def __post_init__(self) -> None:
+        from .export import check_runtime, runtime_model
+
+        check_runtime(self.runtime)
+        if self.runtime == "onnxruntime" and self.device.type != "cpu":
+            raise ValueError(f"--runtime onnxruntime runs on CPU; the device is {self.device} (use --device cpu)")
+        self.model = runtime_model(self.model, runtime=self.runtime, onnx=self.onnx, quantize=self.quantize, labels=self.labels)
 
     @classmethod
     def from_checkpoint(
@@ -197,6 +208,18 @@ class Predictor:
         model = model_from_checkpoint(obj, name=name, backend=backend, source=os.fspath(path), overrides=overrides)
         model.to(dev).eval()
         return cls(model, labels_for(model.config.num_classes, obj, labels_file), dev, **kwargs)
+
+    @classmethod
+    def from_onnx(cls, path: str, *, device: str | None = None, labels_file: str | None = None, **kwargs) -> Predictor:
+        """A file from ``htsat export`` on the onnxruntime runtime; config and class names from its metadata."""
+        from .export import OnnxModel, require_onnxruntime
+
+        require_onnxruntime()
+        model = OnnxModel(path)
+        names = model.labels or None
+        labels = labels_for(model.config.num_classes, {"classes": names} if names else None, labels_file)
+        kwargs.update(runtime="onnxruntime", onnx=path)
+        return cls(model, labels, resolve_device(device or "cpu"), **kwargs)
 
     def _autocast(self):
         if self.precision == "auto":

@@ -23,6 +23,7 @@ from .backends import (
     current_backend,
     fused_status,
     record_dispatch,
+    register_cpu_auto,
     register_fused,
     register_reference,
     use_backend,
@@ -94,6 +95,8 @@ def _register(spec: OpSpec) -> None:
     except Exception as exc:
         impl = f"htsat_kernels.fused.{spec.fused.module} failed to load: {exc}"
     register_fused(spec.name, impl)
+    if spec.cpu_auto is not None:
+        register_cpu_auto(spec.name, spec.cpu_auto.load())
 
 
 for _spec in OPS.values():

@@ -3,7 +3,8 @@
 Precedence of the choice: an explicit ``backend=`` argument > the innermost ``use_backend(...)``
 context (the model runs its layers inside ``use_backend(model.backend)`` unless that is "auto")
 > the env var ``HTSAT_KERNELS_BACKEND`` > "auto". "auto" runs the fused kernel when its capability check accepts the call and the
-reference otherwise (the reason is logged at debug level). "fused" runs the fused kernel or
+reference otherwise (the reason is logged at debug level); for CPU tensors an op may declare a faster
+implementation of the same contract that "auto" runs instead of that reference (window attention: SDPA). "fused" runs the fused kernel or
 raises ``BackendUnavailable`` with the reason: it never falls back silently.
 """
 
@@ -107,10 +108,16 @@ def _record(op: str, fused: bool, reason: str | None) -> None:
 _fused: dict[str, FusedImpl | str] = {}
 # op name -> the reference implementation (filled from the op table, htsat_kernels.ops)
 _reference: dict[str, Callable] = {}
+# op name -> what "auto" runs for CPU tensors instead of the reference (faster, same contract)
+_cpu_auto: dict[str, FusedImpl] = {}
 
 
 def register_fused(op: str, impl: FusedImpl | str) -> None:
     _fused[op] = impl
+
+
+def register_cpu_auto(op: str, impl: FusedImpl) -> None:
+    _cpu_auto[op] = impl
 
 
 def register_reference(op: str, fn: Callable) -> None:
@@ -147,19 +154,29 @@ def dispatch(op: str, args: tuple, backend: str | None) -> Callable:
         return ref
     impl = _fused.get(op, f"no fused implementation of {op} is registered")
     if isinstance(impl, str):
+        reason = impl
+    else:
+        why = impl.unsupported(*args)
+        if why is None and choice == "auto":
+            if not impl.auto_on_cpu and args[0].device.type == "cpu":
+                why = "auto does not pick this kernel for CPU tensors (use backend='fused' to force it)"
+            elif impl.auto_declines is not None:
+                why = impl.auto_declines(*args)
+        if why is None:
+            if _recorders:
+                _record(op, True, None)
+            return impl.run
+        reason = why
+    cpu = _cpu_auto.get(op) if choice == "auto" else None
+    if cpu is not None and args[0].device.type == "cpu" and cpu.unsupported(*args) is None:
+        # where auto would run the reference on CPU: the faster path of the same contract (not the fused kernel)
         if _recorders:
-            _record(op, False, impl)
-        return _unavailable(op, choice, impl, ref)
-    reason = impl.unsupported(*args)
-    if reason is None and choice == "auto":
-        if not impl.auto_on_cpu and args[0].device.type == "cpu":
-            reason = "auto does not pick this kernel for CPU tensors (use backend='fused' to force it)"
-        elif impl.auto_declines is not None:
-            reason = impl.auto_declines(*args)
+            _record(op, False, f"{reason}; ran its CPU path")
+        if not torch.compiler.is_compiling():
+            logger.debug("%s: fused declined (%s); running its CPU path", op, reason)
+        return cpu.run
     if _recorders:
-        _record(op, reason is None, reason)
-    if reason is None:
-        return impl.run
+        _record(op, False, reason)
     return _unavailable(op, choice, reason, ref)
 
 

@@ -101,6 +101,8 @@ class OpSpec:
     edge_examples: Callable[[], dict]  # name -> valid arguments at the edges every backend must accept
     aliases: tuple[str, ...] = ()
     applies_to: Callable[[Stage], bool] = field(default=lambda st: True)
+    # what "auto" runs for CPU tensors it accepts, before the fused kernel and the reference
+    cpu_auto: Fused | None = None
 
     @functools.cached_property
     def signature(self) -> inspect.Signature:
@@ -397,6 +399,7 @@ OPS: dict[str, OpSpec] = _table(
         example=_attention_example,
         edge_examples=_attention_edges,
         aliases=("attention", "attn"),
+        cpu_auto=Fused("cpu_attention", "sdpa_window_attention", "sdpa_unsupported_reason"),
     ),
     OpSpec(
         name="window_partition",

@@ -341,7 +341,7 @@ def test_inference_files_record(tmp_path):
     pytest.importorskip("soxr")
     from bench import inference
 
-    rec = inference.run(tmp_path, n_files=3, seconds=6.0, batch_size=4, num_workers=1, threads=1, repeats=1)
+    rec = inference.run(tmp_path, n_files=3, seconds=6.0, batch_size=4, num_workers=1, threads=1, repeats=1, runtimes=("torch",))
     assert {(r["path"], r["torch_threads"]) for r in rec["runs"]} == {("loop", 1), ("batched", 1)}
     assert all(r["files_per_s"] > 0 for r in rec["runs"])
     assert rec["worker_stage"] == "model"
@@ -382,3 +382,51 @@ def test_model_table_shows_coverage_and_the_numerics_verdict():
     assert "26/27 [2]" in text and "0/27 [1]" in text
     assert "[2] reference ran: window_attention: qkv is a CPU tensor (1x)" in text
     assert "FAIL (ref 1.00e-02)" in text and "max rel err" not in text
+
+
+@pytest.mark.slow
+def test_inference_files_runtime_axis(tmp_path, monkeypatch):
+    """--inference-files with onnxruntime installed: the batched path on each runtime (one export, into $HTSAT_HOME)."""
+    pytest.importorskip("soundfile")
+    pytest.importorskip("soxr")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from bench import inference
+
+    monkeypatch.setenv("HTSAT_HOME", str(tmp_path / "home"))
+    rec = inference.run(tmp_path, n_files=2, seconds=6.0, batch_size=4, num_workers=1, threads=1, repeats=1)
+    assert {r["path"] for r in rec["runs"]} == {"loop", "batched", "batched-onnxruntime"}
+    assert all(r["files_per_s"] > 0 for r in rec["runs"])
+    assert len(list((tmp_path / "home" / "onnx").glob("*.onnx"))) == 1
+
+
+def test_cpu_runtimes_summary_and_table():
+    """`--cpu-runtimes`: auto against onnxruntime per setting, and the README table (fastest in bold)."""
+    from bench.cpu_runtimes import markdown_table, summary
+
+    recs = [
+        {"model": "htsat-audioset", "runtime": rt, "batch": 1, "threads": 1, "clips_per_s": v}
+        for rt, v in (("reference", 2.0), ("auto", 3.0), ("onnxruntime", 2.5))
+    ]
+    assert summary(recs) == ["htsat-audioset B=1 threads=1: auto 3.00 vs onnxruntime 2.50 clips/s: x1.20"]
+    table = markdown_table(recs).splitlines()
+    assert table[0] == "| runtime | audioset B=1 t=1 |"
+    assert table[2:] == ["| `reference` | 2.00 |", "| `auto` | **3.00** |", "| `onnxruntime` | 2.50 |"]
+
+
+def test_int8_quality_compare_and_clips():
+    """`--int8-quality`: cosine, top-1 agreement and top-5 overlap of two runs' outputs; the synthetic clips."""
+    import numpy as np
+
+    from bench.int8_quality import clips, compare
+
+    p = np.array([[0.9, 0.8, 0.1, 0.2, 0.3, 0.05], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
+    q = p.copy()
+    q[1, 5], q[1, 0] = 0.0, 0.7  # row 2: another top-1, one class of the top 5 swapped
+    emb = np.array([[1.0, 0.0], [0.0, 1.0]])
+    r = compare({"clipwise_output": p, "latent_output": emb}, {"clipwise_output": q, "latent_output": -emb}, "latent_output")
+    assert r["cosine_mean"] == -1.0 and r["top1_agreement"] == 0.5 and r["top5_overlap"] == 0.9
+    assert r["max_prob_diff"] == pytest.approx(0.6)
+    made = clips(8000, seconds=1.0)
+    assert {"tone-440", "white-noise", "pink-noise"} <= {n for n, _ in made}
+    assert all(x.shape == (8000,) and x.dtype == np.float32 and np.abs(x).max() <= 1 for _, x in made)

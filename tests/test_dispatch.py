@@ -48,6 +48,13 @@ def fakes(monkeypatch):
     return recs
 
 
+@pytest.fixture
+def no_cpu_path(monkeypatch):
+    """Without the CPU implementations "auto" prefers over the reference (window attention's SDPA),
+    for the tests of the fused-or-reference choice itself."""
+    monkeypatch.setattr(backends, "_cpu_auto", {})
+
+
 def _picked(op: str, backend=None):
     return backends.dispatch(op, _args(op), backend)
 
@@ -136,7 +143,7 @@ def test_invalid_names_say_where_they_came_from(fakes, monkeypatch):
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_forced_fused_without_an_implementation_raises_with_the_reason(op, monkeypatch):
+def test_forced_fused_without_an_implementation_raises_with_the_reason(op, monkeypatch, no_cpu_path):
     monkeypatch.setitem(backends._fused, op, "extension not built: no compiler here")
     with pytest.raises(BackendUnavailable, match=rf"'fused' was requested for {op}.*no compiler here"):
         getattr(htsat_kernels, op)(*_args(op), backend="fused")
@@ -172,7 +179,7 @@ def test_register_fused_string_reason_is_restored(monkeypatch):
     assert backends._fused.get("window_partition") is saved
 
 
-def test_auto_falls_back_when_the_fused_impl_declines(monkeypatch, caplog):
+def test_auto_falls_back_when_the_fused_impl_declines(monkeypatch, caplog, no_cpu_path):
     rec = Recorder("window_attention", reason="head_dim 4 is not supported")
     monkeypatch.setitem(backends._fused, "window_attention", rec.impl)
     args = _args("window_attention")
@@ -186,7 +193,7 @@ def test_auto_falls_back_when_the_fused_impl_declines(monkeypatch, caplog):
     assert rec.calls == 0
 
 
-def test_auto_on_cpu_flag(monkeypatch):
+def test_auto_on_cpu_flag(monkeypatch, no_cpu_path):
     """auto_on_cpu=False: auto keeps CPU tensors on the reference, forcing fused still runs the kernel."""
     rec = Recorder("window_attention", auto_on_cpu=False)
     monkeypatch.setitem(backends._fused, "window_attention", rec.impl)
@@ -197,8 +204,13 @@ def test_auto_on_cpu_flag(monkeypatch):
 
 
 def test_real_registry_auto_never_picks_triton_on_cpu():
-    """Whatever loaded, "auto" on CPU tensors keeps window attention on the eager reference."""
-    assert backends.dispatch("window_attention", _args("window_attention"), "auto") is reference.window_attention
+    """Whatever loaded, "auto" on CPU tensors runs window attention through SDPA (its CPU path), never the
+    Triton interpreter; with dropout (training) the eager reference."""
+    from htsat_kernels.fused.cpu_attention import sdpa_window_attention
+
+    args = _args("window_attention")
+    assert backends.dispatch("window_attention", args, "auto") is sdpa_window_attention
+    assert backends.dispatch("window_attention", (*args[:5], 0.1), "auto") is reference.window_attention
 
 
 def test_fused_status_lists_every_op():
@@ -475,7 +487,7 @@ def test_bad_arguments_give_the_same_error_on_every_backend(op, i, bad, exc, wor
 # --------------------------------------------------------------------------------------------
 
 
-def test_attention_dropout_is_declined_by_the_fused_kernel(monkeypatch):
+def test_attention_dropout_is_declined_by_the_fused_kernel(monkeypatch, no_cpu_path):
     impl = backends._fused["window_attention"]
     if not isinstance(impl, FusedImpl):
         pytest.skip(f"fused window attention unavailable: {impl}")

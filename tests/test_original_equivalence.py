@@ -37,7 +37,7 @@ def _tone_batch(sample_rate: int, seconds: float, batch: int) -> torch.Tensor:
     [
         ("htsat-audioset", {}, 10.0, "reference"),
         ("htsat-audioset", {}, 3.0, "reference"),
-        # auto on CPU: the C++ twins of partition/merge/patch-merge, reference attention
+        # auto on CPU: the C++ twins of partition/merge/patch-merge, SDPA attention, FFT log-mel
         ("htsat-audioset", {}, 10.0, "auto"),
         # every op fused, attention in the Triton interpreter (tiny model to stay fast)
         ("htsat-audioset", dict(htsat.TINY_OVERRIDES, num_classes=10), 5.0, "fused"),
