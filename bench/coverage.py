@@ -139,6 +139,9 @@ def run_real(model, cfg: Config) -> list:
     return list(decisions)
 
 
+DERIVED_ARCH = 90  # the compute capability the derived CUDA flow's capability checks assume (H100/H200)
+
+
 @contextlib.contextmanager
 def _fake_cuda_model(model) -> Iterator:
     """``model`` with fake CUDA parameters and buffers inside a FakeTensorMode; restored afterwards."""
@@ -159,6 +162,10 @@ def _fake_cuda_model(model) -> Iterator:
     try:
         with mode:
             patches.enter_context(mock.patch.object(extension, "with_cuda", True))
+            with contextlib.suppress(ImportError):  # the attention's per-arch limits ask the device: an H100's
+                from htsat_kernels.fused import window_attention
+
+                patches.enter_context(mock.patch.object(window_attention, "_device_arch", lambda device: DERIVED_ARCH))
             if isinstance(attention, backends.FusedImpl):
                 fake_attention = dataclasses.replace(attention, run=reference.window_attention)
                 patches.enter_context(mock.patch.dict(backends._fused, {"window_attention": fake_attention}))

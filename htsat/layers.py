@@ -87,18 +87,13 @@ class WindowAttention(nn.Module):
         self, qkv: Tensor, mask: Tensor | None, shifted_grid: tuple[int, int, int] | None = None, save_probs: bool = True
     ) -> Tensor:
         """Attention and proj from the qkv projection's output. ``save_probs=False``: where the reference
-        attention runs, keep qkv only and recompute the probabilities in backward (the fused kernel
-        keeps qkv + log-sum-exp whatever this says)."""
+        attention (or its CPU SDPA path) runs, keep qkv only and recompute the rest in backward (the
+        fused kernel keeps qkv + log-sum-exp whatever this says)."""
         dropout_p = self.attn_drop if self.training else 0.0
         table = self.relative_position_bias_table
         nh, scale = self.num_heads, self.scale
         args = (qkv, table, mask, nh, scale, dropout_p, shifted_grid)
-        if (
-            not save_probs
-            and dropout_p == 0.0
-            and torch.is_grad_enabled()
-            and recompute.runs_reference("window_attention", *args)
-        ):
+        if not save_probs and dropout_p == 0.0 and torch.is_grad_enabled() and recompute.runs_unfused("window_attention", *args):
             out = recompute.attention_saving_qkv(
                 lambda q, t, m: hk.window_attention(q, t, m, nh, scale, 0.0, shifted_grid), qkv, table, mask
             )

@@ -99,6 +99,17 @@ def record_dispatch() -> Iterator[list[Decision]]:
         _recorders.remove(decisions)
 
 
+@contextlib.contextmanager
+def recomputing() -> Iterator[None]:
+    """A backward that re-runs forward ops (save policies): their calls were recorded in the forward."""
+    saved = _recorders[:]
+    _recorders.clear()
+    try:
+        yield
+    finally:
+        _recorders[:] = saved
+
+
 def _record(op: str, fused: bool, reason: str | None) -> None:
     for decisions in _recorders:
         decisions.append(Decision(op, fused, reason))
@@ -124,9 +135,10 @@ def register_reference(op: str, fn: Callable) -> None:
     _reference[op] = fn
 
 
-def reference_of(op: str) -> Callable:
-    """The reference function registered for ``op`` (compare with ``dispatch``'s choice)."""
-    return _reference[op]
+def fused_run_of(op: str) -> Callable | None:
+    """The fused kernel's entry point registered for ``op`` (None where it could not load)."""
+    impl = _fused.get(op)
+    return impl.run if isinstance(impl, FusedImpl) else None
 
 
 def fused_status() -> dict[str, str]:

@@ -74,7 +74,12 @@ class _RecomputedInputLinear(torch.autograd.Function):
         inputs, weight, bias = saved[:n], saved[n], saved[n + 1]
         needs = ctx.needs_input_grad[3:]
         enabled, dtype = ctx.autocast
-        with torch.enable_grad(), backends.use_backend(ctx.backend), torch.autocast(ctx.device_type, dtype, enabled):
+        with (
+            torch.enable_grad(),
+            backends.use_backend(ctx.backend),
+            backends.recomputing(),
+            torch.autocast(ctx.device_type, dtype, enabled),
+        ):
             leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
             a = ctx.fn(*leaves).to(ctx.out_dtype)  # the Linear's operand as its forward saw it (autocast's cast)
         w = weight.detach().to(ctx.out_dtype)
@@ -124,7 +129,12 @@ class _RecomputedOutput(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         needs = ctx.needs_input_grad[1:]
         enabled, dtype = ctx.autocast
-        with torch.enable_grad(), backends.use_backend(ctx.backend), torch.autocast(ctx.device_type, dtype, enabled):
+        with (
+            torch.enable_grad(),
+            backends.use_backend(ctx.backend),
+            backends.recomputing(),
+            torch.autocast(ctx.device_type, dtype, enabled),
+        ):
             leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(ctx.saved_tensors, needs)]
             out = ctx.fn(*leaves)
         wanted = [t for t in leaves if t is not None and t.requires_grad]
@@ -136,12 +146,13 @@ class _RecomputedOutput(torch.autograd.Function):
 
 def attention_saving_qkv(attention: Callable[..., Tensor], qkv: Tensor, table: Tensor, mask: Tensor | None) -> Tensor:
     """``attention(qkv, table, mask)`` keeping qkv, table and mask only: the (B_, h, N, N) scores and
-    probabilities (and q, k, v copies) the reference saves are recomputed in backward. For the
-    reference attention only (the fused kernel keeps qkv + log-sum-exp itself); no dropout (its mask
-    would differ in the recomputation)."""
+    probabilities (and q, k, v copies) the reference saves, or the q, k, v copies, output and folded
+    mask of the CPU SDPA path, are recomputed in backward. Not for the fused kernel (it keeps qkv +
+    log-sum-exp itself); no dropout (its mask would differ in the recomputation)."""
     return _RecomputedOutput.apply(attention, qkv, table, mask)
 
 
-def runs_reference(op: str, *args) -> bool:
-    """Whether ``op(*args)`` dispatches to its reference under the backend in force now."""
-    return backends.dispatch(op, args, None) is backends.reference_of(op)
+def runs_unfused(op: str, *args) -> bool:
+    """Whether ``op(*args)`` dispatches to something other than its fused kernel under the backend in
+    force now: the reference, or the CPU path "auto" runs instead of it."""
+    return backends.dispatch(op, args, None) is not backends.fused_run_of(op)
