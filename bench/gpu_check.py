@@ -59,7 +59,7 @@ PHASES = (
     Phase("build", 120, 60),
     Phase("tests", 50, 30),
     Phase("sanitizer", 30, 20),
-    Phase("ops", 100, 45),
+    Phase("ops", 90, 45),
     Phase("model", 180, 40),
     Phase("static", 40, 30),
 )
