@@ -49,6 +49,22 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
+def _replay(ctx, inputs, needs, dtype_out: torch.dtype | None = None) -> tuple[list[Tensor | None], Tensor]:
+    """Leaves of the saved ``inputs`` (requiring grad where ``needs`` says) and ``ctx.fn`` run again on them
+    with gradients (cast to ``dtype_out`` if given), under the forward's backend and autocast state; its
+    calls are not recorded again."""
+    enabled, dtype = ctx.autocast
+    with (
+        torch.enable_grad(),
+        backends.use_backend(ctx.backend),
+        backends.recomputing(),
+        torch.autocast(ctx.device_type, dtype, enabled),
+    ):
+        leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
+        out = ctx.fn(*leaves)
+        return leaves, out if dtype_out is None else out.to(dtype_out)
+
+
 class _RecomputedInputLinear(torch.autograd.Function):
     """linear(fn(*inputs), weight, bias) keeping ``inputs``; backward reruns ``fn`` (not the matmul)
     under the backend and autocast state of the forward."""
@@ -73,15 +89,7 @@ class _RecomputedInputLinear(torch.autograd.Function):
         n = ctx.n_inputs
         inputs, weight, bias = saved[:n], saved[n], saved[n + 1]
         needs = ctx.needs_input_grad[3:]
-        enabled, dtype = ctx.autocast
-        with (
-            torch.enable_grad(),
-            backends.use_backend(ctx.backend),
-            backends.recomputing(),
-            torch.autocast(ctx.device_type, dtype, enabled),
-        ):
-            leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
-            a = ctx.fn(*leaves).to(ctx.out_dtype)  # the Linear's operand as its forward saw it (autocast's cast)
+        leaves, a = _replay(ctx, inputs, needs, ctx.out_dtype)  # the Linear's operand as its forward saw it
         w = weight.detach().to(ctx.out_dtype)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         grad_w = grad_b = None
@@ -128,15 +136,7 @@ class _RecomputedOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         needs = ctx.needs_input_grad[1:]
-        enabled, dtype = ctx.autocast
-        with (
-            torch.enable_grad(),
-            backends.use_backend(ctx.backend),
-            backends.recomputing(),
-            torch.autocast(ctx.device_type, dtype, enabled),
-        ):
-            leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(ctx.saved_tensors, needs)]
-            out = ctx.fn(*leaves)
+        leaves, out = _replay(ctx, ctx.saved_tensors, needs)
         wanted = [t for t in leaves if t is not None and t.requires_grad]
         if not wanted:
             return (None, *[None] * len(leaves))
